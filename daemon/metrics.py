@@ -59,13 +59,16 @@ MAX_SKIP_REASON_LABELS = 32
 
 SUBMIT_MODES = ("warmup", "recorded", "replayed", "skipped")
 
-# Known skip reasons (PyTorch's wording, which cgtree keeps) -> stable label.
+# Known skip reason kinds (PyTorch's wording, kept by cgtree/policy.py) -> stable label.
 _KNOWN_SKIP_PREFIXES = (
     ("mutated inputs", "mutated_inputs"),
     ("cpu device", "cpu_device"),
     ("multiple devices", "multiple_devices"),
+    ("device mismatch", "device_mismatch"),
     ("graph with symbolic shapes", "dynamic_shapes"),
     ("incompatible op", "incompatible_op"),
+    ("size not in capture_sizes", "capture_sizes"),
+    ("re-recording limit", "rerecord_limit"),
 )
 
 
@@ -73,12 +76,15 @@ class MetricsUnavailableError(RuntimeError):
     """Metrics were asked for (``metrics_port`` != 0) but prometheus-client is not installed."""
 
 
-def skip_reason_label(reason: str | None) -> str:
+def skip_reason_label(reason: object) -> str:
     """A short, bounded label for a skip reason: its leading words, lower-case, ``_``-joined.
 
     ``"mutated inputs (2 instances). Found from : ..."`` -> ``"mutated_inputs"``;
-    ``"cpu device (x)"`` -> ``"cpu_device"``; None or empty -> ``"unknown"``.
+    ``"cpu device (x)"`` -> ``"cpu_device"``; None or empty -> ``"unknown"``. A
+    ``cgtree.skips.SkipReason`` (anything with a ``kind``) is labelled by its kind.
     """
+    if reason is not None and not isinstance(reason, str):
+        reason = getattr(reason, "kind", None) or str(reason)
     if not reason:
         return "unknown"
     lowered = reason.strip().lower()
@@ -103,7 +109,7 @@ class NullMetrics:
     def stop(self) -> None:
         pass
 
-    def observe_submit(self, seconds: float, mode: str, skip_reason: str | None = None) -> None:
+    def observe_submit(self, seconds: float, mode: str, skip_reason: object = None) -> None:
         pass
 
     def set_pool_bytes(self, device: str, n: int) -> None:
@@ -228,7 +234,7 @@ class Metrics:
         if thread is not None:
             thread.join(timeout=5.0)
 
-    def observe_submit(self, seconds: float, mode: str, skip_reason: str | None = None) -> None:
+    def observe_submit(self, seconds: float, mode: str, skip_reason: object = None) -> None:
         """Count one submit and its handling time.
 
         mode: the manager's ``Execution.mode``: ``"warmup"``, ``"recorded"``, ``"replayed"`` or

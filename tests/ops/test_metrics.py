@@ -155,9 +155,24 @@ def test_skip_reason_labels_are_short_categories():
     assert skip_reason_label("multiple devices") == "multiple_devices"
     assert skip_reason_label("graph with symbolic shapes inputs") == "dynamic_shapes"
     assert skip_reason_label("incompatible op aten.nonzero.default") == "incompatible_op"
-    assert skip_reason_label("capture size 3 not listed") == "capture_size"
-    assert skip_reason_label("rerecord limit (128) reached") == "rerecord_limit"
+    assert skip_reason_label("size not in capture_sizes (3; allowed: [1, 2])") == "capture_sizes"
+    assert skip_reason_label("re-recording limit (128) exceeded under node 3: moved") == "rerecord_limit"
+    assert skip_reason_label("device mismatch (x on cuda:1, graphs on cuda:0)") == "device_mismatch"
     assert skip_reason_label(None) == skip_reason_label("") == "unknown"
+
+
+def test_unknown_skip_reasons_keep_their_leading_words():
+    assert skip_reason_label("Weird Thing: detail") == "weird_thing"
+    assert skip_reason_label("op aten.foo unsupported") == "op_aten"
+    assert skip_reason_label("(nothing but detail)") == "unknown"
+
+
+def test_a_reason_object_is_labelled_by_its_kind():
+    class SkipReason:  # the shape of cgtree.skips.SkipReason
+        kind = "cpu device"
+        detail = " (arg0)"
+
+    assert skip_reason_label(SkipReason()) == "cpu_device"
 
 
 def test_skip_reason_labels_are_bounded(metrics):
