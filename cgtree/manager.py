@@ -1,0 +1,747 @@
+"""The tree manager: warmup -> record -> replay of graphed functions in one pool per device.
+
+Invariants (the graph-tree contract, as in PyTorch's cudagraph_trees, in our own code):
+- All graphs of a manager share one private pool and one side stream (its backend).
+- Live pool memory belongs to one path of the tree at a time: the nodes from a root to the
+  current node. A child is recorded while its parent's outputs are live, so its memory never
+  overlaps theirs; it replays only while every path output that was dead at its recording is
+  still dead (``RecordedNode.expected_dead``).
+- The first call of a function variant runs eagerly in the pool (warmup) unless
+  ``skip_warmup``; once a path holds a warmup, the rest of that path warms up too.
+- A path ends when nothing of it is needed any more (all outputs dead) or a new generation
+  starts (``mark_step_begin()``, or a new top-level invocation while no forward awaits its
+  backward). A generation change invalidates the old path's live outputs: where the build can,
+  accessing them raises; in every case ``counters["overwritten_outputs"]`` counts them.
+- Before a warmup or recording that follows replays, the pool is checkpointed back to the
+  current node's post-recording state (replays do no allocator bookkeeping).
+- Everything the manager decides comes from ``cgtree.policy``; everything it does to memory
+  goes through its backend. Not thread-safe: use one manager per thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from cgtree import policy as rules
+from cgtree.backends.base import Backend
+from cgtree.config import Policy
+from cgtree.errors import ManagerClosedError, overwritten_message
+from cgtree.inspection import Inspector, InspectionAbort, input_storage_index
+from cgtree.liveness import (
+    CAN_RAISE_ON_OVERWRITTEN_ACCESS,
+    StorageRef,
+    free_owned,
+    mark_overwritten,
+    non_owning_storage,
+    tensor_on,
+)
+from cgtree.skips import SkipLog, SkipReason
+from cgtree.tree import OutputSpec, RecordedNode, TreeNode, WarmupNode
+from cgtree.types import Execution, ExecutionMode, FunctionId, FunctionKind, GraphId, PathState
+
+log = logging.getLogger("cgtree.manager")
+
+COUNTER_NAMES = (
+    "warmups",
+    "recordings",
+    "replays",
+    "checkpoints",
+    "skips",
+    "skipped_calls",
+    "rerecords",
+    "overwritten_outputs",
+    "dynamic_shape_warnings",
+)
+
+
+def make_backend(device: torch.device) -> Backend:
+    """The backend for a device: real CUDA graphs on cuda, CPU replay on cpu."""
+    if device.type == "cuda":
+        from cgtree.backends.cuda import CudaGraphBackend
+
+        return CudaGraphBackend(device)
+    if device.type == "cpu":
+        from cgtree.backends.cpu import CpuReplayBackend
+
+        return CpuReplayBackend(device)
+    raise ValueError(f"cgtree has no backend for device type {device.type!r} (use cuda:N or cpu)")
+
+
+class _Variant:
+    """One function at one input shape key: the unit that is warmed up, recorded and skipped."""
+
+    __slots__ = (
+        "id",
+        "function",
+        "static_skip",
+        "skip_origin",
+        "inspected",
+        "mutated_idxs",
+        "mutation_origin",
+        "rerecords",
+        "has_recording",
+        "cpu_inputs_to_move",
+    )
+
+    def __init__(self, variant_id: FunctionId, function: "GraphedFunction") -> None:
+        self.id = variant_id
+        self.function = function
+        self.static_skip: Optional[SkipReason] = None
+        self.skip_origin = function.origin
+        self.inspected = False
+        self.mutated_idxs: frozenset[int] = frozenset()
+        self.mutation_origin = ""
+        self.rerecords: Counter = Counter()  # parent graph id (or None) -> re-recordings
+        self.has_recording = False
+        self.cpu_inputs_to_move: tuple[int, ...] = ()
+
+
+class GraphedFunction:
+    """A function under the tree manager's control; call it like the function itself."""
+
+    def __init__(
+        self,
+        manager: "TreeManager",
+        fn: Callable,
+        name: str,
+        static_input_idxs: Sequence[int],
+        kind: FunctionKind,
+        dynamic: bool,
+        top_level: bool,
+    ) -> None:
+        self.manager = manager
+        self.fn = fn
+        self.name = name
+        self.static_input_idxs = frozenset(static_input_idxs)
+        self.kind = kind
+        self.dynamic = dynamic
+        self.top_level = top_level
+        code = getattr(fn, "__code__", None)
+        self.origin = f'  function {name} defined at "{code.co_filename}", line {code.co_firstlineno}\n' if code else ""
+        self.variants: dict[tuple, _Variant] = {}
+        self.log_key = f"{name}#{id(self):x}"
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.manager._call(self, inputs)
+
+    def key(self, inputs: Sequence[Any]) -> tuple:
+        # Static inputs are checked by address on every replay; keying on them too would
+        # only cost time on the hot path.
+        static = self.static_input_idxs
+        if not static:
+            return rules.shape_key(inputs)
+        return (len(inputs),) + rules.shape_key([x for i, x in enumerate(inputs) if i not in static])
+
+
+class TreeManager:
+    """Records, replays and tracks the CUDA graphs of one device (see the module docstring)."""
+
+    def __init__(self, device: str | torch.device = "cuda:0", policy: Optional[Policy] = None) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.policy = policy or Policy()
+        self.backend = make_backend(self.device)
+        self.backend_name = self.backend.name
+        self.counters: dict[str, int] = {name: 0 for name in COUNTER_NAMES}
+        self.skip_log = SkipLog()
+        self.last_execution: Optional[Execution] = None
+        self._roots: dict[FunctionId, list[RecordedNode]] = {}
+        self._nodes: list[RecordedNode] = []
+        self._functions: list[GraphedFunction] = []
+        self._current: Optional[TreeNode] = None
+        self._path_state = PathState.NONE
+        self._warmed: set[FunctionId] = set()
+        self._graph_ids = itertools.count()
+        self._variant_ids = itertools.count()
+        self._invocation = 0
+        self._generation_invocation = 0
+        self._generation = 0
+        self._step_marked = False
+        self._pending_backward = False
+        self._closed = False
+        log.info("tree manager on %s uses the %s backend", self.device, self.backend_name)
+
+    # ---------------------------------------------------------------- public API
+    def cudagraphify(
+        self,
+        fn: Callable,
+        example_inputs: Sequence[Any] = (),
+        static_input_idxs: Sequence[int] = (),
+        *,
+        name: Optional[str] = None,
+        kind: str | FunctionKind = FunctionKind.INFERENCE,
+        dynamic: bool = False,
+        top_level: bool = True,
+    ) -> GraphedFunction:
+        """Put ``fn`` (tensors -> tensor or tuple/list of tensors) under the tree's control.
+
+        static_input_idxs: inputs used in place (parameters, buffers): their addresses are
+            checked on each replay, a moved one records a sibling graph. Other tensor inputs
+            are copied into the recording's buffers on every replay.
+        kind: "inference", or "forward"/"backward" for training steps (a forward keeps the
+            generation open until its backward ran).
+        dynamic: the function has symbolic shapes (skipped under ``skip_dynamic_graphs``).
+        top_level: each call is a new top-level invocation (like a torch.compile'd function),
+            so it may start a new generation. Pass False for pieces of one invocation (graph
+            breaks) and call ``begin_invocation()`` yourself at each top-level entry.
+        ``example_inputs`` are only validated here; nothing runs until the first call.
+        """
+        self._check_open()
+        for idx in static_input_idxs:
+            if idx < 0 or (example_inputs and idx >= len(example_inputs)):
+                raise ValueError(f"static input index {idx} out of range for {len(example_inputs)} inputs")
+        graphed = GraphedFunction(
+            self,
+            fn,
+            name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__,
+            static_input_idxs,
+            FunctionKind(kind),
+            dynamic,
+            top_level,
+        )
+        self._functions.append(graphed)
+        return graphed
+
+    def begin_invocation(self) -> None:
+        """A new top-level call begins (dynamo frame entry): the next call may start a generation."""
+        self._invocation += 1
+
+    def mark_step_begin(self) -> None:
+        """The next call starts a new generation, even while a backward is pending."""
+        self._invocation += 1
+        self._step_marked = True
+
+    def set_policy(self, policy: Policy) -> None:
+        """New policy for function variants seen from now on; existing decisions stay."""
+        self.policy = policy
+
+    def root_children(self) -> list[int]:
+        """Descendant count of each root, in recording order (the seed's get_root_children)."""
+        roots = sorted((node for nodes in self._roots.values() for node in nodes), key=lambda n: n.graph_id)
+        return [root.num_descendants() for root in roots]
+
+    def live_block_count(self) -> int:
+        """Pool blocks the allocator holds for live outputs.
+
+        Warmup and recording outputs are allocator blocks; replay outputs are views of graph
+        memory the allocator does not track until a checkpoint hands them over (as in PyTorch).
+        """
+        if self._current is None:
+            return 0
+        live = set()
+        for node in self._current.path:
+            for ref, owned in zip(node.outputs.refs, node.outputs.owned):
+                if owned and ref is not None and ref.alive():
+                    live.add(ref.data_ptr)
+        return len(live)
+
+    def live_output_count(self) -> int:
+        """Live output storages of the current path, whoever owns their blocks."""
+        if self._current is None:
+            return 0
+        return len({ref.data_ptr for node in self._current.path for ref in node.outputs.refs if ref and ref.alive()})
+
+    def status(self) -> dict:
+        """A JSON-serializable picture of the tree, the pool and the counters."""
+        pool = self.backend.pool_stats() if not self._closed else {"bytes": 0, "segments": 0, "allocator_live_blocks": 0}
+        current_id = getattr(self._current, "graph_id", None)
+        return {
+            "backend": self.backend_name,
+            "device": str(self.device),
+            "closed": self._closed,
+            "policy": dataclasses.asdict(self.policy),
+            "generation": self._generation,
+            "path_state": self._path_state.value,
+            "current_node": current_id,
+            "overwrite_detection": "raises" if self._raises_on_overwrite() else "counted",
+            "root_children": self.root_children(),
+            "nodes": [self._node_status(node) for node in self._nodes],
+            "functions": [
+                {"name": f.name, "kind": f.kind.value, "variants": len(f.variants)} for f in self._functions
+            ],
+            "pool": {
+                "bytes": pool["bytes"],
+                "segments": pool["segments"],
+                "live_blocks": self.live_block_count(),
+                "allocator_live_blocks": pool["allocator_live_blocks"],
+                "live_outputs": self.live_output_count(),
+            },
+            "counters": dict(self.counters),
+            "skips": {"by_reason": dict(self.skip_log.counts), "calls_by_reason": dict(self.skip_log.calls)},
+        }
+
+    def close(self) -> None:
+        """Free every graph and pool segment. Live outputs become stale (see the module doc)."""
+        if self._closed:
+            return
+        if self._current is not None:
+            self._invalidate_path()
+        for node in self._nodes:
+            self._invalidate_outputs(node)
+            if node.recording is not None:
+                self.backend.release_recording(node.recording)
+            node.recording = None
+            node.checkpoint_state = None
+            node.children.clear()
+        self._nodes.clear()
+        self._roots.clear()
+        self._current = None
+        self._path_state = PathState.NONE
+        self.backend.close()
+        self._closed = True
+        log.info("tree manager on %s closed", self.device)
+
+    def __enter__(self) -> "TreeManager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- the call path
+    def _call(self, function: GraphedFunction, inputs: Sequence[Any]) -> Any:
+        if self._closed:
+            raise ManagerClosedError(f"tree manager on {self.device} is closed; cannot run {function.name}")
+        if function.top_level:
+            self._invocation += 1
+        variant = function.variants.get(function.key(inputs))
+        if variant is None:
+            variant = self._new_variant(function, inputs)
+        try:
+            if variant.static_skip is not None:
+                return self._run_without_graphs(variant, inputs, variant.static_skip, variant.skip_origin)
+            if variant.cpu_inputs_to_move:
+                inputs = self._move_cpu_inputs(inputs, variant.cpu_inputs_to_move)
+            return self._dispatch(variant, inputs)
+        finally:
+            if function.kind is FunctionKind.FORWARD:
+                self._pending_backward = True
+            elif function.kind is FunctionKind.BACKWARD:
+                self._pending_backward = False
+
+    def _dispatch(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
+        if self._path_state in (PathState.WARMUP, PathState.RECORDING):
+            self._try_end_path()
+        if variant.mutated_idxs and not self._mutation_allowed(variant, inputs):
+            return self._run_without_graphs(
+                variant, inputs, rules.mutation_skip_reason(len(variant.mutated_idxs)), variant.mutation_origin
+            )
+        if rules.must_warm_up(
+            self.policy, warmed_up=variant.id in self._warmed, path_in_warmup=self._path_state is PathState.WARMUP
+        ):
+            if self._path_state is PathState.EXECUTION:
+                self._checkpoint()
+            return self._warmup(variant, inputs)
+
+        mismatch = None
+        if self._path_state is not PathState.RECORDING:
+            for node in self._children_of_current().get(variant.id, ()):
+                mismatch = self._why_not_replayable(node, inputs)
+                if mismatch is None:
+                    return self._replay(node, inputs)
+            if self._current is not None and variant.id in self._roots and self._try_end_path():
+                return self._dispatch(variant, inputs)
+
+        if mismatch is not None:
+            parent_id = getattr(self._current, "graph_id", None)
+            variant.rerecords[parent_id] += 1
+            self.counters["rerecords"] += 1
+            if rules.rerecord_limit_exceeded(self.policy, variant.rerecords[parent_id]):
+                label = f"node {parent_id}" if parent_id is not None else "the roots"
+                reason = rules.rerecord_skip_reason(self.policy, label, mismatch)
+                return self._run_without_graphs(variant, inputs, reason, variant.function.origin)
+
+        if self._path_state is PathState.EXECUTION:
+            self._try_end_path()
+            if self._current is not None:
+                self._checkpoint()
+        return self._record(variant, inputs)
+
+    # ---------------------------------------------------------------- variants and skips
+    def _new_variant(self, function: GraphedFunction, inputs: Sequence[Any]) -> _Variant:
+        variant = _Variant(FunctionId(next(self._variant_ids)), function)
+        tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        variant.static_skip = rules.device_skip_reason(
+            self.device,
+            ((f"arg{i}", x.device) for i, x in tensors),
+            move_cpu_inputs=self.policy.move_cpu_inputs_to_device,
+        ) or rules.symbolic_skip_reason(self.policy, function.dynamic)
+        if variant.static_skip is None:
+            leading = next(
+                (x.shape[0] for i, x in tensors if i not in function.static_input_idxs and x.dim() > 0), None
+            )
+            variant.static_skip = rules.capture_size_skip_reason(self.policy, leading)
+        if self.device.type == "cuda" and self.policy.move_cpu_inputs_to_device:
+            variant.cpu_inputs_to_move = tuple(i for i, x in tensors if x.device.type == "cpu")
+        function.variants[function.key(inputs)] = variant
+        return variant
+
+    def _move_cpu_inputs(self, inputs: Sequence[Any], idxs: tuple[int, ...]) -> list:
+        moved = list(inputs)
+        for idx in idxs:
+            moved[idx] = moved[idx].to(self.device)
+        return moved
+
+    def _run_without_graphs(self, variant: _Variant, inputs: Sequence[Any], reason: SkipReason, origin: str) -> Any:
+        before = self.skip_log.total()
+        self.skip_log.record(variant.function.log_key, reason, origin)
+        self.counters["skips"] += self.skip_log.total() - before
+        self.counters["skipped_calls"] += 1
+        self.last_execution = Execution(ExecutionMode.SKIPPED, variant.function.name, None, str(reason))
+        return variant.function.fn(*inputs)
+
+    def _note_skip_of_this_call(self, variant: _Variant, reason: SkipReason, origin: str) -> None:
+        """A call that already ran eagerly (warmup, aborted capture) turned out to need a skip."""
+        before = self.skip_log.total()
+        self.skip_log.record(variant.function.log_key, reason, origin)
+        self.counters["skips"] += self.skip_log.total() - before
+        self.counters["skipped_calls"] += 1
+        self.last_execution = Execution(ExecutionMode.SKIPPED, variant.function.name, None, str(reason))
+
+    def _in_place_idxs(self, variant: _Variant, inputs: Sequence[Any]) -> frozenset[int]:
+        """Static inputs plus tree-managed ones (outputs of the current path) in this call."""
+        managed = self._path_storage_positions()
+        in_place = set(variant.function.static_input_idxs)
+        for idx, value in enumerate(inputs):
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in managed:
+                in_place.add(idx)
+        return frozenset(in_place)
+
+    def _mutation_allowed(self, variant: _Variant, inputs: Sequence[Any]) -> bool:
+        return rules.mutation_allowed(self.policy, variant.mutated_idxs, self._in_place_idxs(variant, inputs))
+
+    def _absorb_findings(self, variant: _Variant, inspector: Inspector, inputs: Sequence[Any]) -> Optional[SkipReason]:
+        """Remember what the first run revealed; return the reason this call should count as skipped."""
+        variant.inspected = True
+        findings = inspector.findings
+        if findings.incompatible_op is not None:
+            variant.static_skip = SkipReason(rules.INCOMPATIBLE_OP, f" {findings.incompatible_op}")
+            variant.skip_origin = findings.incompatible_origin or variant.function.origin
+            return variant.static_skip
+        if findings.mutated_input_idxs:
+            variant.mutated_idxs = frozenset(findings.mutated_input_idxs)
+            variant.mutation_origin = "".join(findings.mutation_origins)
+            if not rules.mutation_allowed(self.policy, variant.mutated_idxs, self._in_place_idxs(variant, inputs)):
+                return rules.mutation_skip_reason(len(variant.mutated_idxs))
+        return None
+
+    # ---------------------------------------------------------------- paths and generations
+    def _children_of_current(self) -> dict:
+        if self._current is None:
+            return self._roots
+        return self._current.children  # a RecordedNode: warmup paths never get here
+
+    def _can_start_new_generation(self) -> bool:
+        return rules.can_start_new_generation(
+            new_invocation=self._invocation != self._generation_invocation,
+            step_marked=self._step_marked,
+            pending_backward=self._pending_backward,
+        )
+
+    def _try_end_path(self) -> bool:
+        """End the current path if a new generation may start or nothing of it is live."""
+        if self._current is None:
+            return False
+        if self._can_start_new_generation():
+            self._invalidate_path()
+        elif self._current.path_any_live():
+            return False
+        self._current = None
+        self._path_state = PathState.NONE
+        return True
+
+    def _enter_generation(self) -> None:
+        if self._invocation != self._generation_invocation:
+            self._generation += 1
+        self._generation_invocation = self._invocation
+        self._step_marked = False
+
+    def _invalidate_path(self) -> None:
+        for node in self._current.path:
+            self._invalidate_outputs(node)
+
+    def _invalidate_outputs(self, node: TreeNode) -> None:
+        """The node's live outputs are about to be overwritten: make that visible, free owned blocks."""
+        outputs = node.outputs
+        for ref, owned in zip(outputs.refs, outputs.owned):
+            if ref is None or not ref.alive():
+                continue
+            self.counters["overwritten_outputs"] += 1
+            mark_overwritten(ref, overwritten_message(node.function_name, getattr(node, "graph_id", "warmup")))
+            if owned:
+                free_owned(ref)
+        outputs.clear()
+
+    def _path_storage_positions(self) -> dict[int, tuple[int, int]]:
+        """Data pointer -> (depth, position) of every live output storage on the current path."""
+        positions: dict[int, tuple[int, int]] = {}
+        if self._current is None:
+            return positions
+        for node in self._current.path:
+            for pos, ref in enumerate(node.outputs.refs):
+                if ref is not None and ref.alive():
+                    positions.setdefault(ref.data_ptr, (node.depth, pos))
+        return positions
+
+    def _checkpoint(self) -> None:
+        """Restore the allocator to the current node's post-recording state (see module doc)."""
+        node = self._current
+        self.counters["checkpoints"] += 1
+        live_storages: list[int] = []
+        dead_ptrs: list[int] = []
+        keep_alive = []  # strong refs so storages cannot die between the check and the call
+        for depth, pos in node.allocated_in_checkpoint:
+            ref = node.path[depth].outputs.refs[pos]
+            storage = ref.storage() if ref is not None else None
+            if storage is not None:
+                keep_alive.append(storage)
+                live_storages.append(storage._cdata)
+            elif ref is not None:
+                dead_ptrs.append(ref.data_ptr)
+        self.backend.apply_checkpoint(node.checkpoint_state, live_storages, dead_ptrs)
+        for path_node in node.path:
+            outputs = path_node.outputs
+            outputs.owned = [ref is not None and ref.alive() for ref in outputs.refs]
+
+    # ---------------------------------------------------------------- warmup / record / replay
+    def _warmup(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
+        inspector = None if variant.inspected else Inspector(input_storage_index(inputs))
+        outputs = self.backend.warmup(variant.function.fn, inputs, inspector)
+        node = WarmupNode(variant.id, variant.function.name, self._current)
+        input_ptrs = set(input_storage_index(inputs))
+        flat, _ = _flatten(outputs)
+        refs, seen = [], set()
+        for value in flat:
+            if isinstance(value, torch.Tensor) and value.device == self.device:
+                ptr = value.untyped_storage().data_ptr()
+                if ptr not in input_ptrs and ptr not in seen:
+                    seen.add(ptr)
+                    refs.append(StorageRef(value.untyped_storage()))
+        node.outputs.reset(refs, owned=True)
+        self._current = node
+        self._path_state = PathState.WARMUP
+        self._warmed.add(variant.id)
+        self._enter_generation()
+        self.counters["warmups"] += 1
+        self.last_execution = Execution(ExecutionMode.WARMUP, variant.function.name)
+        if inspector is not None:
+            reason = self._absorb_findings(variant, inspector, inputs)
+            if reason is not None:
+                origin = variant.skip_origin if variant.static_skip else variant.mutation_origin
+                self._note_skip_of_this_call(variant, reason, origin)
+        return outputs
+
+    def _record(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
+        parent = self._current
+        assert parent is None or isinstance(parent, RecordedNode), "recording under a warmup node"
+        path_positions = self._path_storage_positions()
+        in_place = set(variant.function.static_input_idxs)
+        for idx, value in enumerate(inputs):
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in path_positions:
+                in_place.add(idx)
+        copied = tuple(i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and i not in in_place)
+        expected_dead = self._dead_path_positions(parent)
+
+        inspector = None
+        if not variant.inspected:
+            in_place_frozen = frozenset(in_place)
+
+            def abort_if(kind: str, idx: Optional[int]) -> bool:
+                if kind == "incompatible":
+                    return True
+                return not rules.mutation_allowed(self.policy, [idx], in_place_frozen)
+
+            inspector = Inspector({}, abort_if=abort_if)
+        try:
+            recording, raw_outputs = self.backend.record(variant.function.fn, inputs, copied, inspector)
+        except InspectionAbort:
+            reason = self._absorb_findings(variant, inspector, inputs)
+            outputs = variant.function.fn(*inputs)
+            origin = variant.skip_origin if variant.static_skip else variant.mutation_origin
+            self._note_skip_of_this_call(variant, reason or SkipReason(rules.INCOMPATIBLE_OP), origin)
+            return outputs
+        if inspector is not None:
+            variant.inspected = True
+            variant.mutated_idxs = frozenset(inspector.findings.mutated_input_idxs)
+            variant.mutation_origin = "".join(inspector.findings.mutation_origins)
+
+        node = RecordedNode(GraphId(next(self._graph_ids)), variant.id, variant.function.name, parent)
+        node.recording = recording
+        node.copied_idxs = copied
+        node.in_place_idxs = frozenset(in_place)
+        node.static_idxs = variant.function.static_input_idxs
+        node.in_place_ptrs = tuple(
+            (idx, inputs[idx].data_ptr()) for idx in sorted(in_place) if isinstance(inputs[idx], torch.Tensor)
+        )
+        node.expected_dead = expected_dead
+        user_flat = self._describe_outputs(node, recording, inputs, raw_outputs)
+        if parent is None:
+            self._roots.setdefault(variant.id, []).append(node)
+        else:
+            parent.add_child(node)
+        self._nodes.append(node)
+        node.allocated_in_checkpoint = tuple(
+            (n.depth, pos) for n in node.path for pos in n.outputs.live_positions()
+        )
+        node.checkpoint_state = self.backend.checkpoint_state()
+        self._current = node
+        self._path_state = PathState.RECORDING
+        self._enter_generation()
+        self.counters["recordings"] += 1
+        self._note_recorded_shape(variant)
+        self.last_execution = Execution(ExecutionMode.RECORDED, variant.function.name, node.graph_id)
+        return _unflatten(user_flat, node.output_structure)
+
+    def _dead_path_positions(self, parent: Optional[RecordedNode]) -> tuple[tuple[int, int], ...]:
+        if parent is None:
+            return ()
+        return tuple(
+            (node.depth, pos)
+            for node in parent.path
+            for pos, ref in enumerate(node.outputs.refs)
+            if ref is None or not ref.alive()
+        )
+
+    def _describe_outputs(self, node: RecordedNode, recording, inputs: Sequence[Any], raw_outputs: Any) -> list:
+        """Classify each output (pool / input view / constant), remember its geometry, and return
+        the flat outputs the caller gets for this recording call."""
+        flat, node.output_structure = _flatten(raw_outputs)
+        graph_inputs = list(inputs)
+        for idx, buffer in recording.buffers.items():
+            graph_inputs[idx] = buffer
+        input_storage = {}
+        for idx, value in enumerate(graph_inputs):
+            if isinstance(value, torch.Tensor):
+                input_storage.setdefault(value.untyped_storage().data_ptr(), idx)
+        storage_index: dict[int, int] = {}
+        specs, pool_positions, storages = [], [], []
+        for pos, value in enumerate(flat):
+            if not isinstance(value, torch.Tensor):
+                specs.append(OutputSpec("constant", value=value))
+                continue
+            storage = value.untyped_storage()
+            ptr = storage.data_ptr()
+            geometry = dict(dtype=value.dtype, size=tuple(value.shape), stride=tuple(value.stride()))
+            if ptr in input_storage:
+                idx = input_storage[ptr]
+                rel = value.storage_offset() - graph_inputs[idx].storage_offset()
+                specs.append(OutputSpec("input", index=idx, offset=rel, **geometry))
+            elif value.device == self.device and self.backend.is_pool_memory(value):
+                if ptr not in storage_index:
+                    storage_index[ptr] = len(storages)
+                    storages.append(storage)
+                specs.append(OutputSpec("pool", index=storage_index[ptr], offset=value.storage_offset(), **geometry))
+                pool_positions.append(pos)
+            else:
+                specs.append(OutputSpec("constant", value=value))
+        node.output_specs = specs
+        node.storage_sizes = [(s.data_ptr(), s.nbytes()) for s in storages]
+        self.backend.finish_record(recording, flat, tuple(pool_positions))
+        if self.backend.record_outputs_are_owning:
+            node.outputs.reset([StorageRef(s) for s in storages], owned=True)
+            return flat
+        user_flat = self._outputs_over_pool(node, inputs)
+        node.outputs.owned = [True] * len(node.outputs.refs)  # as the allocator would: recorded blocks
+        return user_flat
+
+    def _outputs_over_pool(self, node: RecordedNode, inputs: Sequence[Any]) -> list:
+        """Fresh tensors over the node's recorded output memory (non-owning), tracked weakly."""
+        device = self.device
+        storages = [non_owning_storage(ptr, nbytes, device) for ptr, nbytes in node.storage_sizes]
+        flat = []
+        for spec in node.output_specs:
+            if spec.kind == "pool":
+                flat.append(tensor_on(storages[spec.index], spec.dtype, spec.size, spec.stride, spec.offset))
+            elif spec.kind == "input":
+                base = inputs[spec.index]
+                flat.append(base.as_strided(spec.size, spec.stride, base.storage_offset() + spec.offset))
+            else:
+                flat.append(spec.value)
+        node.outputs.reset([StorageRef(s) for s in storages], owned=False)
+        return flat
+
+    def _why_not_replayable(self, node: RecordedNode, inputs: Sequence[Any]) -> Optional[str]:
+        for idx, ptr in node.in_place_ptrs:
+            if inputs[idx].data_ptr() != ptr:
+                kind = "static" if idx in node.static_idxs else "tree-managed"
+                return f"{kind} input {idx} moved"
+        if node.expected_dead and not node.expected_dead_still_dead(node.path):
+            return "an output this graph may overwrite is still alive"
+        return None
+
+    def _replay(self, node: RecordedNode, inputs: Sequence[Any]) -> Any:
+        self._current = node
+        self._path_state = PathState.EXECUTION
+        self._enter_generation()
+        self.backend.replay(node.recording, inputs)
+        flat = self._outputs_over_pool(node, inputs)
+        node.replays += 1
+        node.last_mode = "replayed"
+        self.counters["replays"] += 1
+        self.last_execution = Execution(ExecutionMode.REPLAYED, node.function_name, node.graph_id)
+        return _unflatten(flat, node.output_structure)
+
+    def _note_recorded_shape(self, variant: _Variant) -> None:
+        if variant.has_recording:
+            return
+        variant.has_recording = True
+        function = variant.function
+        shapes = sum(1 for v in function.variants.values() if v.has_recording)
+        if rules.should_warn_dynamic_shapes(self.policy, shapes):
+            self.counters["dynamic_shape_warnings"] += 1
+            log.warning(
+                "cgtree: function %s has been recorded at %d distinct input shapes (more than "
+                "dynamic_shape_warn_limit=%d); each shape costs a recording and pool memory. "
+                "Consider capture_sizes, padding inputs to a few sizes, or skip_dynamic_graphs.",
+                function.name,
+                shapes,
+                self.policy.dynamic_shape_warn_limit,
+            )
+
+    # ---------------------------------------------------------------- status helpers
+    def _node_status(self, node: RecordedNode) -> dict:
+        return {
+            "id": node.graph_id,
+            "function": node.function_name,
+            "parent": node.parent.graph_id if node.parent is not None else None,
+            "children": [child.graph_id for kids in node.children.values() for child in kids],
+            "mode": node.last_mode,
+            "replays": node.replays,
+            "depth": node.depth,
+        }
+
+    def _raises_on_overwrite(self) -> bool:
+        return CAN_RAISE_ON_OVERWRITTEN_ACCESS and self.backend_name == "cuda"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError(f"tree manager on {self.device} is closed")
+
+
+def _flatten(outputs: Any) -> tuple[list, Any]:
+    """Flat list of outputs plus what it takes to rebuild them; fast for the common shapes."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs], None
+    if type(outputs) is tuple:
+        return list(outputs), tuple
+    if type(outputs) is list:
+        return list(outputs), list
+    flat, spec = tree_flatten(outputs)
+    return flat, spec
+
+
+def _unflatten(flat: list, structure: Any) -> Any:
+    if structure is None:
+        return flat[0]
+    if structure is tuple:
+        return tuple(flat)
+    if structure is list:
+        return flat
+    return tree_unflatten(flat, structure)
