@@ -240,13 +240,17 @@ def setup_cgtree(model: BenchModel, device: torch.device, sync) -> PreparedPath:
         return cg_fn(*statics, *activations)[0]
 
     def describe() -> dict[str, Any]:
+        # Read defensively: a missing attribute must not cost the run its numbers.
         info: dict[str, Any] = {"backend": getattr(manager, "backend_name", None)}
         last = getattr(manager, "last_execution", None)
         if last is not None:
-            info["last_execution_mode"] = getattr(last, "mode", None)
+            mode = getattr(last, "mode", None)
+            info["last_execution_mode"] = str(getattr(mode, "value", mode))
         counters = getattr(manager, "counters", None)
         if counters is not None:
             info["counters"] = {k: v for k, v in dict(counters).items() if _jsonable(v)}
+        with contextlib.suppress(Exception):
+            info["root_children"] = list(manager.root_children())
         return info
 
     return PreparedPath(
