@@ -209,7 +209,7 @@ def setup_cuda_graph(model: BenchModel, device: torch.device, sync) -> PreparedP
     capture_ms = (_now_ns() - start_ns) / 1e6
 
     def invoke(*activations: torch.Tensor) -> torch.Tensor:
-        for dst, src in zip(static_inputs, activations):
+        for dst, src in zip(static_inputs, activations, strict=True):
             dst.copy_(src)
         graph.replay()
         return static_out
@@ -369,10 +369,13 @@ def bench_model(name: str, args, device: torch.device, sync) -> dict[str, Any]:
                 # Checked again after thousands of replays: bookkeeping that drifts shows here.
                 after = check_against_eager(prepared[path], model, [s + 50 for s in check_seeds])
                 result.max_rel_err = max(result.max_rel_err or 0.0, after)
-                result.details = prepared[path].describe()
             except Exception as exc:
                 result.status, result.note = "error", f"check: {type(exc).__name__}: {exc}"
                 traceback.print_exc()
+        try:
+            result.details = prepared[path].describe()
+        except Exception as exc:  # diagnostics only: never fails the path
+            result.details = {"describe_error": f"{type(exc).__name__}: {exc}"}
         if result.status == "ok" and not (result.max_rel_err is not None and result.max_rel_err <= MAX_REL_ERR):
             result.status = "incorrect"
             result.note = f"max relative error {result.max_rel_err:.3g} > {MAX_REL_ERR:g}"

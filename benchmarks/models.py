@@ -90,7 +90,7 @@ class BenchModel:
         count = len(self.static_names)
         if len(tensors) < count:
             raise TypeError(f"forward_flat needs at least {count} tensors, got {len(tensors)}")
-        substituted = dict(zip(self.static_names, tensors[:count]))
+        substituted = dict(zip(self.static_names, tensors[:count], strict=True))
         return torch.func.functional_call(self.module, substituted, tuple(tensors[count:]))
 
     def fresh_inputs(self, seed: int) -> tuple[torch.Tensor, ...]:

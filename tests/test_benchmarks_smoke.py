@@ -48,7 +48,7 @@ def test_models_are_the_two_of_the_notes():
 def test_same_seed_builds_the_same_model_and_input():
     first, second = build_model("tiny", seed=7), build_model("tiny", seed=7)
     other = build_model("tiny", seed=8)
-    assert all(torch.equal(a, b) for a, b in zip(first.static_tensors, second.static_tensors))
+    assert all(torch.equal(a, b) for a, b in zip(first.static_tensors, second.static_tensors, strict=True))
     assert torch.equal(first.inputs[0], second.inputs[0])
     assert not torch.equal(first.static_tensors[0], other.static_tensors[0])
 
