@@ -165,6 +165,7 @@ class TreeManager:
         self._generation_invocation = 0
         self._generation = 0
         self._step_marked = False
+        self._manual_steps = False
         self._pending_backward = False
         self._closed = False
         log.info("tree manager on %s uses the %s backend", self.device, self.backend_name)
@@ -211,13 +212,19 @@ class TreeManager:
         return graphed
 
     def begin_invocation(self) -> None:
-        """A new top-level call begins (dynamo frame entry): the next call may start a generation."""
-        self._invocation += 1
+        """A new top-level call begins (dynamo frame entry): the next call may start a generation.
+
+        Once ``mark_step_begin()`` has been used, only marked steps start generations (as in
+        PyTorch: the user took charge of iteration boundaries) and this does nothing.
+        """
+        if not self._manual_steps:
+            self._invocation += 1
 
     def mark_step_begin(self) -> None:
         """The next call starts a new generation, even while a backward is pending."""
         self._invocation += 1
         self._step_marked = True
+        self._manual_steps = True
 
     def set_policy(self, policy: Policy) -> None:
         """New policy for function variants seen from now on; existing decisions stay."""
@@ -309,7 +316,7 @@ class TreeManager:
     def _call(self, function: GraphedFunction, inputs: Sequence[Any]) -> Any:
         if self._closed:
             raise ManagerClosedError(f"tree manager on {self.device} is closed; cannot run {function.name}")
-        if function.top_level:
+        if function.top_level and not self._manual_steps:
             self._invocation += 1
         variant = function.variants.get(function.key(inputs))
         if variant is None:

@@ -52,6 +52,7 @@ __all__ = [
     "WeightSpec",
     "decode_graph",
     "encode_graph",
+    "input_spec_of",
     "pack_weight_blob",
     "tensor_to_weight_blob",
     "unpack_weight_blob",
@@ -492,11 +493,16 @@ def _input_spec_from_meta(node: torch.fx.Node) -> InputSpec:
         raise PayloadError(
             f"user input {node.name!r} has no example tensor in meta['val']; pass input_specs"
         )
-    dtype = _NAME_OF_DTYPE.get(value.dtype)
+    return input_spec_of(value, name=f"user input {node.name!r}")
+
+
+def input_spec_of(tensor: torch.Tensor, *, name: str = "input") -> InputSpec:
+    """The spec of an example tensor (real, fake or with symbolic sizes -> ``None`` dims)."""
+    dtype = _NAME_OF_DTYPE.get(tensor.dtype)
     if dtype is None:
-        raise PayloadError(f"user input {node.name!r}: unsupported dtype {value.dtype}")
-    shape = tuple(d if type(d) is int else None for d in value.shape)  # SymInt -> dynamic dim
-    return InputSpec(shape, dtype, value.device.type)
+        raise PayloadError(f"{name}: unsupported dtype {tensor.dtype}")
+    shape = tuple(d if type(d) is int else None for d in tensor.shape)  # SymInt -> dynamic dim
+    return InputSpec(shape, dtype, tensor.device.type)
 
 
 def _target_name(target: Any, where: str) -> str:
