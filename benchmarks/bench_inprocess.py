@@ -33,7 +33,8 @@ How the two tree managers are driven (kept identical, so that only the managers 
 - Outputs are dropped before the next call and no step markers are used: each tree manager
   must notice on its own that the previous outputs are dead and replay the same root.
 - Both are called under ``torch.no_grad()`` (PyTorch's with ``is_inference=True``, cgtree's
-  with ``kind="inference"``), as is every other path.
+  with ``kind="inference"`` and its default ``top_level=True``: each call is a top-level
+  invocation, as a ``torch.compile``d function's is), as is every other path.
 
 Measurement: every path of a model is set up first (cold start timed then), then ``--rounds``
 rounds each time every path in turn (the order rotated each round, so no path always runs
