@@ -1,0 +1,376 @@
+"""Client-side lowering: user graphs -> the flat ATen GraphModule that ``cgtree.payload`` encodes.
+
+``lower(graph, example_inputs)`` accepts an ``nn.Module`` (lowered with ``torch.export`` and
+``run_decompositions()``), a ``torch.export.ExportedProgram`` (same path), or a
+``torch.fx.GraphModule`` / plain callable (lowered with ``make_fx`` over ``functionalize``, with
+the same decomposition table). ``encode(lowered)`` turns the result into an ``EncodedGraph``.
+
+Invariants of a ``LoweredGraph``:
+- ``graph_module(*weights, *user_inputs)`` returns a flat tuple of tensors. Weights are the
+  parameters, buffers and lifted tensor constants (plus example inputs named in
+  ``weight_input_indices``), in placeholder order; user inputs keep their order.
+- The graph holds only placeholders, ATen/prims operator calls (or ``operator`` functions for
+  sizes and multi-output ops) and one output. It is functional except trailing
+  ``aten.copy_.default(user_input, new_value)`` nodes for user inputs the model mutates in place
+  (``mutated_inputs``).
+- Weights are never written. Programs that mutate a buffer or parameter (BatchNorm running
+  statistics in training mode, counters) are rejected with ``LoweringError``: the daemon shares
+  content-hashed weights between clients, so a write would leak across them.
+- The module's train/eval mode is left as given; call ``.eval()`` first for inference graphs.
+- Lowering runs on the client, once per graph: export costs ~1.5 s the first time in a process,
+  ``make_fx`` runs the model once on the example inputs. Lower on the device type the daemon
+  will run (some decompositions are device specific, e.g. CPU-only attention kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._ops import OpOverload
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+from torch.utils import _pytree as pytree
+
+from cgtree.payload import EncodedGraph, InputSpec, PayloadError, encode_graph, input_spec_of
+
+__all__ = ["LoweredGraph", "LoweringError", "encode", "lower"]
+
+_WEIGHT_INPUT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+_TRACING_MODES = ("real", "fake", "symbolic")
+
+
+class LoweringError(ValueError):
+    """A graph cannot be lowered to a cgtree payload; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoweredGraph:
+    """A flat ATen graph plus its weights; see the module docstring for the invariants.
+
+    graph_module: forward(*weights, *user_inputs) -> tuple of tensors.
+    weights: tensors for the leading placeholders (the model's own, not copies).
+    num_user_inputs: how many inputs follow the weights.
+    input_specs: shape (None for dynamic dims), dtype, device type per user input.
+    weight_names: where each weight came from ("fc1.weight", "input 2", "constant c"), for messages.
+    mutated_inputs: indices among user inputs that the graph writes in place.
+    """
+
+    graph_module: torch.fx.GraphModule
+    weights: list[torch.Tensor]
+    num_user_inputs: int
+    input_specs: tuple[InputSpec, ...]
+    weight_names: tuple[str, ...]
+    mutated_inputs: tuple[int, ...]
+
+    def __call__(self, *user_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the lowered graph eagerly with its own weights (for checks and tests)."""
+        return self.graph_module(*self.weights, *user_inputs)
+
+
+def lower(
+    graph: torch.nn.Module | torch.export.ExportedProgram | Callable[..., Any],
+    example_inputs: Sequence[torch.Tensor] = (),
+    *,
+    dynamic_shapes: Any = None,
+    tracing_mode: str = "real",
+    weight_input_indices: Sequence[int] = (),
+) -> LoweredGraph:
+    """Lower a model to a flat ATen graph taking ``(*weights, *user_inputs)``.
+
+    graph: an ``nn.Module`` (exported), an ``ExportedProgram`` (its own example inputs are used;
+        ``example_inputs`` is ignored), or a ``GraphModule`` / callable (traced with make_fx).
+    example_inputs: positional tensors the model is called with.
+    dynamic_shapes: passed to ``torch.export.export`` for ``nn.Module``s (e.g.
+        ``{"x": {0: Dim("batch")}}``); the graph is then ``dynamic`` and the daemon's policy
+        ``skip_dynamic_graphs`` applies to it.
+    tracing_mode: make_fx's mode for GraphModules/callables: "real" (runs the model once),
+        "fake", or "symbolic" (dynamic sizes).
+    weight_input_indices: for GraphModules/callables, example inputs that are really weights
+        (e.g. parameters dynamo lifted to graph inputs): they become content-hashed weights
+        instead of user inputs.
+    """
+    if isinstance(graph, torch.export.ExportedProgram):
+        _refuse_trace_options(tracing_mode, weight_input_indices, "an ExportedProgram")
+        return _lower_exported_program(graph)
+    if isinstance(graph, torch.fx.GraphModule) or (callable(graph) and not isinstance(graph, torch.nn.Module)):
+        if dynamic_shapes is not None:
+            raise LoweringError("dynamic_shapes applies to nn.Modules (torch.export); use tracing_mode='symbolic'")
+        return _lower_traced(graph, example_inputs, tracing_mode, weight_input_indices)
+    if isinstance(graph, torch.nn.Module):
+        _refuse_trace_options(tracing_mode, weight_input_indices, "an nn.Module")
+        return _lower_exported_program(_export(graph, example_inputs, dynamic_shapes))
+    raise LoweringError(f"cannot lower a {type(graph).__name__}: pass an nn.Module, GraphModule, ExportedProgram or callable")
+
+
+def encode(lowered: LoweredGraph) -> EncodedGraph:
+    """Encode a lowered graph: graph bytes, weight blobs by content hash, graph id."""
+    return encode_graph(lowered.graph_module, lowered.weights, lowered.input_specs)
+
+
+def _refuse_trace_options(tracing_mode: str, weight_input_indices: Sequence[int], what: str) -> None:
+    if tracing_mode != "real" or tuple(weight_input_indices):
+        raise LoweringError(f"tracing_mode and weight_input_indices apply to GraphModules/callables, not {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.export path (nn.Module, ExportedProgram)
+
+
+def _export(module: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any):
+    try:
+        return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        raise LoweringError(f"torch.export failed for {type(module).__name__}: {exc}") from exc
+
+
+def _lower_exported_program(program: torch.export.ExportedProgram) -> LoweredGraph:
+    """Decompose to ATen, then turn export's signature into the flat (*weights, *inputs) form."""
+    program = program.run_decompositions()
+    signature = program.graph_signature
+    old_graph = program.graph_module.graph
+    old_placeholders = [n for n in old_graph.nodes if n.op == "placeholder"]
+    if len(old_placeholders) != len(signature.input_specs):
+        raise LoweringError("exported graph placeholders do not match its signature")
+
+    weights: list[torch.Tensor] = []
+    weight_names: list[str] = []
+    user_names: list[str] = []
+    for node, spec in zip(old_placeholders, signature.input_specs):
+        if spec.kind in _WEIGHT_INPUT_KINDS:
+            if user_names:  # export orders params, buffers, constants, then user inputs
+                raise LoweringError(f"weight {spec.target!r} follows a user input in the exported graph")
+            weights.append(_exported_weight(program, spec))
+            weight_names.append(str(spec.target))
+        elif spec.kind == InputKind.USER_INPUT:
+            if not isinstance(spec.arg, TensorArgument):
+                raise LoweringError(f"user input {node.name!r} is not a tensor ({spec.arg}); only tensor inputs are supported")
+            user_names.append(node.name)
+        else:
+            raise LoweringError(f"input {node.name!r} of kind {spec.kind.name} is not supported (no custom objects or effect tokens)")
+
+    graph = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    old_outputs = graph.graph_copy(old_graph, val_map)
+    if not isinstance(old_outputs, (tuple, list)) or len(old_outputs) != len(signature.output_specs):
+        raise LoweringError("exported graph outputs do not match its signature")
+    placeholder_by_name = {node.name: val_map[node] for node in old_placeholders}
+
+    user_outputs = []
+    input_writes = []
+    for i, (value, spec) in enumerate(zip(old_outputs, signature.output_specs)):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(_tensor_output(value, i))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            input_writes.append((placeholder_by_name[spec.target], value))
+        elif spec.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION):
+            raise LoweringError(
+                f"the program mutates {spec.target!r} in place (e.g. BatchNorm running statistics in "
+                "training mode): weights are shared and read-only in cgtree; call .eval() or keep the "
+                "state outside the graph"
+            )
+        else:
+            raise LoweringError(f"output {i} of kind {spec.kind.name} is not supported")
+    # Input mutations become explicit in-graph copies, so the daemon's module has the same effect.
+    for placeholder, new_value in input_writes:
+        graph.call_function(torch.ops.aten.copy_.default, (placeholder, new_value))
+    graph.output(tuple(user_outputs))
+    return _finish(graph, weights, weight_names)
+
+
+def _exported_weight(program: torch.export.ExportedProgram, spec: Any) -> torch.Tensor:
+    # Persistent buffers and parameters live in state_dict; non-persistent buffers and lifted
+    # tensor constants live in constants.
+    if spec.target in program.state_dict:
+        value = program.state_dict[spec.target]
+    elif spec.target in program.constants:
+        value = program.constants[spec.target]
+    else:
+        raise LoweringError(f"weight {spec.target!r} is missing from the exported program")
+    if not isinstance(value, torch.Tensor):
+        raise LoweringError(f"constant {spec.target!r} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _tensor_output(value: Any, position: int) -> torch.fx.Node:
+    if not (isinstance(value, torch.fx.Node) and isinstance(value.meta.get("val"), torch.Tensor)):
+        raise LoweringError(f"output {position} is not a tensor ({value!r}); graphs must return tensors only")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# make_fx path (GraphModule, callable)
+
+
+def _lower_traced(
+    fn: Callable[..., Any], example_inputs: Sequence[Any], tracing_mode: str, weight_input_indices: Sequence[int]
+) -> LoweredGraph:
+    """Trace ``fn`` functionalized to ATen with weights as leading inputs, then lift constants."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if tracing_mode not in _TRACING_MODES:
+        raise LoweringError(f"tracing_mode must be one of {_TRACING_MODES}, got {tracing_mode!r}")
+    example_inputs = list(example_inputs)
+    for i, value in enumerate(example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise LoweringError(f"example input {i} is a {type(value).__name__}; only tensor inputs are supported")
+    weight_positions = sorted(set(weight_input_indices))
+    if any(not 0 <= i < len(example_inputs) for i in weight_positions):
+        raise LoweringError(f"weight_input_indices {list(weight_input_indices)} out of range for {len(example_inputs)} inputs")
+    user_positions = [i for i in range(len(example_inputs)) if i not in weight_positions]
+
+    state = _module_state(fn)
+    weights = [t for _, t in state] + [example_inputs[i] for i in weight_positions]
+    weight_names = [name for name, _ in state] + [f"input {i}" for i in weight_positions]
+    user_inputs = [example_inputs[i] for i in user_positions]
+    flat = _flat_function(fn, [name for name, _ in state], weight_positions, user_positions)
+
+    try:
+        traced = make_fx(
+            torch.func.functionalize(flat, remove="mutations"),
+            decomposition_table=_decomposition_table(),
+            tracing_mode=tracing_mode,
+        )(*weights, *user_inputs)
+    except LoweringError:
+        raise
+    except Exception as exc:
+        raise LoweringError(f"make_fx failed: {exc}") from exc
+
+    graph = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    outputs = graph.graph_copy(traced.graph, val_map)
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    user_outputs = [_tensor_output(value, i) for i, value in enumerate(outputs)]
+    graph.output(tuple(user_outputs))
+    # functionalize leaves unused `alias` nodes behind; in-place nodes (copy_) are impure and stay.
+    graph.eliminate_dead_code()
+    _lift_constants(graph, traced, len(weights), weights, weight_names)
+    return _finish(graph, weights, weight_names)
+
+
+def _module_state(fn: Any) -> list[tuple[str, torch.Tensor]]:
+    if not isinstance(fn, torch.nn.Module):
+        return []
+    return list(fn.named_parameters()) + list(fn.named_buffers())
+
+
+def _flat_function(fn: Any, state_names: list[str], weight_positions: list[int], user_positions: list[int]):
+    """fn as ``flat(*state, *weight_inputs, *user_inputs) -> tuple of leaves``."""
+    num_inputs = len(weight_positions) + len(user_positions)
+
+    def flat(*args: Any) -> tuple[Any, ...]:
+        state = dict(zip(state_names, args[: len(state_names)]))
+        rest = args[len(state_names):]
+        call_args: list[Any] = [None] * num_inputs
+        for position, value in zip(weight_positions + user_positions, rest):
+            call_args[position] = value
+        if isinstance(fn, torch.nn.Module):
+            result = torch.func.functional_call(fn, state, tuple(call_args))
+        else:
+            result = fn(*call_args)
+        return tuple(pytree.tree_leaves(result))
+
+    return flat
+
+
+def _decomposition_table() -> dict:
+    """The table ``ExportedProgram.run_decompositions()`` uses, so both paths agree."""
+    default = getattr(torch.export, "default_decompositions", None)
+    if default is not None:
+        return dict(default().items())
+    from torch._decomp import core_aten_decompositions
+
+    return dict(core_aten_decompositions())
+
+
+def _lift_constants(
+    graph: torch.fx.Graph, owner: torch.nn.Module, num_weights: int, weights: list, weight_names: list
+) -> None:
+    """Turn get_attr tensor constants into weight placeholders right after the existing weights."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[num_weights] if len(placeholders) > num_weights else next(
+        n for n in graph.nodes if n.op != "placeholder"
+    )
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        value = _fetch_attr(owner, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise LoweringError(
+                f"the graph uses attribute {node.target!r} ({type(value).__name__}): higher-order ops "
+                "and submodules are not supported"
+            )
+        with graph.inserting_before(anchor):
+            placeholder = graph.placeholder(f"lifted_{node.target}")
+        placeholder.meta["val"] = value
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        weights.append(value)
+        weight_names.append(f"constant {node.target}")
+
+
+def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Common tail
+
+
+def _finish(graph: torch.fx.Graph, weights: list, weight_names: list) -> LoweredGraph:
+    """Check weights stay read-only, collect mutated inputs, wrap the graph in a module."""
+    if any(n.op == "get_attr" for n in graph.nodes):
+        raise LoweringError("the graph reads submodules or attributes (higher-order ops such as torch.cond are not supported)")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    num_weights = len(weights)
+    mutated = set()
+    for position in _written_placeholders(graph, placeholders):
+        if position < num_weights:
+            raise LoweringError(
+                f"the program writes {weight_names[position]!r} in place: weights are shared and "
+                "read-only in cgtree; call .eval() or keep mutable state outside the graph"
+            )
+        mutated.add(position - num_weights)
+    graph.lint()
+    module = torch.fx.GraphModule(torch.nn.Module(), graph, class_name="LoweredGraph")
+    user_placeholders = placeholders[num_weights:]
+    try:
+        input_specs = tuple(_input_spec(node) for node in user_placeholders)
+    except PayloadError as exc:
+        raise LoweringError(str(exc)) from None
+    return LoweredGraph(
+        graph_module=module,
+        weights=list(weights),
+        num_user_inputs=len(user_placeholders),
+        input_specs=input_specs,
+        weight_names=tuple(weight_names),
+        mutated_inputs=tuple(sorted(mutated)),
+    )
+
+
+def _written_placeholders(graph: torch.fx.Graph, placeholders: list[torch.fx.Node]) -> set[int]:
+    """Placeholders passed directly to a ``Tensor(a!)`` argument (functional graphs: copy_ only)."""
+    position = {node: i for i, node in enumerate(placeholders)}
+    written = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, OpOverload):
+            continue
+        arguments = node.target._schema.arguments
+        bound = dict(zip((a.name for a in arguments if not a.kwarg_only), node.args))
+        bound.update(node.kwargs)
+        for argument in arguments:
+            value = bound.get(argument.name)
+            writes = argument.alias_info is not None and argument.alias_info.is_write
+            if writes and isinstance(value, torch.fx.Node) and value in position:
+                written.add(position[value])
+    return written
+
+
+def _input_spec(node: torch.fx.Node) -> InputSpec:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        raise LoweringError(f"user input {node.name!r} has no example value after tracing")
+    return input_spec_of(value, name=f"user input {node.name!r}")
