@@ -1,0 +1,618 @@
+"""The cgtree client: submit graphs to cgtreed and use the outputs as ordinary tensors.
+
+    from cgtree.client import Client
+    with Client() as client:                 # endpoint: argument, $CGTREE_ENDPOINT, or the default
+        outs = client.submit(model, inputs)  # lowered + registered on first use; a tuple of outputs
+        h = client.register(model, example_inputs)   # optional; then client.submit(h, inputs)
+        client.mark_step_begin()
+        state = client.status()
+
+Invariants:
+- No call hangs: every request waits at most ``timeout_s`` for its reply (ZeroMQ DEALER,
+  LINGER 0), then the socket is replaced (a late reply can never be taken for the next one)
+  and ``DaemonTimeout`` says which endpoint did not answer. A missing ipc socket file fails at
+  once with ``DaemonUnavailable``.
+- Output lifetime: an output is valid until the same graph's next submit in this session, or
+  until released. CPU outputs are copies the client owns and never change. CUDA outputs are
+  views of a daemon-owned buffer; each submit builds them on fresh non-owning storages over the
+  cached mapping, and marks the previous submit's ones so that touching them raises (where the
+  torch build has ``torch._C._set_storage_access_error_msg``: CUDA builds) rather than reading
+  changed data.
+- CUDA inputs are exported once per storage (``_share_cuda_``) and cached while the storage
+  lives; the current stream is synchronized before sending, so the daemon reads finished data
+  without any cross-process event wait. An earlier output passed back in travels as an
+  ``output`` reference (an IPC-opened storage cannot be re-exported).
+- The client keeps every payload it registered, so it can register again when the daemon
+  says it does not know a graph (daemon restart): ``no_session`` -> hello, ``unknown_graph``
+  -> register, each retried once.
+- Not thread-safe across threads without its internal lock; not usable across ``fork``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import zmq
+
+from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request
+from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
+from cgtree.daemon.tensors import (
+    CUDA_IPC_HANDLE_SIZE,
+    cpu_frame_of,
+    describe_cpu,
+    describe_cuda,
+    dtype_name,
+    export_cuda_storage,
+    parse_geometry,
+    parse_ipc,
+    tensor_from_cpu_desc,
+)
+
+log = logging.getLogger("cgtree.client")
+
+DEFAULT_TIMEOUT_S = 60.0
+BYE_TIMEOUT_S = 2.0
+# Room for the envelope next to data frames when splitting uploads under max_message_bytes.
+ENVELOPE_ALLOWANCE = 64 * 1024
+CLIENT_NAME = "cgtree.client 0.1"
+
+_set_access_error = getattr(torch._C, "_set_storage_access_error_msg", None)
+CAN_RAISE_ON_OVERWRITTEN_OUTPUT = _set_access_error is not None
+
+OVERWRITTEN_MESSAGE = (
+    "cgtree: this output of graph {graph} was overwritten by a later submit of the same graph "
+    "(or released, or its session ended). Outputs stay valid until the graph's next submit; "
+    "clone() an output you want to keep."
+)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+class ClientError(Exception):
+    """Base class of the client's errors."""
+
+
+class DaemonUnavailable(ClientError, ConnectionError):
+    """No daemon at the endpoint (socket file missing) or it stopped answering."""
+
+
+class DaemonTimeout(DaemonUnavailable, TimeoutError):
+    """The daemon did not answer within the timeout."""
+
+
+class DaemonError(ClientError):
+    """The daemon answered with an error reply: ``code`` (see ``ERROR_CODES``) and ``message``."""
+
+    def __init__(self, code: str, message: str, op: str = "") -> None:
+        super().__init__(f"cgtreed refused {op or 'the request'}: {code}: {message}")
+        self.code = code
+        self.message = message
+        self.op = op
+
+    @property
+    def retryable(self) -> bool:
+        return ERROR_CODES.get(self.code, (False, ""))[0]
+
+
+# ---------------------------------------------------------------------------------- handles
+
+
+@dataclass
+class GraphHandle:
+    """A graph registered with the daemon: its id, device, and the payload kept for re-registering."""
+
+    graph_id: str
+    device: str
+    encoded: Any  # cgtree.payload.EncodedGraph
+    num_inputs: Optional[int] = None
+
+    @property
+    def short_name(self) -> str:
+        return "g" + self.graph_id[:12]
+
+
+@dataclass
+class _OutputMapping:
+    """One daemon output buffer opened in this process (CUDA IPC), and what was built on it."""
+
+    buffer_id: int
+    device: torch.device
+    storage: Any  # the owning IPC storage: keeps the mapping open
+    base_ptr: int
+    nbytes: int
+    generation: int = 0
+    handed_out: list = field(default_factory=list)  # weakrefs to the current generation's tensors
+
+
+class _ExportCache:
+    """CUDA IPC exports of this process's storages, one per live storage."""
+
+    def __init__(self) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weak_ref = StorageWeakRef
+        self._entries: dict[int, tuple[Any, int, dict]] = {}
+
+    def export(self, storage: torch.UntypedStorage) -> dict:
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        entry = self._entries.get(ptr)
+        if entry is not None and not entry[0].expired() and entry[1] == nbytes:
+            return entry[2]
+        try:
+            ipc = export_cuda_storage(storage)
+        except Exception as exc:
+            raise ClientError(f"cannot export a CUDA tensor to cgtreed through CUDA IPC: {exc}") from exc
+        if len(ipc["handle"]) != CUDA_IPC_HANDLE_SIZE:
+            raise ClientError(
+                "this CUDA allocation cannot travel as a legacy CUDA IPC handle (expandable segments?): "
+                "unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the client"
+            )
+        if len(self._entries) > 1024:
+            self._entries = {p: e for p, e in self._entries.items() if not e[0].expired()}
+        self._entries[ptr] = (self._weak_ref(storage), nbytes, ipc)
+        return ipc
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+class Client:
+    """A connection to cgtreed with one session. See the module docstring.
+
+    endpoint: ZeroMQ endpoint; default ``$CGTREE_ENDPOINT`` or the per-user default socket.
+    session: optional session name: a client restarting with the same name finds its
+        recordings warm (the daemon parks a dead named session's trees for a while).
+    timeout_s: how long any one call waits for the daemon before ``DaemonTimeout``.
+    """
+
+    def __init__(self, endpoint: Optional[str] = None, *, session: Optional[str] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = endpoint or os.environ.get("CGTREE_ENDPOINT") or default_endpoint()
+        self.session_name = session
+        self.timeout_s = float(timeout_s)
+        self.session_id: Optional[int] = None
+        self.daemon_pid: Optional[int] = None
+        self.devices: list[dict] = []
+        self.max_message_bytes: Optional[int] = None
+        self.last_execution: Optional[dict] = None
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._context = zmq.Context()
+        self._socket: Optional[zmq.Socket] = None
+        # A stable routing id: a socket replaced after a timeout keeps the same session.
+        self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(6).hex().encode()
+        self._graphs_by_source: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+        self._graphs_by_id: dict[tuple[str, str], GraphHandle] = {}
+        self._registered: set[tuple[str, str]] = set()
+        self._exports: Optional[_ExportCache] = None
+        self._mappings: dict[int, _OutputMapping] = {}
+        self._graph_buffer: dict[tuple[str, str], int] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and os.getpid() == self._pid:
+                self.close(timeout_s=0.5)
+        except Exception:
+            pass
+
+    def close(self, timeout_s: float = BYE_TIMEOUT_S) -> None:
+        """Invalidate outputs, close mappings, say bye (best effort), close the socket."""
+        if self._closed:
+            return
+        with self._lock:
+            self._invalidate_all()
+            if self.session_id is not None:
+                try:
+                    self._call("bye", {}, timeout_s=timeout_s)
+                except (ClientError, zmq.ZMQError):
+                    pass
+            self.session_id = None
+            self._closed = True
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+            self._context.term()
+
+    # ---------------------------------------------------------------------------- public API
+
+    def ping(self) -> dict:
+        return self._call("ping", {})[0]
+
+    def status(self, session_only: bool = False) -> dict:
+        """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md)."""
+        return self._call("status", {"session_only": bool(session_only)})[0]
+
+    def register(self, graph: Any, example_inputs: Sequence[Any] = (), *, device: Optional[str] = None) -> GraphHandle:
+        """Lower (if needed), encode and register ``graph``; returns a handle for ``submit``.
+
+        graph: ``nn.Module``, ``torch.fx.GraphModule``, ``ExportedProgram``, an
+            ``EncodedGraph`` from ``cgtree.client.lowering.encode``, or a ``GraphHandle``.
+        device: the daemon device to run on; default: where the example inputs are.
+        """
+        if isinstance(graph, GraphHandle):
+            self._ensure_registered(graph)
+            return graph
+        inputs = _as_input_list(example_inputs)
+        device = _normalize_device(device) if device is not None else _device_of(inputs)
+        key = _spec_key(inputs, device)
+        by_spec = self._cache_for(graph)
+        if by_spec is not None and key in by_spec:
+            handle = by_spec[key]
+            self._ensure_registered(handle)
+            return handle
+        encoded = graph if _is_encoded(graph) else _lower_and_encode(graph, inputs)
+        handle = self._graphs_by_id.get((device, encoded.graph_id)) or GraphHandle(
+            encoded.graph_id, device, encoded, len(encoded.input_specs))
+        self._ensure_registered(handle)
+        self._graphs_by_id[(device, handle.graph_id)] = handle
+        if by_spec is not None:
+            by_spec[key] = handle
+        return handle
+
+    def submit(self, graph: Any, inputs: Sequence[Any], *, device: Optional[str] = None) -> tuple:
+        """Run ``graph`` on ``inputs`` in the daemon; returns its outputs as a tuple.
+
+        ``self.last_execution`` then says what the daemon did: warmup, recorded, replayed or
+        skipped (with the reason), and on which tree node.
+        """
+        inputs = _as_input_list(inputs)
+        handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
+        with self._lock:
+            descs, frames = self._encode_inputs(handle.device, inputs)
+            if handle.device.startswith("cuda"):
+                # The daemon reads our memory as soon as the request arrives; it must be written.
+                # Also finishes our reads of the outputs this submit will overwrite.
+                torch.cuda.current_stream(torch.device(handle.device)).synchronize()
+            body = {"device": handle.device, "graph": handle.graph_id, "inputs": descs}
+            reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
+            self.last_execution = reply.get("execution")
+            return tuple(self._decode_outputs(handle, reply, reply_frames))
+
+    def mark_step_begin(self, device: Optional[str] = None) -> None:
+        """The next submit starts a new generation of the trees (an iteration boundary)."""
+        self._session_call("mark_step", {"device": _normalize_device(device) if device else None})
+
+    def release(self, graph: Optional[GraphHandle] = None, *, device: Optional[str] = None) -> int:
+        """Give back the outputs of ``graph`` (or of every graph on ``device`` / everywhere).
+        Tensors over them become invalid (touching them raises where the build can)."""
+        with self._lock:
+            targets = [graph.device] if graph is not None else ([_normalize_device(device)] if device else
+                                                                 sorted({d for d, _ in self._graph_buffer}))
+            released = 0
+            for dev in targets:
+                graph_id = graph.graph_id if graph is not None else None
+                for key in [k for k in self._graph_buffer if k[0] == dev and (graph_id is None or k[1] == graph_id)]:
+                    self._drop_graph_outputs(key, close_mapping=True)
+                if self.session_id is not None:
+                    released += self._session_call("release", {"device": dev, "graph": graph_id})[0]["released"]
+            return released
+
+    def reset(self, device: Optional[str] = None) -> None:
+        """Drop this session's trees (recordings, pool); registered graphs stay registered."""
+        with self._lock:
+            self._invalidate_all()
+            self._session_call("reset", {"device": _normalize_device(device) if device else None})
+
+    # ------------------------------------------------------------------------ registration
+
+    def _cache_for(self, graph: Any) -> Optional[dict]:
+        if _is_encoded(graph):
+            return None
+        try:
+            return self._graphs_by_source.setdefault(graph, {})
+        except TypeError:  # not weak-referenceable: lower every time
+            return None
+
+    def _ensure_registered(self, handle: GraphHandle) -> None:
+        if (handle.device, handle.graph_id) in self._registered and self.session_id is not None:
+            return
+        self._register_payload(handle)
+
+    def _register_payload(self, handle: GraphHandle) -> None:
+        """Send the graph; then, in messages under the size limit, the weights the daemon lacks."""
+        encoded = handle.encoded
+        base = {"device": handle.device, "graph": handle.graph_id, "payload": 0}
+        reply, _ = self._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
+        limit = (self.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
+        for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
+            frames = [encoded.graph_bytes] + [encoded.weights[h].data for h in batch]
+            weights = {h: i + 1 for i, h in enumerate(batch)}
+            reply, _ = self._session_call("register", {**base, "weights": weights}, frames)
+        if not reply.get("registered"):
+            raise ClientError(f"graph {handle.short_name} was not registered: daemon still lacks {reply.get('missing_weights')}")
+        if reply.get("graph") != handle.graph_id:
+            raise ClientError(f"the daemon registered {reply.get('graph')} for graph {handle.graph_id}")
+        self._registered.add((handle.device, handle.graph_id))
+
+    # ------------------------------------------------------------------------------ tensors
+
+    def _encode_inputs(self, device: str, inputs: list) -> tuple[list, list]:
+        descs, frames = [], []
+        for index, value in enumerate(inputs):
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach()
+                if tensor.device.type == "cpu":
+                    descs.append(describe_cpu(tensor, len(frames)))
+                    frames.append(cpu_frame_of(tensor))
+                elif tensor.device.type == "cuda":
+                    descs.append(self._describe_cuda_input(tensor, index))
+                else:
+                    raise ClientError(f"input {index}: tensors on {tensor.device} cannot travel to cgtreed (cpu or cuda)")
+            elif isinstance(value, (bool, int, float)):
+                descs.append({"kind": "scalar", "value": value})
+            else:
+                raise ClientError(f"input {index}: a {type(value).__name__}; inputs are tensors or numbers")
+        return descs, frames
+
+    def _describe_cuda_input(self, tensor: torch.Tensor, index: int) -> dict:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()  # raises for an overwritten output (access error set)
+        mapping = self._mapping_containing(ptr, tensor.device)
+        if mapping is not None:
+            return {"kind": "output", "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
+                    "stride": list(tensor.stride()), "offset": tensor.storage_offset(),
+                    "byte_offset": ptr - mapping.base_ptr, "buffer": mapping.buffer_id, "generation": mapping.generation}
+        if self._exports is None:
+            self._exports = _ExportCache()
+        return describe_cuda(tensor, self._exports.export(storage))
+
+    def _mapping_containing(self, ptr: int, device: torch.device) -> Optional[_OutputMapping]:
+        for mapping in self._mappings.values():
+            if mapping.device == device and mapping.base_ptr <= ptr < mapping.base_ptr + mapping.nbytes:
+                return mapping
+        return None
+
+    def _decode_outputs(self, handle: GraphHandle, reply: dict, frames: list) -> list:
+        key = (handle.device, handle.graph_id)
+        buffers = {b["id"]: b for b in reply.get("buffers", [])}
+        self._drop_graph_outputs(key, close_mapping=False)  # the previous submit's outputs are stale now
+        previous = self._graph_buffer.get(key)
+        current = next(iter(buffers), None)
+        if previous is not None and previous != current:
+            self._close_mapping(previous)
+            self._graph_buffer.pop(key, None)
+        mapping = None
+        if current is not None:
+            mapping = self._mappings.get(current) or self._open_mapping(buffers[current], handle.device)
+            self._graph_buffer[key] = current
+        outputs = []
+        for index, desc in enumerate(reply.get("outputs", [])):
+            kind = desc.get("kind")
+            label = f"output {index}"
+            if kind == "cpu":
+                outputs.append(tensor_from_cpu_desc(desc, frames, label))
+            elif kind == "output" and mapping is not None and desc.get("buffer") == mapping.buffer_id:
+                mapping.generation = desc["generation"]
+                tensor = self._view_of(mapping, desc, label)
+                mapping.handed_out.append(weakref.ref(tensor))
+                outputs.append(tensor)
+            elif kind == "none":
+                outputs.append(None)
+            elif kind == "scalar":
+                outputs.append(desc.get("value"))
+            else:
+                raise ClientError(f"{label}: the daemon sent an unexpected descriptor {desc!r}")
+        return outputs
+
+    def _open_mapping(self, wire: dict, device: str) -> _OutputMapping:
+        args = parse_ipc(wire.get("storage"), f"output buffer {wire.get('id')}", None)
+        storage = torch.UntypedStorage._new_shared_cuda(*args)
+        mapping = _OutputMapping(int(wire["id"]), torch.device(device), storage, storage.data_ptr(), int(wire["nbytes"]))
+        self._mappings[mapping.buffer_id] = mapping
+        return mapping
+
+    def _view_of(self, mapping: _OutputMapping, desc: dict, label: str) -> torch.Tensor:
+        geometry = parse_geometry(desc, label, need_stride=True)
+        nbytes = geometry.extent_bytes()
+        start = mapping.base_ptr + int(desc["byte_offset"])
+        if int(desc["byte_offset"]) + nbytes > mapping.nbytes:
+            raise ClientError(f"{label}: outside its output buffer")
+        # A fresh non-owning storage per submit: marking it stale later touches only these tensors.
+        storage = torch._C._construct_storage_from_data_pointer(start, mapping.device, max(nbytes, 1))
+        tensor = torch.empty((0,), dtype=geometry.dtype, device=mapping.device)
+        return tensor.set_(storage, geometry.offset, geometry.shape, geometry.stride)
+
+    def _drop_graph_outputs(self, key: tuple[str, str], *, close_mapping: bool) -> None:
+        buffer_id = self._graph_buffer.get(key)
+        mapping = self._mappings.get(buffer_id) if buffer_id is not None else None
+        if mapping is None:
+            return
+        message = OVERWRITTEN_MESSAGE.format(graph="g" + key[1][:12])
+        for ref in mapping.handed_out:
+            tensor = ref()
+            if tensor is not None and _set_access_error is not None:
+                _set_access_error(tensor, message)
+        mapping.handed_out.clear()
+        if close_mapping:
+            self._close_mapping(buffer_id)
+            self._graph_buffer.pop(key, None)
+
+    def _close_mapping(self, buffer_id: int) -> None:
+        mapping = self._mappings.pop(buffer_id, None)
+        if mapping is not None:
+            mapping.storage = None  # closes the IPC mapping; the daemon's block leaves limbo
+
+    def _invalidate_all(self) -> None:
+        for key in list(self._graph_buffer):
+            self._drop_graph_outputs(key, close_mapping=True)
+        self._mappings.clear()
+        self._graph_buffer.clear()
+
+    # ---------------------------------------------------------------------------- requests
+
+    def _session_call(self, op: str, body: dict, frames: Sequence[Any] = (), *, handle: Optional[GraphHandle] = None) -> tuple[dict, list]:
+        """A request that needs the session: say hello first if needed; after a daemon restart
+        say hello again (``no_session``) and re-register (``unknown_graph``), once each."""
+        self._ensure_session()
+        retried: set[str] = set()
+        while True:
+            try:
+                return self._call(op, body, frames)
+            except DaemonError as exc:
+                if exc.code == "no_session" and "no_session" not in retried:
+                    retried.add("no_session")
+                    self._forget_session()
+                    self._ensure_session()
+                    if handle is not None:
+                        self._register_payload(handle)
+                    continue
+                if exc.code == "unknown_graph" and handle is not None and "unknown_graph" not in retried:
+                    retried.add("unknown_graph")
+                    self._registered.discard((handle.device, handle.graph_id))
+                    self._register_payload(handle)
+                    continue
+                raise
+
+    def _forget_session(self) -> None:
+        self.session_id = None
+        self._registered.clear()
+        self._invalidate_all()  # a new daemon: the old buffers are gone
+
+    def _ensure_session(self) -> None:
+        if self.session_id is not None:
+            return
+        reply, _ = self._call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
+        if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
+            self._registered.clear()
+            self._invalidate_all()
+        self.session_id = reply["session"]
+        self.daemon_pid = reply["daemon_pid"]
+        self.devices = reply["devices"]
+        self.max_message_bytes = reply["max_message_bytes"]
+
+    def _call(self, op: str, body: dict, frames: Sequence[Any] = (), *, timeout_s: Optional[float] = None) -> tuple[dict, list]:
+        """One request, one reply: (body, frames). Raises DaemonError for an error reply."""
+        if self._closed:
+            raise ClientError("the client is closed")
+        if os.getpid() != self._pid:
+            raise ClientError("a Client cannot be used across fork(); create a new one in the child process")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            request_id = next(self._ids)
+            envelope = encode_request(request_id, op, body)
+            if self.max_message_bytes is not None:
+                size = len(envelope) + sum(memoryview(f).nbytes for f in frames)
+                if size > self.max_message_bytes:
+                    raise DaemonError("too_large", f"the {op} request is {size} bytes; the daemon accepts at most {self.max_message_bytes}", op)
+            sock = self._connect()
+            try:
+                sock.send_multipart([envelope, *frames], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._reset_socket()
+                raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
+            remaining_ms = int(timeout * 1000)
+            while True:
+                if not sock.poll(remaining_ms, zmq.POLLIN):
+                    self._reset_socket()
+                    raise DaemonTimeout(
+                        f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
+                        "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
+                    )
+                message = sock.recv_multipart(copy=False)
+                try:
+                    reply_id, reply_body = decode_reply(message[0].buffer)
+                except ProtocolError as exc:
+                    if getattr(exc, "request_id", request_id) not in (request_id, None):
+                        continue  # a late error reply to an earlier request
+                    raise DaemonError(exc.code, exc.message, op) from None
+                if reply_id != request_id:
+                    continue  # a late reply to an earlier request: not ours
+                return reply_body, list(message[1:])
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            path = ipc_path(self.endpoint)
+            if path is not None and not os.path.exists(path):
+                raise DaemonUnavailable(
+                    f"no cgtreed at {self.endpoint}: {path} does not exist (start `cgtreed`, or set CGTREE_ENDPOINT)"
+                )
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _reset_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _as_input_list(inputs: Any) -> list:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    return list(inputs)
+
+
+def _normalize_device(device: Any) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    return dev.type
+
+
+def _device_of(inputs: list) -> str:
+    for value in inputs:
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return _normalize_device(value.device)
+    return "cpu"
+
+
+def _spec_key(inputs: list, device: str) -> tuple:
+    return (device,) + tuple(
+        (str(v.dtype), tuple(v.shape), v.device.type) if isinstance(v, torch.Tensor) else (type(v).__name__,) for v in inputs
+    )
+
+
+def _is_encoded(graph: Any) -> bool:
+    return all(hasattr(graph, a) for a in ("graph_id", "graph_bytes", "weights", "weight_hashes"))
+
+
+def _lower_and_encode(graph: Any, inputs: list) -> Any:
+    from cgtree.client import lowering
+
+    return lowering.encode(lowering.lower(graph, inputs))
+
+
+def _batches(missing: list, blobs: dict, limit: int) -> list[list]:
+    """Group missing weight hashes into uploads of at most ``limit`` bytes each."""
+    batches: list[list] = []
+    current, size = [], 0
+    for weight_hash in missing:
+        blob = blobs.get(weight_hash)
+        if blob is None:
+            raise ClientError(f"the daemon asked for weight {weight_hash}, which this graph does not have")
+        nbytes = len(blob.data)
+        if nbytes > limit:
+            raise DaemonError("too_large", f"weight {weight_hash} is {nbytes} bytes; raise daemon.max_message_bytes above it", "register")
+        if current and size + nbytes > limit:
+            batches.append(current)
+            current, size = [], 0
+        current.append(weight_hash)
+        size += nbytes
+    if current:
+        batches.append(current)
+    return batches

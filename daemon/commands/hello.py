@@ -1,0 +1,50 @@
+"""Open (or re-open, or adopt) this client's session. Send it first.
+
+Request: ``{"pid": int, "name": str | None, "client": str}``. ``pid`` is the client's process
+id; the daemon records that process's start time itself, so a reused pid is not mistaken for
+this client when it dies. ``name`` (optional) names the session: when a named session's client
+dies, its recordings are parked (outputs invalidated, IPC handles closed) for a linger period
+and adopted, warm, by the next client saying hello with the same name. ``client`` is free text
+for logs (e.g. ``"cgtree.client 0.1.0"``). Saying hello again from the same routing id and pid
+returns the same session (a reconnect).
+
+Reply: ``{"session": int, "adopted": bool, "protocol": int, "daemon_pid": int,
+"devices": [{"device": str, "backend": "cuda" | "cpu-replay"}], "max_message_bytes": int}``.
+
+Errors: ``bad_request`` (pid missing or not a live process, name too long),
+``session_in_use`` (a live client holds that name).
+"""
+
+from __future__ import annotations
+
+import os
+
+from cgtree.daemon.protocol import PROTOCOL_VERSION, ProtocolError, Reply, field_of
+from cgtree.daemon.sessions import MAX_SESSION_NAME_CHARS, ClientProcess, SessionInUse
+
+NAME = "hello"
+NEEDS_SESSION = False
+
+
+def execute(ctx, session, body, frames) -> Reply:
+    pid = field_of(body, "pid", int)
+    name = field_of(body, "name", str, None)
+    field_of(body, "client", str, "")
+    if name is not None and not 0 < len(name) <= MAX_SESSION_NAME_CHARS:
+        raise ProtocolError("bad_request", f"session name must be 1 to {MAX_SESSION_NAME_CHARS} characters")
+    try:
+        client = ClientProcess.lookup(pid)
+    except ProcessLookupError:
+        raise ProtocolError("bad_request", f"pid {pid} is not a running process") from None
+    try:
+        opened, adopted = ctx.sessions.open(ctx.identity, client, name)
+    except SessionInUse as exc:
+        raise ProtocolError("session_in_use", str(exc)) from None
+    return Reply({
+        "session": opened.session_id,
+        "adopted": adopted,
+        "protocol": PROTOCOL_VERSION,
+        "daemon_pid": os.getpid(),
+        "devices": [{"device": rt.name, "backend": rt.backend} for rt in ctx.devices.values()],
+        "max_message_bytes": ctx.config.daemon.max_message_bytes,
+    })

@@ -1,0 +1,71 @@
+"""Register a graph on a device for this session (the codec's payload: graph bytes plus
+weight blobs named by content hash). Registering a graph the device already knows is free:
+no decode, no weight transfer.
+
+Request: ``{"device": str, "graph": str | None, "payload": int | None,
+"weights": {<hash>: int}}``. ``payload`` is the index of the data frame holding the encoded
+graph (``cgtree.payload.encode_graph``); it may be left out when ``graph`` (the payload hash)
+is already known on the device. ``weights`` maps weight hashes to data frames holding their
+blobs; send only those the daemon said it lacks. Each blob is re-hashed and must match its
+name. The payload is decoded with the operator allow-list (``aten``, ``prims``, ``operator``
+and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated.
+
+Reply: ``{"graph": str, "registered": bool, "need_payload": bool,
+"missing_weights": [str], "new": bool, "weights_added": int, "inputs": int | None}``.
+``registered`` false means the graph is not usable yet: send the request again with the
+payload (``need_payload``) and/or the listed weight blobs, in as many messages as
+``max_message_bytes`` requires (blobs already received are kept for this session until the
+graph is complete or the session ends). ``new`` says this register decoded the
+graph; ``weights_added`` how many weights it put on the device.
+
+Errors: ``no_session``, ``unknown_device``, ``bad_request`` (frame index out of range, bad
+hash), ``payload_rejected`` (the payload does not decode, a weight does not match its hash,
+or an operator outside the allow-list, named in the message).
+"""
+
+from __future__ import annotations
+
+from cgtree.daemon.graphs import check_graph_id
+from cgtree.daemon.protocol import ProtocolError, Reply, field_of
+
+NAME = "register"
+NEEDS_SESSION = True
+
+
+def _frame(frames, index, what):
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(frames):
+        raise ProtocolError("bad_request", f"{what}: frame {index!r} does not exist (message has {len(frames)} data frames)")
+    frame = frames[index]
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def execute(ctx, session, body, frames) -> Reply:
+    runtime = ctx.device(field_of(body, "device", str))
+    claimed = field_of(body, "graph", str, None)
+    if claimed is not None:
+        check_graph_id(claimed)
+    payload_index = field_of(body, "payload", int, None)
+    payload = _frame(frames, payload_index, "payload") if payload_index is not None else None
+    blobs = {}
+    for weight_hash, index in field_of(body, "weights", dict, {}).items():
+        blobs[check_graph_id(weight_hash, "weight")] = _frame(frames, index, f"weight {weight_hash}")
+    staged = session.staged_weights.setdefault(runtime.name, {})
+    outcome = runtime.graphs.register(payload, claimed, blobs, staged)
+    registered = outcome.entry is not None
+    if registered:
+        key = (runtime.name, outcome.graph_id)
+        if key not in session.graphs:
+            session.graphs[key] = runtime.graphs.acquire(outcome.entry)
+    inputs = None
+    if registered:
+        specs = outcome.entry.input_specs
+        inputs = len(specs) if specs is not None else None
+    return Reply({
+        "graph": outcome.graph_id,
+        "registered": registered,
+        "need_payload": outcome.need_payload,
+        "missing_weights": outcome.missing_weights,
+        "new": outcome.new,
+        "weights_added": outcome.weights_added,
+        "inputs": inputs,
+    })

@@ -1,0 +1,185 @@
+"""Run a registered graph on the caller's inputs through this session's tree: warm up,
+record or replay, and return the outputs.
+
+Request: ``{"device": str, "graph": str, "inputs": [descriptor]}``, CPU input bytes in the
+data frames. Descriptors (see ``cgtree.daemon.tensors``): ``cpu`` (contiguous bytes in a
+frame), ``cuda`` (a CUDA IPC export of the client's storage), ``output`` (an earlier output of
+this session passed back in), ``scalar``. The client synchronizes its CUDA stream before
+sending: the daemon reads CUDA inputs without waiting on any event.
+
+The daemon copies non-static inputs into the recording's buffers (the tree manager does:
+weights are the static inputs), runs the call, copies CUDA outputs into this (session, graph)'s
+output buffer (normal memory outside the graph pool, exported once), host-synchronizes its
+stream, then replies.
+
+Reply: ``{"execution": {"mode": "warmup" | "recorded" | "replayed" | "skipped", "node_id":
+int | None, "function": str, "skip_reason": str | None}, "outputs": [descriptor],
+"buffers": [{"id": int, "nbytes": int, "storage": IPC}]}``. CPU outputs are ``cpu``
+descriptors over reply frames (copies: the client owns them). CUDA outputs are ``output``
+descriptors into a buffer listed in ``buffers``; they stay valid until this graph's next
+submit in this session (which overwrites the buffer and bumps its ``generation``) or until
+released. A buffer id that replaces an earlier one for the same graph means the old one is
+freed: close its mapping.
+
+Errors: ``no_session``, ``unknown_device``, ``unknown_graph`` (not registered in this session
+on that device), ``bad_tensor`` (naming the input index: wrong dtype, shape, strides, size,
+device, stale handle, overwritten output, count), ``cuda_error``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cgtree.daemon.graphs import check_graph_id
+from cgtree.daemon.protocol import ProtocolError, Reply, field_of
+from cgtree.daemon.tensors import (
+    DTYPE_NAMES,
+    OutputBuffer,
+    cpu_frame_of,
+    describe_cpu,
+    layout_outputs,
+    tensor_from_cpu_desc,
+    tensor_from_cuda_desc,
+    tensor_from_output_desc,
+)
+
+NAME = "submit"
+NEEDS_SESSION = True
+
+MAX_INPUTS = 4096
+
+
+def execute(ctx, session, body, frames) -> Reply:
+    runtime = ctx.device(field_of(body, "device", str))
+    graph_id = check_graph_id(field_of(body, "graph", str))
+    entry = session.graphs.get((runtime.name, graph_id))
+    if entry is None:
+        raise ProtocolError("unknown_graph", f"graph {graph_id} is not registered in this session on {runtime.name}: register it first")
+    descs = field_of(body, "inputs", list)
+    if len(descs) > MAX_INPUTS:
+        raise ProtocolError("bad_request", f"{len(descs)} inputs (at most {MAX_INPUTS})")
+    state = ctx.session_device(session, runtime)
+    inputs = [decode_input(desc, i, frames, state, runtime) for i, desc in enumerate(descs)]
+    check_inputs(entry, inputs)
+
+    started = time.perf_counter()
+    fn = state.functions.get(graph_id)
+    if fn is None:
+        fn = state.manager.cudagraphify(
+            entry.fn, [*entry.weights, *inputs], static_input_idxs=range(len(entry.weights)),
+            name=entry.short_name, kind="inference", dynamic=entry.dynamic,
+        )
+        state.functions[graph_id] = fn
+    outputs = fn(*entry.weights, *inputs)
+    del inputs
+    execution = execution_dict(state.manager.last_execution)
+    reply = encode_outputs(outputs, state, runtime, graph_id, ctx)
+    del outputs  # the tree must see replay outputs dead: nothing of the pool is kept here
+    runtime.synchronize()  # the client reads the outputs as soon as it has the reply
+    session.counters["submits"] += 1
+    ctx.metrics.observe_submit(time.perf_counter() - started, execution["mode"], execution["skip_reason"])
+    reply.body["execution"] = execution
+    return reply
+
+
+def decode_input(desc, index, frames, state, runtime):
+    label = f"input {index}"
+    if not isinstance(desc, dict):
+        raise ProtocolError("bad_tensor", f"{label}: descriptor must be a map")
+    kind = desc.get("kind")
+    if kind == "cpu":
+        return tensor_from_cpu_desc(desc, frames, label)
+    if kind == "cuda":
+        if not runtime.is_cuda:
+            raise ProtocolError("bad_tensor", f"{label}: a CUDA tensor, but the graph runs on {runtime.name}")
+        return tensor_from_cuda_desc(desc, state.ipc_imports, label, [runtime.device.index])
+    if kind == "output":
+        return tensor_from_output_desc(desc, state.buffers_by_id, label)
+    if kind == "scalar":
+        value = desc.get("value")
+        if isinstance(value, (bool, int, float)):
+            return value
+        raise ProtocolError("bad_tensor", f"{label}: scalar value must be a bool, int or float")
+    raise ProtocolError("bad_tensor", f"{label}: unknown descriptor kind {kind!r} (cpu, cuda, output, scalar)")
+
+
+def check_inputs(entry, inputs) -> None:
+    """Inputs against the graph's declared input specs: count always; dtype and (unless the
+    graph is dynamic) shape. A mismatch names the input index."""
+    specs = entry.input_specs
+    if specs is None:
+        return
+    if len(inputs) != len(specs):
+        raise ProtocolError("bad_tensor", f"graph {entry.short_name} takes {len(specs)} inputs, got {len(inputs)}")
+    for index, (value, spec) in enumerate(zip(inputs, specs)):
+        dtype = _spec_field(spec, "dtype")
+        shape = _spec_field(spec, "shape")
+        if not isinstance(value, torch.Tensor):
+            if dtype is not None:
+                raise ProtocolError("bad_tensor", f"input {index}: the graph expects a tensor, got a scalar")
+            continue
+        if dtype is not None and _dtype_text(dtype) != _dtype_text(value.dtype):
+            raise ProtocolError("bad_tensor", f"input {index}: dtype {_dtype_text(value.dtype)}, the graph expects {_dtype_text(dtype)}")
+        if shape is not None and not entry.dynamic:
+            expected = [int(s) if isinstance(s, int) else None for s in shape]
+            if len(expected) != value.dim() or any(e is not None and e != got for e, got in zip(expected, value.shape)):
+                raise ProtocolError("bad_tensor", f"input {index}: shape {list(value.shape)}, the graph expects {list(shape)}")
+
+
+def _spec_field(spec, name):
+    if isinstance(spec, dict):
+        return spec.get(name)
+    return getattr(spec, name, None)
+
+
+def _dtype_text(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    return str(dtype).replace("torch.", "")
+
+
+def execution_dict(execution) -> dict:
+    if execution is None:
+        return {"mode": "skipped", "node_id": None, "function": "", "skip_reason": "no execution reported"}
+    mode = getattr(execution, "mode", "")
+    return {
+        "mode": getattr(mode, "value", str(mode)),
+        "node_id": getattr(execution, "node_id", None),
+        "function": str(getattr(execution, "function", "")),
+        "skip_reason": None if getattr(execution, "skip_reason", None) is None else str(execution.skip_reason),
+    }
+
+
+def encode_outputs(outputs, state, runtime, graph_id, ctx) -> Reply:
+    flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    descs: list = [None] * len(flat)
+    frames: list = []
+    on_device = []
+    for i, value in enumerate(flat):
+        if isinstance(value, torch.Tensor):
+            if runtime.is_cuda and value.device == runtime.device:
+                on_device.append(i)
+                continue
+            # A copy the client owns: the tree's buffers are overwritten by the next call.
+            copy = value.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            descs[i] = describe_cpu(copy, len(frames))
+            frames.append(cpu_frame_of(copy))
+        elif value is None:
+            descs[i] = {"kind": "none"}
+        elif isinstance(value, (bool, int, float)):
+            descs[i] = {"kind": "scalar", "value": value}
+        else:
+            raise TypeError(f"graph output {i} is a {type(value).__name__}; only tensors, None and numbers travel")
+    buffers = []
+    if on_device:
+        tensors = [flat[i] for i in on_device]
+        buffer = state.output_buffers.get(graph_id)
+        if buffer is None or not buffer.fits(tensors):
+            buffer = OutputBuffer(ctx.next_buffer_id(), runtime.device, *layout_outputs(tensors))
+            state.replace_output_buffer(graph_id, buffer)
+        for i, desc in zip(on_device, buffer.fill(tensors)):
+            descs[i] = desc
+        buffers.append(buffer.wire())
+    return Reply({"outputs": descs, "buffers": buffers}, frames)

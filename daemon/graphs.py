@@ -1,0 +1,245 @@
+"""Per-device graph and weight store, and the device runtime the daemon serves.
+
+A graph is registered from the codec's payload (``cgtree.payload``): graph bytes plus weight
+blobs named by content hash. A blob travels as its raw C-contiguous bytes in one frame; its
+dtype and shape come from the graph's weight specs, and the codec checks length and hash. The daemon decodes the payload with
+``decode_graph(bytes, allowed_namespaces=...)`` (operators resolved against an allow-list; no
+pickle, no eval, never ``torch.export.load``) and identifies the graph by the hash the codec
+computes over the bytes, not by what the client claims.
+
+Invariants:
+- One ``DeviceGraphs`` per served device. A graph id maps to at most one decoded graph and a
+  weight hash to exactly one tensor on the device: two clients registering the same model
+  share one copy of every weight (content-addressed, verified by re-hashing each blob).
+- Reference counts: a session holds one reference per (device, graph) it registered; a graph
+  holds one per weight it uses. A graph is dropped when its last session lets go; a weight
+  when its last graph does. Nothing else frees them.
+- Weights are static inputs: allocated once, outside every graph pool, never written.
+- ``DeviceRuntime.backend`` is the tree manager's own ``backend_name`` (``cuda`` or
+  ``cpu-replay``): what the logs and status say is what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from cgtree.daemon.protocol import ProtocolError
+
+log = logging.getLogger("cgtree.daemon.graphs")
+
+_HEX_ID = re.compile(r"^[0-9a-zA-Z_:.-]{8,160}$")
+
+
+def tree_manager_class() -> type:
+    try:
+        from cgtree import TreeManager  # the public name (ARCHITECTURE.md)
+    except ImportError:
+        from cgtree.manager import TreeManager
+    return TreeManager
+
+
+def payload_codec() -> Any:
+    import cgtree.payload as codec
+
+    return codec
+
+
+def check_graph_id(graph_id: Any, what: str = "graph") -> str:
+    if not isinstance(graph_id, str) or not _HEX_ID.match(graph_id):
+        raise ProtocolError("bad_request", f"{what} id must be a hash string, got {graph_id!r}")
+    return graph_id
+
+
+@dataclass
+class WeightEntry:
+    tensor: torch.Tensor
+    nbytes: int
+    refs: int = 0
+
+
+@dataclass
+class GraphEntry:
+    """A decoded graph on one device, with its weights resolved to device tensors."""
+
+    graph_id: str
+    decoded: Any  # cgtree.payload.DecodedGraph
+    weight_hashes: tuple[str, ...]
+    weights: list[torch.Tensor]
+    fn: Callable  # (*weights, *user_inputs) -> flat tuple; compiled when daemon.compile = inductor
+    refs: int = 0
+    input_specs: Any = None
+    dynamic: bool = False
+
+    @property
+    def short_name(self) -> str:
+        return "g" + self.graph_id[:12]
+
+
+@dataclass
+class RegisterOutcome:
+    graph_id: Optional[str]
+    entry: Optional[GraphEntry] = None
+    missing_weights: list[str] = field(default_factory=list)
+    need_payload: bool = False
+    new: bool = False
+    weights_added: int = 0
+
+
+class DeviceGraphs:
+    """Decoded graphs and content-addressed weights of one device."""
+
+    def __init__(self, device: torch.device, *, allowed_namespaces: Callable[[], Sequence[str]],
+                 compile_mode: Callable[[], str] = lambda: "eager") -> None:
+        self.device = device
+        self._allowed_namespaces = allowed_namespaces
+        self._compile_mode = compile_mode
+        self.graphs: dict[str, GraphEntry] = {}
+        self.weights: dict[str, WeightEntry] = {}
+
+    # -- registration --------------------------------------------------------------------------
+
+    def register(self, payload: Optional[memoryview], claimed_id: Optional[str], blobs: dict[str, memoryview],
+                 staged: Optional[dict[str, torch.Tensor]] = None) -> RegisterOutcome:
+        """Make a graph usable on this device. Without ``payload`` only an already known
+        ``claimed_id`` can be registered. Returns what is missing if anything is.
+
+        ``staged`` holds verified weights this client uploaded for a graph still missing
+        others (large models arrive in several messages under ``max_message_bytes``); the
+        caller owns it (per session) and it is consumed when the graph is complete.
+        """
+        staged = {} if staged is None else staged
+        if payload is None:
+            if claimed_id is not None and claimed_id in self.graphs:
+                return RegisterOutcome(claimed_id, self.graphs[claimed_id])
+            return RegisterOutcome(claimed_id, need_payload=True)
+        codec = payload_codec()
+        try:
+            # device=: factory-op device constants follow the device the graph runs on.
+            decoded = codec.decode_graph(bytes(payload), allowed_namespaces=tuple(self._allowed_namespaces()), device=self.device)
+        except codec.PayloadError as exc:
+            raise ProtocolError("payload_rejected", str(exc)) from None
+        graph_id = str(decoded.graph_id)
+        if claimed_id is not None and claimed_id != graph_id:
+            raise ProtocolError("payload_rejected", f"the payload hashes to {graph_id}, not to the claimed {claimed_id}")
+        known = self.graphs.get(graph_id)
+        if known is not None:
+            return RegisterOutcome(graph_id, known)
+        specs = {spec.hash: spec for spec in decoded.weight_specs}
+        weight_hashes = tuple(str(h) for h in decoded.weight_hashes)
+        for weight_hash, blob in blobs.items():
+            if weight_hash not in specs:
+                raise ProtocolError("payload_rejected", f"weight {weight_hash} is not one of graph {graph_id[:12]}'s weights")
+            if weight_hash not in self.weights and weight_hash not in staged:
+                staged[weight_hash] = self._materialize_weight(codec, specs[weight_hash], blob)
+        missing = [h for h in dict.fromkeys(weight_hashes) if h not in self.weights and h not in staged]
+        if missing:
+            return RegisterOutcome(graph_id, missing_weights=missing)
+        added = 0
+        for weight_hash in dict.fromkeys(weight_hashes):
+            if weight_hash not in self.weights:
+                tensor = staged.pop(weight_hash)
+                self.weights[weight_hash] = WeightEntry(tensor, tensor.numel() * tensor.element_size())
+                added += 1
+        weights = []
+        for weight_hash in weight_hashes:
+            self.weights[weight_hash].refs += 1
+            weights.append(self.weights[weight_hash].tensor)
+        entry = GraphEntry(
+            graph_id=graph_id, decoded=decoded, weight_hashes=weight_hashes, weights=weights,
+            fn=self._callable(decoded), input_specs=getattr(decoded, "input_specs", None),
+            dynamic=bool(getattr(decoded, "dynamic", False)),
+        )
+        self.graphs[graph_id] = entry
+        log.info("graph %s registered on %s: %d weights (%d new)", entry.short_name, self.device, len(weights), added)
+        return RegisterOutcome(graph_id, entry, new=True, weights_added=added)
+
+    def _materialize_weight(self, codec: Any, spec: Any, blob: memoryview) -> torch.Tensor:
+        """Raw weight bytes (dtype and shape from the graph's weight spec) -> a device tensor,
+        after checking they hash to the spec's name: one client cannot plant other values
+        under the hash of a weight another client's graph uses."""
+        try:
+            cpu_tensor = codec.weight_to_tensor(codec.WeightBlob(spec.dtype, tuple(spec.shape), blob), expected_hash=spec.hash)
+        except codec.PayloadError as exc:
+            raise ProtocolError("payload_rejected", f"weight {spec.hash}: {exc}") from None
+        return cpu_tensor.to(self.device, copy=True).contiguous()
+
+    def _callable(self, decoded: Any) -> Callable:
+        module = decoded.module
+        if self._compile_mode() == "inductor":
+            # cgtree records the graphs itself: inductor's own cudagraphs stay off.
+            return torch.compile(module, backend="inductor", dynamic=bool(getattr(decoded, "dynamic", False)),
+                                 options={"triton.cudagraphs": False})
+        return module
+
+    # -- references ------------------------------------------------------------------------------
+
+    def acquire(self, entry: GraphEntry) -> GraphEntry:
+        entry.refs += 1
+        return entry
+
+    def release(self, entry: GraphEntry) -> None:
+        entry.refs -= 1
+        if entry.refs > 0 or self.graphs.get(entry.graph_id) is not entry:
+            return
+        del self.graphs[entry.graph_id]
+        for weight_hash in entry.weight_hashes:
+            weight = self.weights.get(weight_hash)
+            if weight is None:
+                continue
+            weight.refs -= 1
+            if weight.refs <= 0:
+                del self.weights[weight_hash]
+        entry.weights.clear()
+        log.info("graph %s dropped from %s (no session uses it)", entry.short_name, self.device)
+
+    def stats(self) -> dict:
+        return {"graphs": len(self.graphs),
+                "weights": {"count": len(self.weights), "bytes": sum(w.nbytes for w in self.weights.values())}}
+
+
+class DeviceRuntime:
+    """One served device: its name, the backend its tree managers run, its graph store."""
+
+    def __init__(self, name: str, *, allowed_namespaces: Callable[[], Sequence[str]], compile_mode: Callable[[], str]) -> None:
+        self.name = name
+        self.device = torch.device(name)
+        self.is_cuda = self.device.type == "cuda"
+        self.graphs = DeviceGraphs(self.device, allowed_namespaces=allowed_namespaces, compile_mode=compile_mode)
+        self._manager_class = tree_manager_class()
+        # Ask the core which backend runs here rather than assuming from the device name.
+        probe = self._manager_class(self.name)
+        try:
+            self.backend = str(probe.backend_name)
+        finally:
+            probe.close()
+
+    def make_manager(self, policy: Any) -> Any:
+        return self._manager_class(self.name, policy=policy)
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_devices(devices: Any) -> list[str]:
+    """``daemon.devices`` -> device names: "auto" is every CUDA device, or "cpu" without one."""
+    if devices == "auto":
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    if devices == "cpu":
+        return ["cpu"]
+    names = list(devices)
+    for name in names:
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {name} requested but this torch build or host has no CUDA")
+            index = torch.device(name).index or 0
+            if index >= torch.cuda.device_count():
+                raise RuntimeError(f"device {name} requested but only {torch.cuda.device_count()} CUDA devices exist")
+    return names
