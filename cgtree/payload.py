@@ -815,8 +815,10 @@ class _GraphDecoder:
         if tag == "device":
             return self._read_device(body, where)
         if tag == "complex":
-            if not (type(body) is list and len(body) == 2 and all(type(p) in (int, float) for p in body)):
-                raise PayloadError(f"{where}: complex must be [real, imag] numbers")
+            # finite parts only: fx writes complex constants with repr(), which has no inf/nan form
+            if not (type(body) is list and len(body) == 2
+                    and all(type(p) in (int, float) and math.isfinite(p) for p in body)):
+                raise PayloadError(f"{where}: complex must be [real, imag] finite numbers")
             return complex(body[0], body[1])
         raise PayloadError(f"{where}: unknown tag {_preview(tag)}")
 
