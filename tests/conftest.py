@@ -1,0 +1,198 @@
+"""Shared pytest fixtures.
+
+Daemon fixtures (for tests/daemon and tests/gpu): start a real ``cgtreed`` process
+(``python -m cgtree.daemon.main --config <tmp> --endpoint ipc://<tmp>/s --devices cpu``),
+wait until it answers ``ping``, and kill it at teardown, also when the test failed: no
+process outlives its test module. ``run_client`` runs a small client script in a real
+subprocess with a timeout (killed when it overruns).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DAEMON_START_TIMEOUT_S = 60.0
+
+DEFAULT_TEST_CONFIG = """
+[daemon]
+max_message_bytes = 4194304
+reap_interval_s = 0.2
+session_timeout_s = 300.0
+shutdown_timeout_s = 10.0
+log_level = "INFO"
+"""
+
+
+def _short_tmpdir() -> str:
+    # ipc:// paths must fit in sockaddr_un (108 bytes): pytest's tmp_path can be longer.
+    return tempfile.mkdtemp(prefix="cgt-", dir="/tmp")
+
+
+def ping_endpoint(endpoint: str, timeout_s: float = 1.0) -> Optional[dict]:
+    """One raw ping (no client library): the reply body, or None when nothing answered."""
+    import msgpack
+    import zmq
+
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(msgpack.packb({"v": 1, "id": 1, "op": "ping", "body": {}}))
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = msgpack.unpackb(sock.recv(), raw=False)
+        return reply.get("body")
+    finally:
+        sock.close(0)
+
+
+class DaemonProcess:
+    """A cgtreed subprocess: its endpoint, config file, log file and process handle."""
+
+    def __init__(self, workdir: str, config_text: str = DEFAULT_TEST_CONFIG, devices: str = "cpu",
+                 extra_env: Optional[dict] = None) -> None:
+        self.workdir = workdir
+        self.socket_path = os.path.join(workdir, "s")
+        self.endpoint = "ipc://" + self.socket_path
+        self.config_path = os.path.join(workdir, "config.toml")
+        self.log_path = os.path.join(workdir, "cgtreed.log")
+        self.devices = devices
+        Path(self.config_path).write_text(textwrap.dedent(config_text))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "DaemonProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cgtree.daemon.main", "--config", self.config_path,
+             "--endpoint", self.endpoint, "--devices", self.devices],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+        )
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cgtreed exited with {self.proc.returncode} at start:\n{self.log()}")
+            if os.path.exists(self.socket_path) and ping_endpoint(self.endpoint, 0.5) is not None:
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"cgtreed did not answer ping within {DAEMON_START_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period: never leave a daemon behind."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator:
+    """Start daemons with custom config text; all are killed at teardown."""
+    started: list[DaemonProcess] = []
+
+    def start(config_text: str = DEFAULT_TEST_CONFIG, devices: str = "cpu", extra_env: Optional[dict] = None) -> DaemonProcess:
+        daemon = DaemonProcess(_short_tmpdir(), config_text, devices, extra_env)
+        started.append(daemon)
+        return daemon.start()
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.kill()
+
+
+@pytest.fixture(scope="module")
+def cgtreed() -> Iterator[DaemonProcess]:
+    """One CPU daemon shared by a test module (started once: torch import costs ~2 s)."""
+    daemon = DaemonProcess(_short_tmpdir())
+    try:
+        yield daemon.start()
+    finally:
+        daemon.kill()
+
+
+class ClientScripts:
+    """Run client scripts in real subprocesses (each its own pid and session)."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.running: list[subprocess.Popen] = []
+        self._count = 0
+
+    def _write(self, source: str) -> str:
+        self._count += 1
+        path = os.path.join(self.workdir, f"client_{self._count}.py")
+        Path(path).write_text(textwrap.dedent(source))
+        return path
+
+    def run(self, source: str, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+        """Run to completion; returns the CompletedProcess (stdout/stderr as text)."""
+        proc = self.start(source, *args)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"client script timed out after {timeout_s} s:\n{stdout}\n{stderr}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    def start(self, source: str, *args: str) -> subprocess.Popen:
+        path = self._write(source)
+        proc = subprocess.Popen([sys.executable, path, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=self.workdir)
+        self.running.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def client_scripts() -> Iterator[ClientScripts]:
+    scripts = ClientScripts(_short_tmpdir())
+    try:
+        yield scripts
+    finally:
+        scripts.kill_all()
