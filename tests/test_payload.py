@@ -210,11 +210,11 @@ def test_disallowed_or_unknown_targets_are_rejected_naming_them(target):
 
 
 def test_extra_namespace_must_be_allowed_explicitly():
-    data = pack(document([call("cgtree_test::myop.default", [ref(0)])], [1]))
+    data = pack(document([call("cgtree_unregistered::myop.default", [ref(0)])], [1]))
     with pytest.raises(PayloadError, match="not allowed"):
         decode_graph(data)
-    with pytest.raises(PayloadError, match="unknown operator"):  # allowed, but not registered here
-        decode_graph(data, allowed_namespaces=["cgtree_test"])
+    with pytest.raises(PayloadError, match="unknown operator"):  # allowed, but never registered
+        decode_graph(data, allowed_namespaces=["cgtree_unregistered"])
 
 
 @pytest.mark.parametrize("bad", ["operator", "os.path", "", "__builtins__", 3, "a b"])
