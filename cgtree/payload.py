@@ -290,7 +290,7 @@ class DecodedGraph:
 # Weights
 
 
-def weight_hash(dtype: str, shape: Sequence[int], data: bytes) -> str:
+def weight_hash(dtype: str, shape: Sequence[int], data: bytes | bytearray | memoryview) -> str:
     """sha256 hex of a weight: a msgpack header ``[format, version, dtype, shape]``, then data."""
     digest = hashlib.sha256(msgpack.packb([WEIGHT_FORMAT_NAME, FORMAT_VERSION, dtype, list(shape)]))
     digest.update(data)
@@ -336,7 +336,7 @@ def weight_to_tensor(
             f"weight data: {len(data)} bytes, but {blob.dtype}{list(shape)} needs {expected_len}"
         )
     if expected_hash is not None:
-        actual = weight_hash(blob.dtype, shape, bytes(data))
+        actual = weight_hash(blob.dtype, shape, data)  # hashlib reads any buffer: no copy
         if actual != expected_hash:
             raise PayloadError(f"weight data does not match its hash: expected {expected_hash}, got {actual}")
     if expected_len == 0:

@@ -682,6 +682,7 @@ def _graph(build) -> torch.fx.GraphModule:
     return module
 
 
+@pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr Node")
 @pytest.mark.parametrize(
     "build,message",
     [
