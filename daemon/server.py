@@ -283,6 +283,7 @@ class Daemon:
         try:
             size = sum(len(frame) for frame in body_frames)
             if size > self.config.daemon.max_message_bytes:
+                request_id = _peek_request_id(body_frames[0])
                 raise ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
             request = decode_request(body_frames[0].buffer, body_frames[1:])
             request_id = request.request_id
@@ -557,6 +558,16 @@ def _configure_logging(level: str, fmt: str) -> None:
         logging.getLogger().setLevel(level.upper())
         return
     configure_logging(level, fmt)
+
+
+def _peek_request_id(frame: Any) -> Any:
+    """The request id of an envelope we refuse to process (too large), if cheaply readable."""
+    if len(frame) > 64 * 1024:
+        return None
+    try:
+        return request_id_of(unpack(frame.bytes))
+    except Exception:
+        return None
 
 
 def _endpoint_answers(context: zmq.Context, endpoint: str, timeout_ms: int = 500) -> bool:
