@@ -34,10 +34,10 @@ class StorageRef:
 
     __slots__ = ("_cdata", "data_ptr", "nbytes")
 
-    def __init__(self, storage: torch.UntypedStorage) -> None:
+    def __init__(self, storage: torch.UntypedStorage, data_ptr: Optional[int] = None, nbytes: Optional[int] = None) -> None:
         self._cdata: Optional[int] = storage._weak_ref()
-        self.data_ptr: int = storage.data_ptr()
-        self.nbytes: int = storage.nbytes()
+        self.data_ptr: int = storage.data_ptr() if data_ptr is None else data_ptr
+        self.nbytes: int = storage.nbytes() if nbytes is None else nbytes
 
     def alive(self) -> bool:
         return self._cdata is not None and not _expired(self._cdata)
@@ -65,9 +65,44 @@ def non_owning_storage(data_ptr: int, nbytes: int, device: torch.device) -> torc
     return _construct_storage(data_ptr, device, nbytes)
 
 
-def tensor_on(storage: torch.UntypedStorage, dtype: torch.dtype, size, stride, offset: int) -> torch.Tensor:
-    """A tensor with the given geometry over ``storage``."""
-    return torch.empty((0,), dtype=dtype, device=storage.device).set_(storage, offset, size, stride)
+class TensorGeometry:
+    """dtype, size, stride and storage offset of a tensor to rebuild over some storage."""
+
+    __slots__ = ("dtype", "size", "stride", "offset", "metadata")
+
+    def __init__(self, dtype: torch.dtype, size, stride, offset: int, device: torch.device) -> None:
+        self.dtype, self.size, self.stride, self.offset = dtype, tuple(size), tuple(stride), offset
+        # the dict torch's fast CUDA constructor reads (names as torch's tensor metadata)
+        self.metadata = {
+            "dtype": dtype,
+            "size": self.size,
+            "stride": self.stride,
+            "storage_offset": offset,
+            "device": device,
+        }
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, offset: Optional[int] = None) -> "TensorGeometry":
+        return cls(
+            tensor.dtype,
+            tensor.shape,
+            tensor.stride(),
+            tensor.storage_offset() if offset is None else offset,
+            tensor.device,
+        )
+
+
+_construct_cuda_tensor = getattr(torch._C, "_construct_CUDA_Tensor_From_Storage_And_Metadata", None)
+
+
+def tensor_on(storage: torch.UntypedStorage, geometry) -> torch.Tensor:
+    """A tensor over ``storage`` with ``geometry``'s dtype, size, stride and offset."""
+    if _construct_cuda_tensor is not None and storage.device.type == "cuda":
+        # one C++ call instead of an empty tensor plus set_: this runs on every replay
+        return _construct_cuda_tensor(geometry.metadata, storage)
+    return torch.empty((0,), dtype=geometry.dtype, device=storage.device).set_(
+        storage, geometry.offset, geometry.size, geometry.stride
+    )
 
 
 def mark_overwritten(ref: StorageRef, message: str) -> bool:

@@ -37,6 +37,7 @@ from cgtree.inspection import Inspector, InspectionAbort, input_storage_index
 from cgtree.liveness import (
     CAN_RAISE_ON_OVERWRITTEN_ACCESS,
     StorageRef,
+    TensorGeometry,
     free_owned,
     mark_overwritten,
     non_owning_storage,
@@ -126,18 +127,23 @@ class GraphedFunction:
         code = getattr(fn, "__code__", None)
         self.origin = f'  function {name} defined at "{code.co_filename}", line {code.co_firstlineno}\n' if code else ""
         self.variants: dict[tuple, _Variant] = {}
+        self._keyed_positions: dict[int, tuple[int, ...]] = {}
         self.log_key = f"{name}#{id(self):x}"
 
     def __call__(self, *inputs: Any) -> Any:
         return self.manager._call(self, inputs)
 
     def key(self, inputs: Sequence[Any]) -> tuple:
-        # Static inputs are checked by address on every replay; keying on them too would
-        # only cost time on the hot path.
-        static = self.static_input_idxs
-        if not static:
-            return rules.shape_key(inputs)
-        return (len(inputs),) + rules.shape_key([x for i, x in enumerate(inputs) if i not in static])
+        """The variant key of a call (``cgtree.policy.shape_key`` of the non-static inputs).
+
+        Static inputs are checked by address on every replay; keying on them too would only
+        cost time on the hot path, so the positions keyed are computed once per arity.
+        """
+        positions = self._keyed_positions.get(len(inputs))
+        if positions is None:
+            positions = tuple(i for i in range(len(inputs)) if i not in self.static_input_idxs)
+            self._keyed_positions[len(inputs)] = positions
+        return (len(inputs), rules.shape_key([inputs[i] for i in positions]))
 
 
 class TreeManager:
@@ -334,27 +340,26 @@ class TreeManager:
                 self._pending_backward = False
 
     def _dispatch(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
-        if self._path_state in (PathState.WARMUP, PathState.RECORDING):
+        state = self._path_state
+        if state is PathState.WARMUP or state is PathState.RECORDING:
             self._try_end_path()
         if variant.mutated_idxs and not self._mutation_allowed(variant, inputs):
             return self._run_without_graphs(
                 variant, inputs, rules.mutation_skip_reason(len(variant.mutated_idxs)), variant.mutation_origin
             )
-        if rules.must_warm_up(
-            self.policy, warmed_up=variant.id in self._warmed, path_in_warmup=self._path_state is PathState.WARMUP
-        ):
+        if rules.must_warm_up(self.policy, variant.id in self._warmed, self._path_state is PathState.WARMUP):
             if self._path_state is PathState.EXECUTION:
                 self._checkpoint()
             return self._warmup(variant, inputs)
 
         mismatch = None
         if self._path_state is not PathState.RECORDING:
-            for node in self._children_of_current().get(variant.id, ()):
-                mismatch = self._why_not_replayable(node, inputs)
-                if mismatch is None:
-                    return self._replay(node, inputs)
-            if self._current is not None and variant.id in self._roots and self._try_end_path():
-                return self._dispatch(variant, inputs)
+            node, mismatch = self._find_replayable(self._children_of_current(), variant, inputs)
+            if node is None and self._current is not None and variant.id in self._roots and self._try_end_path():
+                # Lazily ended: an executing path is only given up when the call cannot extend it.
+                node, mismatch = self._find_replayable(self._roots, variant, inputs)
+            if node is not None:
+                return self._replay(node, inputs)
 
         if mismatch is not None:
             parent_id = getattr(self._current, "graph_id", None)
@@ -370,6 +375,16 @@ class TreeManager:
             if self._current is not None:
                 self._checkpoint()
         return self._record(variant, inputs)
+
+    def _find_replayable(self, candidates: dict, variant: _Variant, inputs: Sequence[Any]):
+        """The first recorded node for this variant whose invariants hold, and else the last
+        reason one did not (None when there was no candidate)."""
+        mismatch = None
+        for node in candidates.get(variant.id, ()):
+            mismatch = self._why_not_replayable(node, inputs)
+            if mismatch is None:
+                return node, None
+        return None, mismatch
 
     # ---------------------------------------------------------------- variants and skips
     def _new_variant(self, function: GraphedFunction, inputs: Sequence[Any]) -> _Variant:
@@ -447,9 +462,7 @@ class TreeManager:
 
     def _can_start_new_generation(self) -> bool:
         return rules.can_start_new_generation(
-            new_invocation=self._invocation != self._generation_invocation,
-            step_marked=self._step_marked,
-            pending_backward=self._pending_backward,
+            self._invocation != self._generation_invocation, self._step_marked, self._pending_backward
         )
 
     def _try_end_path(self) -> bool:
@@ -477,6 +490,8 @@ class TreeManager:
     def _invalidate_outputs(self, node: TreeNode) -> None:
         """The node's live outputs are about to be overwritten: make that visible, free owned blocks."""
         outputs = node.outputs
+        if not outputs.refs:
+            return
         for ref, owned in zip(outputs.refs, outputs.owned):
             if ref is None or not ref.alive():
                 continue
@@ -588,6 +603,7 @@ class TreeManager:
             (idx, inputs[idx].data_ptr()) for idx in sorted(in_place) if isinstance(inputs[idx], torch.Tensor)
         )
         node.expected_dead = expected_dead
+        node.replay_execution = Execution(ExecutionMode.REPLAYED, variant.function.name, node.graph_id)
         user_flat = self._describe_outputs(node, recording, inputs, raw_outputs)
         if parent is None:
             self._roots.setdefault(variant.id, []).append(node)
@@ -635,16 +651,15 @@ class TreeManager:
                 continue
             storage = value.untyped_storage()
             ptr = storage.data_ptr()
-            geometry = dict(dtype=value.dtype, size=tuple(value.shape), stride=tuple(value.stride()))
             if ptr in input_storage:
                 idx = input_storage[ptr]
                 rel = value.storage_offset() - graph_inputs[idx].storage_offset()
-                specs.append(OutputSpec("input", index=idx, offset=rel, **geometry))
+                specs.append(OutputSpec("input", index=idx, geometry=TensorGeometry.of(value, rel)))
             elif value.device == self.device and self.backend.is_pool_memory(value):
                 if ptr not in storage_index:
                     storage_index[ptr] = len(storages)
                     storages.append(storage)
-                specs.append(OutputSpec("pool", index=storage_index[ptr], offset=value.storage_offset(), **geometry))
+                specs.append(OutputSpec("pool", index=storage_index[ptr], geometry=TensorGeometry.of(value)))
                 pool_positions.append(pos)
             else:
                 specs.append(OutputSpec("constant", value=value))
@@ -665,18 +680,20 @@ class TreeManager:
         flat = []
         for spec in node.output_specs:
             if spec.kind == "pool":
-                flat.append(tensor_on(storages[spec.index], spec.dtype, spec.size, spec.stride, spec.offset))
+                flat.append(tensor_on(storages[spec.index], spec.geometry))
             elif spec.kind == "input":
-                base = inputs[spec.index]
-                flat.append(base.as_strided(spec.size, spec.stride, base.storage_offset() + spec.offset))
+                base, geometry = inputs[spec.index], spec.geometry
+                flat.append(base.as_strided(geometry.size, geometry.stride, base.storage_offset() + geometry.offset))
             else:
                 flat.append(spec.value)
-        node.outputs.reset([StorageRef(s) for s in storages], owned=False)
+        node.outputs.reset(
+            [StorageRef(s, ptr, nbytes) for s, (ptr, nbytes) in zip(storages, node.storage_sizes)], owned=False
+        )
         return flat
 
     def _why_not_replayable(self, node: RecordedNode, inputs: Sequence[Any]) -> Optional[str]:
         for idx, ptr in node.in_place_ptrs:
-            if inputs[idx].data_ptr() != ptr:
+            if inputs[idx].data_ptr() != ptr:  # hot path: a handful of attribute reads
                 kind = "static" if idx in node.static_idxs else "tree-managed"
                 return f"{kind} input {idx} moved"
         if node.expected_dead and not node.expected_dead_still_dead(node.path):
@@ -692,7 +709,7 @@ class TreeManager:
         node.replays += 1
         node.last_mode = "replayed"
         self.counters["replays"] += 1
-        self.last_execution = Execution(ExecutionMode.REPLAYED, node.function_name, node.graph_id)
+        self.last_execution = node.replay_execution
         return _unflatten(flat, node.output_structure)
 
     def _note_recorded_shape(self, variant: _Variant) -> None:

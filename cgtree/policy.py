@@ -123,7 +123,7 @@ def should_warn_dynamic_shapes(policy: Policy, recorded_shapes: int) -> bool:
     return recorded_shapes == policy.dynamic_shape_warn_limit + 1
 
 
-def can_start_new_generation(*, new_invocation: bool, step_marked: bool, pending_backward: bool) -> bool:
+def can_start_new_generation(new_invocation: bool, step_marked: bool, pending_backward: bool) -> bool:
     """Whether the current path's outputs may be given up for a new generation.
 
     A new generation needs a new top-level invocation; a forward whose backward has not run
@@ -137,7 +137,7 @@ def can_start_new_generation(*, new_invocation: bool, step_marked: bool, pending
     return not pending_backward
 
 
-def must_warm_up(policy: Policy, *, warmed_up: bool, path_in_warmup: bool) -> bool:
+def must_warm_up(policy: Policy, warmed_up: bool, path_in_warmup: bool) -> bool:
     """Whether this call runs eagerly in the pool instead of being recorded or replayed.
 
     A warmup can only be followed by warmups on the same path: recording after a warmup in

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from cgtree.liveness import StorageRef
+from cgtree.liveness import StorageRef, TensorGeometry
 from cgtree.types import FunctionId, GraphId
 
 
@@ -29,17 +29,15 @@ from cgtree.types import FunctionId, GraphId
 class OutputSpec:
     """Where one flattened output of a recording comes from on every replay.
 
-    kind "pool": a view of the node's pool storage ``index``; "input": a view of input
-    ``index``'s storage (the function returned (a view of) its input); "constant": ``value``
-    itself (non-tensors, and tensors outside the pool such as captured parameters).
+    kind "pool": a view of the node's pool storage ``index`` with ``geometry``; "input": a view
+    of input ``index``'s storage (the function returned (a view of) its input; ``geometry``'s
+    offset is relative to that input's own offset); "constant": ``value`` itself (non-tensors,
+    and tensors outside the pool such as captured parameters).
     """
 
     kind: str
     index: int = -1
-    dtype: Optional[torch.dtype] = None
-    size: tuple = ()
-    stride: tuple = ()
-    offset: int = 0
+    geometry: Optional[TensorGeometry] = None
     value: Any = None
 
 
@@ -119,6 +117,7 @@ class RecordedNode(TreeNode):
         self.checkpoint_state: Any = None
         self.replays = 0
         self.last_mode = "recorded"
+        self.replay_execution: Any = None  # the Execution every replay reports (built once)
 
     def add_child(self, child: "RecordedNode") -> None:
         self.children.setdefault(child.function_id, []).append(child)

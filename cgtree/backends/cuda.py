@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from cgtree.backends.base import Backend, Recording, dense_buffer_like
-from cgtree.liveness import non_owning_storage, tensor_on
+from cgtree.liveness import TensorGeometry, non_owning_storage, tensor_on
 
 _REQUIRED_BINDINGS = (
     "_cuda_getCheckpointState",
@@ -50,6 +50,15 @@ def missing_bindings() -> list[str]:
     ):
         missing.append("_cuda_beginAllocateCurrentThreadToPool")
     return missing
+
+
+def _clear_cublas_workspaces() -> None:
+    """cuBLAS keeps a workspace per (handle, stream), allocated on first use. First used inside
+    the pool, it would pin a pool block forever (the pool could never be released): drop the
+    cached workspaces before and after pool work, as PyTorch's trees do."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def _begin_allocate_to_pool(device_index: int, pool) -> None:
@@ -92,6 +101,7 @@ class CudaGraphBackend(Backend):
     def _allocating_in_pool(self):
         """Run on the side stream with every allocation of this thread going to the pool."""
         torch.cuda.synchronize(self.device)
+        _clear_cublas_workspaces()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             _begin_allocate_to_pool(self.index, self.pool)
@@ -100,6 +110,8 @@ class CudaGraphBackend(Backend):
             finally:
                 torch._C._cuda_endAllocateToPool(self.index, self.pool)
                 torch._C._cuda_releasePool(self.index, self.pool)
+                torch.cuda.synchronize(self.device)
+                _clear_cublas_workspaces()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def warmup(self, fn: Callable, inputs: Sequence[Any], inspector: Optional[Any]) -> Any:
@@ -122,6 +134,7 @@ class CudaGraphBackend(Backend):
             inspector.watch_inputs(graph_inputs)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
+        _clear_cublas_workspaces()
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
@@ -130,10 +143,13 @@ class CudaGraphBackend(Backend):
             except BaseException:
                 with contextlib.suppress(Exception):
                     graph.capture_end()
+                _clear_cublas_workspaces()
                 raise
             graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph.replay()
+        torch.cuda.synchronize(self.device)
+        _clear_cublas_workspaces()
         # Keep the buffers' addresses for the graph but give their blocks back to the pool:
         # later recordings may reuse them, which is safe because a buffer is only read while
         # its own graph runs.
@@ -146,7 +162,7 @@ class CudaGraphBackend(Backend):
     def _non_owning_view(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         alias = non_owning_storage(storage.data_ptr(), storage.nbytes(), self.device)
-        return tensor_on(alias, tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
+        return tensor_on(alias, TensorGeometry.of(tensor))
 
     def is_pool_memory(self, tensor: torch.Tensor) -> bool:
         ptr = tensor.untyped_storage().data_ptr()
@@ -205,5 +221,6 @@ class CudaGraphBackend(Backend):
         for recording in list(self._recordings):
             self.release_recording(recording)
         self._anchor = None
+        _clear_cublas_workspaces()
         # Blocks of a released pool are only returned to the driver by empty_cache.
         torch.cuda.empty_cache()
