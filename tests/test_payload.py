@@ -434,7 +434,7 @@ def test_writing_a_weight_in_place_is_rejected():
     doc = weighted_document()
     doc["nodes"] = [call("aten::add_.Tensor", [ref(0), 1])]
     doc["outputs"] = [2]
-    with pytest.raises(PayloadError, match="writes weight 0"):
+    with pytest.raises(PayloadError, match="may alias a weight"):
         decode_graph(pack(doc))
 
 
@@ -446,17 +446,17 @@ def test_writing_a_weight_through_a_view_or_out_argument_is_rejected():
         call("aten::copy_.default", [ref(3), ref(1)]),
     ]
     through_view["outputs"] = [4]
-    with pytest.raises(PayloadError, match="writes weight 0"):
+    with pytest.raises(PayloadError, match="may alias a weight"):
         decode_graph(pack(through_view))
     through_out = weighted_document()
     through_out["nodes"] = [call("aten::mm.out", [ref(1), ref(1)], {"out": ref(0)})]
     through_out["outputs"] = [2]
-    with pytest.raises(PayloadError, match="writes weight 0"):
+    with pytest.raises(PayloadError, match="may alias a weight"):
         decode_graph(pack(through_out))
     unsafe_view = weighted_document()
     unsafe_view["nodes"] = [call("aten::_unsafe_view.default", [ref(0), [12]]), call("aten::zero_.default", [ref(2)])]
     unsafe_view["outputs"] = [3]
-    with pytest.raises(PayloadError, match="writes weight 0"):
+    with pytest.raises(PayloadError, match="may alias a weight"):
         decode_graph(pack(unsafe_view))
 
 
@@ -471,10 +471,55 @@ def test_writing_a_user_input_in_place_is_reported():
     torch.testing.assert_close(x, torch.full((2, 3), 2.0))
 
 
-def test_writing_an_intermediate_in_place_is_fine():
+def test_writing_a_fresh_intermediate_in_place_is_fine():
+    doc = document([call("aten::full.default", [[2, 3], 1.0]), call("aten::add_.Tensor", [ref(1), ref(0)])], [2])
+    assert decode_graph(pack(doc)).mutated_inputs == ()
+
+
+def test_alias_tracking_is_conservative():
+    # mul's result is fresh memory, but the decoder does not trust schemas to say so
     doc = document([call("aten::mul.Tensor", [ref(0), 2]), call("aten::add_.Tensor", [ref(1), 1])], [2])
-    decoded = decode_graph(pack(doc))
-    assert decoded.mutated_inputs == ()
+    assert decode_graph(pack(doc)).mutated_inputs == (0,)
+    from_weight = weighted_document()
+    from_weight["nodes"] = [call("aten::mm.default", [ref(1), ref(0)]), call("aten::relu_.default", [ref(2)])]
+    from_weight["outputs"] = [3]
+    with pytest.raises(PayloadError, match="may alias a weight"):
+        decode_graph(pack(from_weight))
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        call("aten::lift.default", [ref(0)]),
+        call("aten::unsafe_chunk.default", [ref(0), 1]),
+        call("aten::unsafe_split.Tensor", [ref(0), 3]),
+        call("aten::_reshape_from_tensor.default", [ref(0), ref(1)]),
+    ],
+    ids=["lift", "unsafe_chunk", "unsafe_split", "reshape_from_tensor"],
+)
+def test_views_without_alias_annotations_cannot_reach_a_weight(view):
+    doc = weighted_document()
+    doc["nodes"] = [view, call("aten::zero_.default", [ref(2)])]
+    doc["outputs"] = [3]
+    with pytest.raises(PayloadError, match="may alias a weight"):
+        decode_graph(pack(doc))
+
+
+def test_writes_past_the_tracking_limit_report_every_input():
+    count = payload.MAX_TRACKED_INPUTS + 6
+    inputs = [[[2], "float32", "cpu"]] * count
+    nodes = [call("aten::stack.default", [[ref(i) for i in range(count)]]), call("aten::add_.Tensor", [ref(count), 1])]
+    decoded = decode_graph(pack(document(nodes, [count + 1], inputs=inputs)))
+    assert decoded.mutated_inputs == tuple(range(count))
+
+
+def test_alias_tracking_stays_linear_for_hostile_graphs():
+    weights = [["%064x" % i, "float32", [1]] for i in range(5000)]
+    nodes = [call("aten::add.Tensor", [ref(5000), ref(0)])]
+    nodes += [call("aten::add.Tensor", [ref(5001 + i), ref(i + 1)]) for i in range(4999)]
+    start = time.perf_counter()
+    decode_graph(pack(document(nodes, [len(weights) + len(nodes)], weights=weights)))
+    assert time.perf_counter() - start < 5.0
 
 
 # ---------------------------------------------------------------------------------------------
