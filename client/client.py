@@ -34,6 +34,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -59,6 +60,7 @@ log = logging.getLogger("cgtree.client")
 
 DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
+POLL_SLICE_S = 1.0
 # Room for the envelope next to data frames when splitting uploads under max_message_bytes.
 ENVELOPE_ALLOWANCE = 64 * 1024
 CLIENT_NAME = "cgtree.client 0.1"
@@ -518,10 +520,17 @@ class Client:
             except zmq.Again:
                 self._reset_socket()
                 raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
-            remaining_ms = int(timeout * 1000)
+            deadline = time.monotonic() + timeout
             while True:
-                if not sock.poll(remaining_ms, zmq.POLLIN):
+                # Wait in slices: a daemon that exits removes its socket file, and we say so at
+                # once instead of waiting out the whole timeout.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(min(remaining, POLL_SLICE_S) * 1000), zmq.POLLIN):
+                    if remaining > POLL_SLICE_S and self._socket_file_present():
+                        continue
                     self._reset_socket()
+                    if not self._socket_file_present():
+                        raise DaemonUnavailable(f"cgtreed at {self.endpoint} went away while {op!r} was pending (its socket file is gone)")
                     raise DaemonTimeout(
                         f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
                         "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
@@ -537,7 +546,13 @@ class Client:
                     continue  # a late reply to an earlier request: not ours
                 return reply_body, list(message[1:])
 
+    def _socket_file_present(self) -> bool:
+        path = ipc_path(self.endpoint)
+        return path is None or os.path.exists(path)
+
     def _connect(self) -> zmq.Socket:
+        if not self._socket_file_present():
+            self._reset_socket()
         if self._socket is None:
             path = ipc_path(self.endpoint)
             if path is not None and not os.path.exists(path):

@@ -120,6 +120,7 @@ class Daemon:
         self._wake_w: Optional[socket.socket] = None
         self._previous_handlers: dict[int, Any] = {}
         self._socket_path = ipc_path(endpoint)
+        self._bound = False
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -193,6 +194,7 @@ class Daemon:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise StartError(f"cannot bind {self.endpoint}: {exc}") from exc
+        self._bound = True  # from now on the socket file is ours to remove
         self._socket = sock
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -459,7 +461,8 @@ class Daemon:
         self._wake_r = self._wake_w = None
 
     def _unlink_socket_file(self) -> None:
-        if self._socket_path is not None:
+        # Only a file we bound: a daemon refused at start must not remove a live one's socket.
+        if self._socket_path is not None and self._bound:
             try:
                 os.unlink(self._socket_path)
             except FileNotFoundError:

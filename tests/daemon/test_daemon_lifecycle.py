@@ -1,0 +1,123 @@
+"""The daemon's lifecycle: graceful SIGTERM, SIGHUP reloads (bad files rejected), a second daemon
+on a served endpoint, and clients facing no daemon at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from cgtree.client import Client, DaemonTimeout, DaemonUnavailable
+
+
+def tiny_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+
+
+def wait_for_log(daemon, text: str, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in daemon.log():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_frees_sessions_exits_0_and_removes_the_socket_file(daemon_factory):
+    daemon = daemon_factory()
+    with Client(daemon.endpoint, timeout_s=30) as client:
+        client.submit(tiny_mlp(), [torch.randn(2, 8)])
+        assert os.path.exists(daemon.socket_path)
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout_s=15) == 0
+        assert time.monotonic() - started < 10.0  # within shutdown_timeout_s
+        assert not os.path.exists(daemon.socket_path)
+        log = daemon.log()
+        assert "stopped cleanly" in log and "the daemon is stopping" in log
+        with pytest.raises(DaemonUnavailable):
+            client.ping()
+
+
+def test_sighup_with_a_bad_file_keeps_serving_and_a_good_file_applies_to_new_recordings(daemon_factory):
+    daemon = daemon_factory()
+    model = tiny_mlp()
+    with Client(daemon.endpoint, timeout_s=30) as before:
+        before.submit(model, [torch.randn(2, 8)])
+        assert before.last_execution["mode"] == "warmup"
+
+        good = Path(daemon.config_path).read_text()
+        Path(daemon.config_path).write_text(good + "\n[policy]\nno_such_key = 1\n")
+        daemon.signal(signal.SIGHUP)
+        assert wait_for_log(daemon, "keeping the running configuration")
+        assert "policy.no_such_key" in daemon.log()  # the error names the key
+        before.submit(model, [torch.randn(2, 8)])  # still serving, same session
+        assert before.last_execution["mode"] == "recorded"
+
+        Path(daemon.config_path).write_text(good + "\n[policy]\nskip_warmup = true\n")
+        daemon.signal(signal.SIGHUP)
+        assert wait_for_log(daemon, "configuration reloaded")
+        with Client(daemon.endpoint, timeout_s=30) as after:
+            after.submit(model, [torch.randn(2, 8)])
+            assert after.last_execution["mode"] == "recorded"  # skip_warmup: the new policy
+            assert after.status()["daemon"]["policy"]["skip_warmup"] is True
+    assert daemon.alive()
+
+
+def test_a_second_daemon_on_a_served_endpoint_refuses_to_start(daemon_factory):
+    daemon = daemon_factory()
+    second = subprocess.run(
+        [sys.executable, "-m", "cgtree.daemon.main", "--config", daemon.config_path, "--endpoint", daemon.endpoint, "--devices", "cpu"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 78
+    assert "another cgtreed already serves" in second.stderr
+    assert daemon.alive() and os.path.exists(daemon.socket_path)
+    with Client(daemon.endpoint, timeout_s=10) as client:
+        assert client.ping()["pong"] is True
+
+
+def test_a_client_without_a_daemon_fails_at_once_with_a_clear_error():
+    endpoint = "ipc://" + os.path.join(tempfile.mkdtemp(prefix="cgt-"), "absent.sock")
+    started = time.monotonic()
+    with Client(endpoint, timeout_s=30) as client:
+        with pytest.raises(DaemonUnavailable, match="does not exist"):
+            client.submit(tiny_mlp(), [torch.randn(2, 8)])
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_silent_daemon_times_out_with_a_clear_error_and_never_hangs():
+    workdir = tempfile.mkdtemp(prefix="cgt-")
+    endpoint = "ipc://" + os.path.join(workdir, "silent.sock")
+    context = zmq.Context.instance()
+    silent = context.socket(zmq.ROUTER)  # accepts connections, never answers
+    silent.bind(endpoint)
+    try:
+        client = Client(endpoint, timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(DaemonTimeout, match="did not answer 'ping' within 0.5 s"):
+            client.ping()
+        with pytest.raises(DaemonTimeout):
+            client.status()
+        assert time.monotonic() - started < 3.0
+        client.close(timeout_s=0.2)
+    finally:
+        silent.close(0)
+
+
+def test_a_bad_config_file_stops_the_daemon_at_start_with_exit_78(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[daemon]\nmax_message_bytes = 'big'\n")
+    result = subprocess.run([sys.executable, "-m", "cgtree.daemon.main", "--config", str(config), "--devices", "cpu"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert "daemon.max_message_bytes" in result.stderr
