@@ -875,7 +875,9 @@ def _check_header(document: Any) -> None:
         raise PayloadError(f"graph payload: format is {_preview(document.get('format'))}, expected {FORMAT_NAME!r}")
     version = document.get("version")
     if type(version) is not int or version != FORMAT_VERSION:
-        raise PayloadError(f"graph payload: unsupported version {_preview(version)} (this build reads {FORMAT_VERSION})")
+        raise PayloadError(
+            f"graph payload: unsupported version {_preview(version)} (this build reads {FORMAT_VERSION})"
+        )
     keys = set(document)
     missing = [k for k in _GRAPH_KEYS if k not in keys]
     unknown = sorted(str(k) for k in keys - set(_GRAPH_KEYS))
@@ -1001,7 +1003,9 @@ def _walk_torch_ops(namespace: str, op_name: str, overload_name: str, name: str)
     try:
         op = getattr(packet, overload_name)
     except Exception:
-        raise PayloadError(f"unknown operator {name}: {namespace}::{op_name} has no overload {overload_name!r}") from None
+        raise PayloadError(
+            f"unknown operator {name}: {namespace}::{op_name} has no overload {overload_name!r}"
+        ) from None
     if not isinstance(op, OpOverload):
         raise PayloadError(f"unknown operator {name}: not an operator overload")
     schema = op._schema

@@ -17,9 +17,10 @@ Invariants of a ``LoweredGraph``:
   statistics in training mode, counters) are rejected with ``LoweringError``: the daemon shares
   content-hashed weights between clients, so a write would leak across them.
 - The module's train/eval mode is left as given; call ``.eval()`` first for inference graphs.
-- Lowering runs on the client, once per graph: export costs ~1.5 s the first time in a process,
-  ``make_fx`` runs the model once on the example inputs. Lower on the device type the daemon
-  will run (some decompositions are device specific, e.g. CPU-only attention kernels).
+- Lowering runs on the client, once per graph: export costs ~1.5 s the first time in a
+  process; ``make_fx`` traces with fake tensors unless asked for real ones. Lower on the device
+  type the daemon will run (some decompositions are device specific, e.g. CPU-only attention
+  kernels).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def lower(
     example_inputs: Sequence[torch.Tensor] = (),
     *,
     dynamic_shapes: Any = None,
-    tracing_mode: str = "real",
+    tracing_mode: str | None = None,
     weight_input_indices: Sequence[int] = (),
 ) -> LoweredGraph:
     """Lower a model to a flat ATen graph taking ``(*weights, *user_inputs)``.
@@ -85,8 +86,9 @@ def lower(
     dynamic_shapes: passed to ``torch.export.export`` for ``nn.Module``s (e.g.
         ``{"x": {0: Dim("batch")}}``); the graph is then ``dynamic`` and the daemon's policy
         ``skip_dynamic_graphs`` applies to it.
-    tracing_mode: make_fx's mode for GraphModules/callables: "real" (runs the model once),
-        "fake", or "symbolic" (dynamic sizes).
+    tracing_mode: make_fx's mode for GraphModules/callables: "fake" (the default: nothing runs,
+        no side effects), "symbolic" (dynamic sizes), or "real" (runs the model once on copies
+        of the example inputs; a buffer the model writes is written, then the graph refused).
     weight_input_indices: for GraphModules/callables, example inputs that are really weights
         (e.g. parameters dynamo lifted to graph inputs): they become content-hashed weights
         instead of user inputs.
@@ -97,11 +99,13 @@ def lower(
     if isinstance(graph, torch.fx.GraphModule) or (callable(graph) and not isinstance(graph, torch.nn.Module)):
         if dynamic_shapes is not None:
             raise LoweringError("dynamic_shapes applies to nn.Modules (torch.export); use tracing_mode='symbolic'")
-        return _lower_traced(graph, example_inputs, tracing_mode, weight_input_indices)
+        return _lower_traced(graph, example_inputs, tracing_mode or "fake", weight_input_indices)
     if isinstance(graph, torch.nn.Module):
         _refuse_trace_options(tracing_mode, weight_input_indices, "an nn.Module")
         return _lower_exported_program(_export(graph, example_inputs, dynamic_shapes))
-    raise LoweringError(f"cannot lower a {type(graph).__name__}: pass an nn.Module, GraphModule, ExportedProgram or callable")
+    raise LoweringError(
+        f"cannot lower a {type(graph).__name__}: pass an nn.Module, GraphModule, ExportedProgram or callable"
+    )
 
 
 def encode(lowered: LoweredGraph) -> EncodedGraph:
@@ -109,8 +113,8 @@ def encode(lowered: LoweredGraph) -> EncodedGraph:
     return encode_graph(lowered.graph_module, lowered.weights, lowered.input_specs)
 
 
-def _refuse_trace_options(tracing_mode: str, weight_input_indices: Sequence[int], what: str) -> None:
-    if tracing_mode != "real" or tuple(weight_input_indices):
+def _refuse_trace_options(tracing_mode: str | None, weight_input_indices: Sequence[int], what: str) -> None:
+    if tracing_mode is not None or tuple(weight_input_indices):
         raise LoweringError(f"tracing_mode and weight_input_indices apply to GraphModules/callables, not {what}")
 
 
@@ -145,10 +149,14 @@ def _lower_exported_program(program: torch.export.ExportedProgram) -> LoweredGra
             weight_names.append(str(spec.target))
         elif spec.kind == InputKind.USER_INPUT:
             if not isinstance(spec.arg, TensorArgument):
-                raise LoweringError(f"user input {node.name!r} is not a tensor ({spec.arg}); only tensor inputs are supported")
+                raise LoweringError(
+                    f"user input {node.name!r} is not a tensor ({spec.arg}); only tensor inputs are supported"
+                )
             user_names.append(node.name)
         else:
-            raise LoweringError(f"input {node.name!r} of kind {spec.kind.name} is not supported (no custom objects or effect tokens)")
+            raise LoweringError(
+                f"input {node.name!r} of kind {spec.kind.name} is not supported (no custom objects or effect tokens)"
+            )
 
     graph = torch.fx.Graph()
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -217,13 +225,17 @@ def _lower_traced(
             raise LoweringError(f"example input {i} is a {type(value).__name__}; only tensor inputs are supported")
     weight_positions = sorted(set(weight_input_indices))
     if any(not 0 <= i < len(example_inputs) for i in weight_positions):
-        raise LoweringError(f"weight_input_indices {list(weight_input_indices)} out of range for {len(example_inputs)} inputs")
+        raise LoweringError(
+            f"weight_input_indices {list(weight_input_indices)} out of range for {len(example_inputs)} inputs"
+        )
     user_positions = [i for i in range(len(example_inputs)) if i not in weight_positions]
 
     state = _module_state(fn)
     weights = [t for _, t in state] + [example_inputs[i] for i in weight_positions]
     weight_names = [name for name, _ in state] + [f"input {i}" for i in weight_positions]
     user_inputs = [example_inputs[i] for i in user_positions]
+    if tracing_mode == "real":  # the model really runs: keep its input mutations off the caller's tensors
+        user_inputs = [t.clone() for t in user_inputs]
     flat = _flat_function(fn, [name for name, _ in state], weight_positions, user_positions)
 
     try:
@@ -231,6 +243,7 @@ def _lower_traced(
             torch.func.functionalize(flat, remove="mutations"),
             decomposition_table=_decomposition_table(),
             tracing_mode=tracing_mode,
+            _allow_non_fake_inputs=True,  # tensors the function closes over become constants
         )(*weights, *user_inputs)
     except LoweringError:
         raise
@@ -323,7 +336,9 @@ def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
 def _finish(graph: torch.fx.Graph, weights: list, weight_names: list) -> LoweredGraph:
     """Check weights stay read-only, collect mutated inputs, wrap the graph in a module."""
     if any(n.op == "get_attr" for n in graph.nodes):
-        raise LoweringError("the graph reads submodules or attributes (higher-order ops such as torch.cond are not supported)")
+        raise LoweringError(
+            "the graph reads submodules or attributes (higher-order ops such as torch.cond are not supported)"
+        )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     num_weights = len(weights)
     mutated = set()

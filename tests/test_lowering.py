@@ -130,6 +130,30 @@ def test_plain_callable_with_weight_inputs_round_trips():
         torch.testing.assert_close(got, want)
 
 
+def test_tensors_a_callable_closes_over_become_weights():
+    table = torch.randn(6)
+
+    def fn(x):
+        return x * table + torch.tensor(2.0)
+
+    x = torch.randn(6)
+    lowered = lower(fn, (x,))
+    assert len(lowered.weights) == 2 and all(name.startswith("constant") for name in lowered.weight_names)
+    torch.testing.assert_close(run_decoded(lowered, [x])[0], fn(x))
+
+
+@pytest.mark.parametrize("mode", ["fake", "real", "symbolic"])
+def test_tracing_leaves_the_callers_tensors_alone(mode):
+    def fn(x, y):
+        y.add_(1)
+        return x + y
+
+    x, y = torch.randn(3), torch.zeros(3)
+    lowered = lower(fn, (x, y), tracing_mode=mode)
+    assert lowered.mutated_inputs == (1,)
+    torch.testing.assert_close(y, torch.zeros(3))
+
+
 def test_nested_outputs_are_flattened_to_a_tuple():
     def fn(x):
         return {"a": x + 1, "b": [x * 2, (x - 1,)]}
@@ -229,10 +253,11 @@ def test_training_mode_batchnorm_is_rejected_naming_the_buffer():
         lower(model, (torch.randn(4, 8),))
 
 
-def test_traced_buffer_mutation_is_rejected():
+def test_traced_buffer_mutation_is_rejected_without_touching_the_buffer():
     model = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)))
     with pytest.raises(LoweringError, match="running_mean|num_batches_tracked"):
         lower(model, (torch.randn(4, 8),))
+    assert int(model.get_buffer("1.num_batches_tracked")) == 0  # fake tracing ran nothing
 
 
 def test_eval_mode_batchnorm_round_trips():
