@@ -42,7 +42,6 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "no_session": (True, "the command needs a session: send hello first (also after a daemon restart)"),
     "session_in_use": (False, "a live client already holds the named session"),
     "unknown_graph": (True, "no graph of that id is registered in this session on that device: register it"),
-    "missing_weights": (True, "the graph's weights are not all on the device: send the listed blobs"),
     "unknown_device": (False, "the daemon does not serve that device"),
     "bad_tensor": (False, "a tensor descriptor is invalid (dtype, shape, strides, size, device, handle)"),
     "payload_rejected": (False, "the graph payload failed to decode or uses a disallowed operator"),

@@ -265,7 +265,7 @@ class SessionRegistry:
             alive = session.client.alive() if session.state == "live" else None
             verdict = session_verdict(
                 state=session.state, client_alive=alive, idle_s=now - session.last_seen, timeout_s=timeout_s,
-                parked_s=now - (session.parked_at or now), linger_s=self.linger_s, named=session.name is not None,
+                parked_s=(now - session.parked_at) if session.parked_at is not None else 0.0, linger_s=self.linger_s, named=session.name is not None,
             )
             if verdict is None:
                 continue

@@ -1,0 +1,220 @@
+"""Pure pieces of the daemon and client, without processes or sockets."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgpack
+import pytest
+import torch
+
+from cgtree.client.client import ClientError, DaemonError, _batches
+from cgtree.daemon import runtime_dir
+from cgtree.daemon.protocol import ProtocolError, decode_request, wire_safe
+from cgtree.daemon.sessions import ClientProcess, SessionInUse, SessionRegistry, session_verdict
+from cgtree.daemon.tensors import (
+    IpcImportCache,
+    OUTPUT_ALIGNMENT,
+    layout_outputs,
+    parse_geometry,
+    parse_ipc,
+    tensor_from_cpu_desc,
+)
+
+
+# ---------------------------------------------------------------------------------- verdicts
+
+
+@pytest.mark.parametrize(
+    "state, alive, idle, parked, named, expected",
+    [
+        ("live", True, 10_000.0, 0.0, False, None),  # alive and idle: kept
+        ("live", False, 0.0, 0.0, False, "close"),
+        ("live", False, 0.0, 0.0, True, "park"),
+        ("live", None, 10.0, 0.0, False, None),  # liveness unknown, not idle long enough
+        ("live", None, 301.0, 0.0, False, "close"),
+        ("live", None, 301.0, 0.0, True, "park"),
+        ("parked", None, 0.0, 59.0, True, None),
+        ("parked", None, 0.0, 60.0, True, "close"),
+    ],
+)
+def test_session_verdict(state, alive, idle, parked, named, expected):
+    assert session_verdict(state=state, client_alive=alive, idle_s=idle, timeout_s=300.0,
+                           parked_s=parked, linger_s=60.0, named=named) == expected
+
+
+def make_registry(clock):
+    released = []
+    registry = SessionRegistry(release_graph=lambda device, entry: released.append((device, entry)), clock=clock, linger_s=60.0)
+    return registry, released
+
+
+def test_registry_parks_a_dead_named_session_and_adopts_it_for_the_same_name(monkeypatch):
+    now = [0.0]
+    registry, _ = make_registry(lambda: now[0])
+    alive = {1: True, 2: True}
+    monkeypatch.setattr(ClientProcess, "alive", lambda self: alive.get(self.pid))
+    first, adopted = registry.open(b"a", ClientProcess(1, 1.0), "job")
+    assert not adopted
+    with pytest.raises(SessionInUse):
+        registry.open(b"b", ClientProcess(2, 2.0), "job")
+    alive[1] = False
+    registry.reap(timeout_s=300.0)
+    assert first.state == "parked" and registry.get(b"a") is None
+    second, adopted = registry.open(b"b", ClientProcess(2, 2.0), "job")
+    assert adopted and second is first and second.state == "live"
+    assert registry.get(b"b") is first
+
+
+def test_registry_closes_a_parked_session_after_the_linger_and_releases_its_graphs(monkeypatch):
+    now = [0.0]
+    registry, released = make_registry(lambda: now[0])
+    monkeypatch.setattr(ClientProcess, "alive", lambda self: False)
+    session, _ = registry.open(b"a", ClientProcess(1, 1.0), "job")
+    session.graphs[("cpu", "g" * 64)] = "entry"
+    registry.reap(timeout_s=300.0)
+    assert session.state == "parked"
+    now[0] = 61.0
+    registry.reap(timeout_s=300.0)
+    assert session.state == "closed" and len(registry) == 0
+    assert released == [("cpu", "entry")]
+
+
+def test_registry_same_client_saying_hello_again_keeps_its_session(monkeypatch):
+    registry, _ = make_registry(lambda: 0.0)
+    monkeypatch.setattr(ClientProcess, "alive", lambda self: True)
+    first, _ = registry.open(b"a", ClientProcess(1, 1.0), None)
+    again, adopted = registry.open(b"a", ClientProcess(1, 1.0), None)
+    assert again is first and not adopted
+
+
+def test_client_process_lookup_uses_the_start_time():
+    me = ClientProcess.lookup(os.getpid())
+    assert me.alive() is True
+    assert ClientProcess(os.getpid(), (me.create_time or 0) - 100.0).alive() is False  # a reused pid
+    with pytest.raises(ProcessLookupError):
+        ClientProcess.lookup(2**22 + 12345)
+
+
+# ------------------------------------------------------------------------------ runtime dir
+
+
+def test_runtime_dir_is_created_0700_and_looser_or_foreign_ones_are_refused(tmp_path):
+    path = str(tmp_path / "cgtree")
+    runtime_dir.ensure_runtime_dir(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    runtime_dir.ensure_runtime_dir(path)  # existing and safe: fine
+    os.chmod(path, 0o755)
+    with pytest.raises(runtime_dir.RuntimeDirError, match="chmod 700"):
+        runtime_dir.ensure_runtime_dir(path)
+    os.chmod(path, 0o700)
+    with pytest.raises(runtime_dir.RuntimeDirError, match="not by this user"):
+        runtime_dir.check_runtime_dir(path, uid=os.getuid() + 1)
+    link = str(tmp_path / "link")
+    os.symlink(path, link)
+    with pytest.raises(runtime_dir.RuntimeDirError, match="symbolic link"):
+        runtime_dir.ensure_runtime_dir(link)
+
+
+def test_default_endpoint_follows_xdg_runtime_dir():
+    assert runtime_dir.default_endpoint({"XDG_RUNTIME_DIR": "/run/user/7"}, uid=7) == "ipc:///run/user/7/cgtree/cgtreed.sock"
+    assert runtime_dir.default_endpoint({}, uid=7) == "ipc:///tmp/cgtree-7/cgtreed.sock"
+    assert runtime_dir.ipc_path("ipc:///a/b") == "/a/b"
+    assert runtime_dir.ipc_path("tcp://127.0.0.1:5") is None
+
+
+# --------------------------------------------------------------------------------- protocol
+
+
+def test_decode_request_checks_every_envelope_field():
+    good = decode_request(msgpack.packb({"v": 1, "id": 3, "op": "ping", "body": {}}), [])
+    assert (good.request_id, good.op, good.body) == (3, "ping", {})
+    with pytest.raises(ProtocolError) as info:
+        decode_request(msgpack.packb({"v": 1, "id": True, "op": "ping"}), [])
+    assert info.value.code == "bad_request"
+
+
+def test_wire_safe_turns_status_values_into_plain_data():
+    import enum
+
+    class Mode(enum.Enum):
+        A = "a"
+
+    assert wire_safe({1: (Mode.A, {2, 3}), "x": object}) in ({"1": ["a", [2, 3]], "x": str(object)},
+                                                            {"1": ["a", [3, 2]], "x": str(object)})
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def test_geometry_validation_names_the_problem():
+    with pytest.raises(ProtocolError, match="input 3: stride has 1 entries for 2 dimensions"):
+        parse_geometry({"dtype": "float32", "shape": [2, 2], "stride": [1]}, "input 3", need_stride=True)
+    with pytest.raises(ProtocolError, match="at most 16"):
+        parse_geometry({"dtype": "float32", "shape": [1] * 17}, "input 0", need_stride=False)
+    with pytest.raises(ProtocolError, match="shape entries"):
+        parse_geometry({"dtype": "float32", "shape": [True]}, "input 0", need_stride=False)
+
+
+def test_cpu_frames_round_trip_every_allowed_dtype_zero_copy():
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64, torch.uint8):
+        tensor = (torch.arange(6) % 2).to(dtype).reshape(2, 3)
+        frame = bytearray(tensor.view(torch.uint8).numpy().tobytes()) if dtype != torch.bfloat16 else bytearray(
+            tensor.view(torch.int16).numpy().tobytes())
+        from cgtree.daemon.tensors import dtype_name
+
+        out = tensor_from_cpu_desc({"dtype": dtype_name(dtype), "shape": [2, 3], "frame": 0}, [memoryview(frame)], "input 0")
+        assert torch.equal(out, tensor)
+
+
+def test_parse_ipc_refuses_wrong_handles_and_counter_files():
+    good = {"device": 0, "handle": bytes(64), "size": 16, "offset": 0, "ref": b"/torch_12_34", "ref_offset": 3}
+    assert parse_ipc(good, "input 0", [0])[:2] == (0, bytes(64))
+    for bad, message in [
+        ({**good, "handle": bytes(10)}, "64 bytes"),
+        ({**good, "ref": b"/etc/passwd"}, "IPC counter file"),
+        ({**good, "ref_offset": 10_000}, "ref_offset"),
+        ({**good, "device": 3}, "cuda:3 is not a device this daemon serves"),
+        ({**good, "size": -1}, "non-negative"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            parse_ipc(bad, "input 0", [0])
+
+
+def test_ipc_import_cache_opens_each_export_once_and_evicts_least_recently_used():
+    opened = []
+    cache = IpcImportCache(capacity=2, opener=lambda args, label: opened.append(args) or object())
+    a, b, c = [(0, bytes([i]) * 64, 8, 0, b"/torch_1_1", i, b"", False) for i in range(3)]
+    first = cache.get(a, "x")
+    assert cache.get(a, "x") is first and len(opened) == 1
+    cache.get(b, "x")
+    cache.get(c, "x")  # evicts a
+    assert len(cache) == 2
+    cache.get(a, "x")
+    assert len(opened) == 4
+    cache.close()
+    assert len(cache) == 0
+
+
+def test_output_layout_is_aligned():
+    slots, total = layout_outputs([torch.empty(3), torch.empty(2, 2, dtype=torch.float64), torch.empty(0)])
+    assert [s.byte_offset for s in slots] == [0, OUTPUT_ALIGNMENT, 2 * OUTPUT_ALIGNMENT]
+    assert total == 2 * OUTPUT_ALIGNMENT
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class Blob:
+    def __init__(self, n):
+        self.data = bytes(n)
+
+
+def test_weight_uploads_are_split_under_the_message_limit():
+    blobs = {"a": Blob(60), "b": Blob(50), "c": Blob(30)}
+    assert _batches(["a", "b", "c"], blobs, limit=100) == [["a"], ["b", "c"]]
+    with pytest.raises(DaemonError, match="too_large"):
+        _batches(["a"], blobs, limit=10)
+    with pytest.raises(ClientError):
+        _batches(["zzz"], blobs, limit=100)
