@@ -9,8 +9,8 @@ Invariants:
 - Tensors returned from a replay sit on fresh *non-owning* storages built over the recorded
   addresses, so dropping them frees nothing and a later replay can hand out new ones; the
   allocator only learns about them at a checkpoint (``cgtree.backends``).
-- ``mark_overwritten`` makes later access to a stale output raise where the torch build has
-  the binding (CUDA builds); elsewhere it returns False and the caller only counts it.
+- ``mark_overwritten`` makes later access to a stale output tensor raise where the torch build
+  has the binding (CUDA builds); elsewhere it returns False and the caller only counts it.
 """
 
 from __future__ import annotations
@@ -105,15 +105,16 @@ def tensor_on(storage: torch.UntypedStorage, geometry) -> torch.Tensor:
     )
 
 
-def mark_overwritten(ref: StorageRef, message: str) -> bool:
-    """Make access to a live stale storage raise ``message``. False where the build cannot."""
+def mark_overwritten(tensor: torch.Tensor, message: str) -> bool:
+    """Make later access to this (stale) output tensor raise ``message``.
+
+    The binding replaces the tensor's storage with one that raises, so it acts on the tensor
+    object handed out, not on views the caller made of it. False where the build has no
+    binding (CPU builds): the caller still counts the overwrite.
+    """
     if _set_access_error is None:
         return False
-    storage = ref.storage()
-    if storage is None:
-        return False
-    probe = torch.empty((0,), dtype=torch.uint8, device=storage.device).set_(storage)
-    _set_access_error(probe, message)
+    _set_access_error(tensor, message)
     return True
 
 

@@ -492,12 +492,16 @@ class TreeManager:
         outputs = node.outputs
         if not outputs.refs:
             return
-        for ref, owned in zip(outputs.refs, outputs.owned):
-            if ref is None or not ref.alive():
-                continue
-            self.counters["overwritten_outputs"] += 1
-            mark_overwritten(ref, overwritten_message(node.function_name, getattr(node, "graph_id", "warmup")))
-            if owned:
+        live = [(ref, owned) for ref, owned in zip(outputs.refs, outputs.owned) if ref is not None and ref.alive()]
+        self.counters["overwritten_outputs"] += len(live)
+        message = None
+        for tensor_ref in outputs.tensors:
+            tensor = tensor_ref()
+            if tensor is not None:
+                message = message or overwritten_message(node.function_name, getattr(node, "graph_id", "warmup"))
+                mark_overwritten(tensor, message)
+        for ref, owned in live:
+            if owned and ref.alive():  # marking may already have released the last reference
                 free_owned(ref)
         outputs.clear()
 
@@ -546,7 +550,7 @@ class TreeManager:
                 if ptr not in input_ptrs and ptr not in seen:
                     seen.add(ptr)
                     refs.append(StorageRef(value.untyped_storage()))
-        node.outputs.reset(refs, owned=True)
+        node.outputs.reset(refs, owned=True, tensors=flat)
         self._current = node
         self._path_state = PathState.WARMUP
         self._warmed.add(variant.id)
@@ -664,10 +668,11 @@ class TreeManager:
             else:
                 specs.append(OutputSpec("constant", value=value))
         node.output_specs = specs
+        node.pool_positions = tuple(pool_positions)
         node.storage_sizes = [(s.data_ptr(), s.nbytes()) for s in storages]
         self.backend.finish_record(recording, flat, tuple(pool_positions))
         if self.backend.record_outputs_are_owning:
-            node.outputs.reset([StorageRef(s) for s in storages], owned=True)
+            node.outputs.reset([StorageRef(s) for s in storages], owned=True, tensors=[flat[p] for p in pool_positions])
             return flat
         user_flat = self._outputs_over_pool(node, inputs)
         node.outputs.owned = [True] * len(node.outputs.refs)  # as the allocator would: recorded blocks
@@ -687,7 +692,9 @@ class TreeManager:
             else:
                 flat.append(spec.value)
         node.outputs.reset(
-            [StorageRef(s, ptr, nbytes) for s, (ptr, nbytes) in zip(storages, node.storage_sizes)], owned=False
+            [StorageRef(s, ptr, nbytes) for s, (ptr, nbytes) in zip(storages, node.storage_sizes)],
+            owned=False,
+            tensors=[flat[p] for p in node.pool_positions],
         )
         return flat
 

@@ -16,7 +16,8 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -42,17 +43,20 @@ class OutputSpec:
 
 
 class OutputTracking:
-    """Weak references to one execution's output storages and who owns their blocks."""
+    """Weak references to one execution's output storages (liveness, checkpoints) and to the
+    tensors handed out (to make them raise once overwritten), and who owns their blocks."""
 
-    __slots__ = ("refs", "owned")
+    __slots__ = ("refs", "owned", "tensors")
 
     def __init__(self) -> None:
         self.refs: list[Optional[StorageRef]] = []
         self.owned: list[bool] = []
+        self.tensors: list[weakref.ref] = []
 
-    def reset(self, refs: list[Optional[StorageRef]], owned: bool) -> None:
+    def reset(self, refs: list[Optional[StorageRef]], owned: bool, tensors: list) -> None:
         self.refs = refs
         self.owned = [owned] * len(refs)
+        self.tensors = [weakref.ref(t) for t in tensors if isinstance(t, torch.Tensor)]
 
     def live_positions(self) -> list[int]:
         return [i for i, ref in enumerate(self.refs) if ref is not None and ref.alive()]
@@ -66,6 +70,7 @@ class OutputTracking:
     def clear(self) -> None:
         self.refs = []
         self.owned = []
+        self.tensors = []
 
 
 class TreeNode:
@@ -106,6 +111,7 @@ class RecordedNode(TreeNode):
         self.children: dict[FunctionId, list[RecordedNode]] = {}
         self.recording: Any = None  # the backend's Recording
         self.output_specs: list[OutputSpec] = []
+        self.pool_positions: tuple[int, ...] = ()  # flat output positions that are pool memory
         self.output_structure: Any = None  # pytree spec, or None for a single tensor
         self.storage_sizes: list[tuple[int, int]] = []  # (data_ptr, nbytes) per pool storage
         self.in_place_ptrs: tuple[tuple[int, int], ...] = ()  # (input index, expected data_ptr)
