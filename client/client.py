@@ -151,7 +151,11 @@ class _ExportCache:
         try:
             ipc = export_cuda_storage(storage)
         except Exception as exc:
-            raise ClientError(f"cannot export a CUDA tensor to cgtreed through CUDA IPC: {exc}") from exc
+            raise ClientError(
+                f"cannot export a CUDA tensor to cgtreed through CUDA IPC ({exc}); memory the caching allocator "
+                "does not own (outputs of CUDA graph replays, tensors received from another process, "
+                "from_blob views) cannot be shared: pass a .clone()"
+            ) from exc
         if len(ipc["handle"]) != CUDA_IPC_HANDLE_SIZE:
             raise ClientError(
                 "this CUDA allocation cannot travel as a legacy CUDA IPC handle (expandable segments?): "
@@ -415,6 +419,7 @@ class Client:
         return outputs
 
     def _open_mapping(self, wire: dict, device: str) -> _OutputMapping:
+        torch.cuda._lazy_init()  # a graph with no CUDA inputs may be this process's first CUDA use
         args = parse_ipc(wire.get("storage"), f"output buffer {wire.get('id')}", None)
         storage = torch.UntypedStorage._new_shared_cuda(*args)
         mapping = _OutputMapping(int(wire["id"]), torch.device(device), storage, storage.data_ptr(), int(wire["nbytes"]))

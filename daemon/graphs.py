@@ -221,6 +221,12 @@ class DeviceRuntime:
     def make_manager(self, policy: Any) -> Any:
         return self._manager_class(self.name, policy=policy)
 
+    def memory_stats(self) -> dict:
+        if not self.is_cuda:
+            return {"allocated_bytes": None, "reserved_bytes": None}
+        return {"allocated_bytes": int(torch.cuda.memory_allocated(self.device)),
+                "reserved_bytes": int(torch.cuda.memory_reserved(self.device))}
+
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)

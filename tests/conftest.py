@@ -196,3 +196,27 @@ def client_scripts() -> Iterator[ClientScripts]:
         yield scripts
     finally:
         scripts.kill_all()
+
+
+GPU_TEST_CONFIG = """
+[daemon]
+max_message_bytes = 67108864
+reap_interval_s = 0.2
+shutdown_timeout_s = 20.0
+"""
+# Expandable segments cannot be shared through legacy CUDA IPC handles (NOTES.md section 3).
+GPU_TEST_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+
+
+@pytest.fixture(scope="module")
+def cgtreed_gpu() -> Iterator[DaemonProcess]:
+    """One daemon on cuda:0 shared by a GPU test module (skipped without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    daemon = DaemonProcess(_short_tmpdir(), GPU_TEST_CONFIG, devices="cuda:0", extra_env=GPU_TEST_ENV)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.kill()

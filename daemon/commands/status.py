@@ -9,7 +9,8 @@ Reply::
                 "policy": {...}, "sessions": int},
      "devices": [{"device", "backend", "graphs": int, "weights": {"count", "bytes"},
                   "sessions": int, "pool_bytes": int, "live_blocks": int,
-                  "output_buffer_bytes": int}],
+                  "output_buffer_bytes": int, "allocated_bytes": int | None,
+                  "reserved_bytes": int | None}],
      "sessions": [{"id", "name", "pid", "state": "live" | "parked", "idle_s", "submits",
                    "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
@@ -21,6 +22,8 @@ Reply::
 ``tree`` is ``TreeManager.status()`` as the core reports it (nodes with id, graph, mode,
 children, replays; pool bytes; counters: warmups, recordings, replays, checkpoints, skips by
 reason). The backend is always named as it runs: ``cpu-replay`` is never reported as CUDA.
+``allocated_bytes`` / ``reserved_bytes`` are the daemon's CUDA caching allocator totals for the
+device (None on CPU): weights, pools, output buffers and workspaces together.
 
 Errors: none of its own.
 """
@@ -51,6 +54,7 @@ def execute(ctx, session, body, frames) -> Reply:
             doc["pool_bytes"] += tree["pool_bytes"]
             doc["live_blocks"] += tree["live_blocks"]
             doc["output_buffer_bytes"] += state.output_bytes()
+        doc.update(runtime.memory_stats())
         device_docs.append(doc)
     return Reply(wire_safe({"daemon": ctx.daemon_info(), "devices": device_docs, "sessions": session_docs}))
 

@@ -1,0 +1,246 @@
+"""cgtreed end to end on cuda:0: CUDA IPC inputs and outputs, overwritten outputs that raise, and
+pool memory returned when sessions end. Run on a GPU host: ``pytest -m gpu tests/gpu``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU_CONFIG = """
+[daemon]
+max_message_bytes = 67108864
+reap_interval_s = 0.2
+shutdown_timeout_s = 20.0
+"""
+GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+
+
+@pytest.fixture(scope="module")
+def gpu_daemon(cgtreed_gpu):
+    return cgtreed_gpu
+
+
+def mlp(device="cuda:0") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU()).eval().to(device)
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        return self.head(features.mean(dim=(2, 3))), features.argmax(dim=1)
+
+
+def device_doc(client) -> dict:
+    return client.status()["devices"][0]
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_the_daemon_runs_the_cuda_backend(gpu_daemon):
+    from cgtree.client import Client
+
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        assert device_doc(client)["backend"] == "cuda"
+    assert "device cuda:0: backend cuda" in gpu_daemon.log()
+
+
+def test_cuda_outputs_equal_eager_through_ipc_inputs_and_outputs(gpu_daemon):
+    from cgtree.client import Client
+
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        modes = []
+        for _ in range(5):
+            x = torch.randn(16, 64, device="cuda:0")
+            (out,) = client.submit(model, [x])
+            assert out.device == torch.device("cuda:0")
+            with torch.no_grad():
+                torch.testing.assert_close(out, model(x))
+            modes.append(client.last_execution["mode"])
+        assert modes[:3] == ["warmup", "recorded", "replayed"] and modes[3:] == ["replayed", "replayed"]
+        mine = next(s for s in client.status()["sessions"] if s["id"] == client.session_id)
+        tree = mine["devices"]["cuda:0"]
+        assert tree["backend"] == "cuda" and tree["root_children"] == [0]
+        assert tree["counters"]["replays"] == 3 and tree["output_buffers"] == 1
+
+
+def test_conv_with_two_outputs_on_cuda_equals_eager(gpu_daemon):
+    from cgtree.client import Client
+
+    model = TwoHeads().eval().cuda()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        for _ in range(3):
+            x = torch.randn(2, 3, 16, 16, device="cuda:0")
+            logits, classes = client.submit(model, [x])
+            with torch.no_grad():
+                want_logits, want_classes = model(x)
+            torch.testing.assert_close(logits, want_logits)
+            assert torch.equal(classes, want_classes)
+
+
+def test_touching_an_overwritten_output_raises_and_the_new_one_is_right(gpu_daemon):
+    from cgtree.client import Client
+    from cgtree.client.client import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
+
+    if not CAN_RAISE_ON_OVERWRITTEN_OUTPUT:
+        pytest.skip("this torch build lacks torch._C._set_storage_access_error_msg")
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        x1, x2 = torch.randn(16, 64, device="cuda:0"), torch.randn(16, 64, device="cuda:0")
+        (first,) = client.submit(model, [x1])
+        kept = first.clone()
+        (second,) = client.submit(model, [x2])
+        with pytest.raises(RuntimeError, match="overwritten"):
+            first.sum().item()
+        with torch.no_grad():
+            torch.testing.assert_close(second, model(x2))
+            torch.testing.assert_close(kept, model(x1))  # a clone taken in time stays valid
+
+
+def test_an_output_passed_back_as_an_input_travels_by_reference(gpu_daemon):
+    from cgtree.client import Client
+
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        x = torch.randn(16, 64, device="cuda:0")
+        state = x
+        with torch.no_grad():
+            expected = x
+            for _ in range(4):
+                expected = model(expected)
+        for _ in range(4):
+            (state,) = client.submit(model, [state])  # recurrent: the previous output goes back in
+        torch.testing.assert_close(state, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_gpu_clients_share_weights_and_pool_memory_returns_when_sessions_close(gpu_daemon, client_scripts):
+    from cgtree.client import Client
+
+    with Client(gpu_daemon.endpoint, timeout_s=60) as observer:
+        baseline = wait_for(lambda: device_doc(observer) if device_doc(observer)["sessions"] == 0 else None)
+        assert baseline, "sessions of earlier tests still open"
+        result = client_scripts.run(
+            """
+            import json, sys, torch
+            from cgtree.client import Client
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU()).eval().cuda()
+            with Client(sys.argv[1], timeout_s=60) as a, Client(sys.argv[1], timeout_s=60) as b:
+                for _ in range(3):
+                    x = torch.randn(16, 64, device="cuda")
+                    (oa,) = a.submit(model, [x]); (ob,) = b.submit(model, [x])
+                    with torch.no_grad():
+                        assert torch.allclose(oa, model(x), atol=1e-5) and torch.allclose(ob, model(x), atol=1e-5)
+                doc = a.status()["devices"][0]
+                print(json.dumps(doc))
+            """,
+            gpu_daemon.endpoint,
+            timeout_s=120,
+        )
+        assert result.returncode == 0, result.stderr
+        during = json.loads(result.stdout.strip().splitlines()[-1])
+        assert during["weights"]["count"] == 4  # one copy for both clients
+        assert during["pool_bytes"] > 0
+        after = wait_for(lambda: (lambda d: d if d["sessions"] == 0 else None)(device_doc(observer)))
+        assert after["pool_bytes"] == 0 and after["live_blocks"] == 0
+        assert after["weights"] == {"count": 0, "bytes": 0}
+        assert after["output_buffer_bytes"] == 0
+        # Everything the sessions allocated went back to the daemon's allocator.
+        assert after["allocated_bytes"] <= baseline["allocated_bytes"]
+
+
+SLEEPING_GPU_CLIENT = """
+import sys, time, torch
+from cgtree.client import Client
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).eval().cuda()
+client = Client(sys.argv[1], timeout_s=60)
+for _ in range(3):
+    (out,) = client.submit(model, [torch.randn(16, 64, device="cuda")])
+print("session", client.session_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_gpu_client_is_reclaimed_and_its_memory_returned(gpu_daemon, client_scripts):
+    from cgtree.client import Client
+
+    with Client(gpu_daemon.endpoint, timeout_s=60) as observer:
+        baseline = wait_for(lambda: (lambda d: d if d["sessions"] == 0 else None)(device_doc(observer)))
+        victim = client_scripts.start(SLEEPING_GPU_CLIENT, gpu_daemon.endpoint)
+        for line in victim.stdout:
+            if line.startswith("session "):
+                break
+        else:
+            raise AssertionError(victim.stderr.read())
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        after = wait_for(lambda: (lambda d: d if d["sessions"] == 0 else None)(device_doc(observer)))
+        assert after, "the killed client's session was not reclaimed"
+        assert after["pool_bytes"] == 0 and after["output_buffer_bytes"] == 0
+        # The dead client held the output buffer open: the daemon released that reference itself.
+        freed = wait_for(lambda: device_doc(observer)["allocated_bytes"] <= baseline["allocated_bytes"])
+        assert freed, (baseline, device_doc(observer))
+
+
+def test_a_stale_ipc_handle_is_refused_and_the_daemon_keeps_serving(gpu_daemon):
+    from cgtree.client import Client, DaemonError
+    from cgtree.daemon.tensors import describe_cuda, export_cuda_storage
+
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        handle = client.register(model, [torch.randn(16, 64, device="cuda:0")])
+        # 64 MiB: a segment of its own, so freeing the tensor really cudaFree's the allocation.
+        doomed = torch.empty(16 * 1024 * 1024, device="cuda:0")
+        view = doomed[: 16 * 64].view(16, 64)
+        desc = describe_cuda(view, export_cuda_storage(doomed.untyped_storage()))
+        ipc = desc["storage"]
+        del doomed, view
+        torch.UntypedStorage._release_ipc_counter_cuda(ipc["ref"], ipc["ref_offset"])  # no consumer holds it
+        torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()  # the segment is cudaFree'd: its handle is stale
+        with pytest.raises(DaemonError) as info:
+            client._session_call("submit", {"device": "cuda:0", "graph": handle.graph_id, "inputs": [desc]})
+        assert info.value.code == "bad_tensor" and "input 0" in info.value.message
+        x = torch.randn(16, 64, device="cuda:0")
+        (out,) = client.submit(handle, [x])
+        with torch.no_grad():
+            torch.testing.assert_close(out, model(x))
+    assert gpu_daemon.alive()
+
+
+def test_sigterm_with_gpu_sessions_exits_0(daemon_factory):
+    from cgtree.client import Client
+
+    daemon = daemon_factory(GPU_CONFIG, devices="cuda:0", extra_env=GPU_ENV)
+    client = Client(daemon.endpoint, timeout_s=60)
+    client.submit(mlp(), [torch.randn(16, 64, device="cuda:0")])
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout_s=30) == 0
+    assert not os.path.exists(daemon.socket_path)
+    client.close(timeout_s=0.2)
