@@ -89,6 +89,7 @@ class _Variant:
         "rerecords",
         "has_recording",
         "cpu_inputs_to_move",
+        "hot_root",
     )
 
     def __init__(self, variant_id: FunctionId, function: "GraphedFunction") -> None:
@@ -102,6 +103,7 @@ class _Variant:
         self.rerecords: Counter = Counter()  # parent graph id (or None) -> re-recordings
         self.has_recording = False
         self.cpu_inputs_to_move: tuple[int, ...] = ()
+        self.hot_root: Optional[RecordedNode] = None  # the root last replayed (fast path)
 
 
 class GraphedFunction:
@@ -332,6 +334,9 @@ class TreeManager:
                 return self._run_without_graphs(variant, inputs, variant.static_skip, variant.skip_origin)
             if variant.cpu_inputs_to_move:
                 inputs = self._move_cpu_inputs(inputs, variant.cpu_inputs_to_move)
+            node = variant.hot_root
+            if node is not None and node is self._current and self._can_replay_root_again(node, inputs):
+                return self._replay(node, inputs, end_path=True)
             return self._dispatch(variant, inputs)
         finally:
             if function.kind is FunctionKind.FORWARD:
@@ -375,6 +380,20 @@ class TreeManager:
             if self._current is not None:
                 self._checkpoint()
         return self._record(variant, inputs)
+
+    def _can_replay_root_again(self, node: RecordedNode, inputs: Sequence[Any]) -> bool:
+        """The steady state of inference loops, decided without the general dispatch: the
+        current path is this lone root, the call cannot extend it (no children), the path may
+        end, and the root's invariants hold. ``_dispatch`` would reach the same replay."""
+        return (
+            self._path_state is PathState.EXECUTION
+            and not node.children
+            and not node.variant_mutates
+            and len(self._roots[node.function_id]) == 1
+            and (self._can_start_new_generation() or not node.outputs.any_live())
+            and self._why_not_replayable(node, inputs) is None
+        )
+
 
     def _find_replayable(self, candidates: dict, variant: _Variant, inputs: Sequence[Any]):
         """The first recorded node for this variant whose invariants hold, and else the last
@@ -493,6 +512,9 @@ class TreeManager:
         if not outputs.refs:
             return
         live = [(ref, owned) for ref, owned in zip(outputs.refs, outputs.owned) if ref is not None and ref.alive()]
+        if not live:  # the common case: the caller dropped everything (a live tensor implies a live storage)
+            outputs.clear()
+            return
         self.counters["overwritten_outputs"] += len(live)
         message = None
         for tensor_ref in outputs.tensors:
@@ -543,14 +565,17 @@ class TreeManager:
         node = WarmupNode(variant.id, variant.function.name, self._current)
         input_ptrs = set(input_storage_index(inputs))
         flat, _ = _flatten(outputs)
-        refs, seen = [], set()
+        refs, seen, produced = [], set(), []
         for value in flat:
             if isinstance(value, torch.Tensor) and value.device == self.device:
                 ptr = value.untyped_storage().data_ptr()
-                if ptr not in input_ptrs and ptr not in seen:
+                if ptr in input_ptrs:
+                    continue  # an input handed back: the caller's tensor, not ours to invalidate
+                produced.append(value)
+                if ptr not in seen:
                     seen.add(ptr)
                     refs.append(StorageRef(value.untyped_storage()))
-        node.outputs.reset(refs, owned=True, tensors=flat)
+        node.outputs.reset(refs, owned=True, tensors=produced)
         self._current = node
         self._path_state = PathState.WARMUP
         self._warmed.add(variant.id)
@@ -608,6 +633,7 @@ class TreeManager:
         )
         node.expected_dead = expected_dead
         node.replay_execution = Execution(ExecutionMode.REPLAYED, variant.function.name, node.graph_id)
+        node.variant = variant
         user_flat = self._describe_outputs(node, recording, inputs, raw_outputs)
         if parent is None:
             self._roots.setdefault(variant.id, []).append(node)
@@ -673,6 +699,9 @@ class TreeManager:
         self.backend.finish_record(recording, flat, tuple(pool_positions))
         if self.backend.record_outputs_are_owning:
             node.outputs.reset([StorageRef(s) for s in storages], owned=True, tensors=[flat[p] for p in pool_positions])
+            for pos, spec in enumerate(specs):
+                if spec.kind == "input":  # not a view of the recording's buffer: of the caller's input
+                    flat[pos] = _input_view(inputs, spec)
             return flat
         user_flat = self._outputs_over_pool(node, inputs)
         node.outputs.owned = [True] * len(node.outputs.refs)  # as the allocator would: recorded blocks
@@ -687,8 +716,7 @@ class TreeManager:
             if spec.kind == "pool":
                 flat.append(tensor_on(storages[spec.index], spec.geometry))
             elif spec.kind == "input":
-                base, geometry = inputs[spec.index], spec.geometry
-                flat.append(base.as_strided(geometry.size, geometry.stride, base.storage_offset() + geometry.offset))
+                flat.append(_input_view(inputs, spec))
             else:
                 flat.append(spec.value)
         node.outputs.reset(
@@ -707,17 +735,27 @@ class TreeManager:
             return "an output this graph may overwrite is still alive"
         return None
 
-    def _replay(self, node: RecordedNode, inputs: Sequence[Any]) -> Any:
+    def _replay(self, node: RecordedNode, inputs: Sequence[Any], end_path: bool = False) -> Any:
+        # Launch first: everything below is bookkeeping the GPU need not wait for.
+        self.backend.replay(node.recording, inputs)
+        if end_path:  # the fast path: end the current path here, as _try_end_path would
+            if self._can_start_new_generation():
+                self._invalidate_path()
         self._current = node
         self._path_state = PathState.EXECUTION
         self._enter_generation()
-        self.backend.replay(node.recording, inputs)
         flat = self._outputs_over_pool(node, inputs)
         node.replays += 1
         node.last_mode = "replayed"
         self.counters["replays"] += 1
         self.last_execution = node.replay_execution
+        if node.parent is None:
+            self._variant_of(node).hot_root = node
         return _unflatten(flat, node.output_structure)
+
+    @staticmethod
+    def _variant_of(node: RecordedNode) -> _Variant:
+        return node.variant
 
     def _note_recorded_shape(self, variant: _Variant) -> None:
         if variant.has_recording:
@@ -754,6 +792,12 @@ class TreeManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"tree manager on {self.device} is closed")
+
+
+def _input_view(inputs: Sequence[Any], spec: OutputSpec) -> torch.Tensor:
+    """The view of the caller's input that an output aliasing that input stands for."""
+    base, geometry = inputs[spec.index], spec.geometry
+    return base.as_strided(geometry.size, geometry.stride, base.storage_offset() + geometry.offset)
 
 
 def _flatten(outputs: Any) -> tuple[list, Any]:
