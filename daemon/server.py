@@ -351,10 +351,26 @@ class Daemon:
 
             torch.cuda.ipc_collect()  # free output buffers whose clients closed their mappings
         self.metrics.set_sessions(len(self.sessions))
+        if getattr(self.metrics, "port", None):  # metrics served: per-device pool gauges
+            self._update_pool_gauges()
         if now >= self._next_watchdog:
             interval = _watchdog_interval_s()
             self._next_watchdog = now + (interval / 2 if interval else 3600.0)
             _notify("watchdog")
+
+    def _update_pool_gauges(self) -> None:
+        from cgtree.daemon.commands.status import manager_summary
+
+        for name in self.devices:
+            pool_bytes = live_blocks = 0
+            for session in self.sessions.sessions.values():
+                state = session.devices.get(name)
+                if state is not None and state.manager is not None:
+                    summary = manager_summary(state.manager)
+                    pool_bytes += summary["pool_bytes"]
+                    live_blocks += summary["live_blocks"]
+            self.metrics.set_pool_bytes(name, pool_bytes)
+            self.metrics.set_live_blocks(name, live_blocks)
 
     # ---------------------------------------------------------------------------------- reload
 

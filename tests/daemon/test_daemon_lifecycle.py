@@ -121,3 +121,48 @@ def test_a_bad_config_file_stops_the_daemon_at_start_with_exit_78(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "daemon.max_message_bytes" in result.stderr
+
+
+def test_a_client_survives_a_daemon_restart_by_saying_hello_and_registering_again(daemon_factory):
+    from conftest import DaemonProcess
+
+    daemon = daemon_factory()
+    model = tiny_mlp()
+    with Client(daemon.endpoint, timeout_s=30) as client:
+        for _ in range(2):
+            client.submit(model, [torch.randn(2, 8)])
+        first_daemon = client.daemon_pid
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout_s=15) == 0
+        restarted = DaemonProcess(daemon.workdir, Path(daemon.config_path).read_text()).start()
+        try:
+            x = torch.randn(2, 8)
+            (out,) = client.submit(model, [x])  # no_session -> hello -> register -> submit
+            torch.testing.assert_close(out, model(x))
+            assert client.daemon_pid != first_daemon
+            assert client.last_execution["mode"] == "warmup"  # a new daemon starts cold
+        finally:
+            client.close()
+            restarted.kill()
+
+
+def test_metrics_count_submits_and_sessions_when_enabled(daemon_factory):
+    import socket
+    import urllib.request
+
+    pytest.importorskip("prometheus_client")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from conftest import DEFAULT_TEST_CONFIG
+
+    daemon = daemon_factory(DEFAULT_TEST_CONFIG + f"metrics_port = {port}\n")
+    with Client(daemon.endpoint, timeout_s=30) as client:
+        for _ in range(3):
+            client.submit(tiny_mlp(), [torch.randn(2, 8)])
+        time.sleep(0.5)  # one housekeeping turn for the gauges
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "cgtree_submits_total 3.0" in text
+    assert "cgtree_replays_total 1.0" in text and "cgtree_recordings_total 1.0" in text
+    assert "cgtree_sessions 1.0" in text
+    assert 'cgtree_pool_bytes{device="cpu"}' in text
