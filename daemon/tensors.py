@@ -347,6 +347,10 @@ class OutputBuffer:
     def fill(self, tensors: list[torch.Tensor]) -> list[dict]:
         """Copy ``tensors`` in (on the current stream); returns their ``output`` descriptors."""
         self.generation += 1
+        # An output may alias an input that was itself a view of this buffer (an earlier output
+        # passed back in): read those before any slot is overwritten.
+        own = self.storage.data_ptr()
+        tensors = [t.clone() if t.untyped_storage().data_ptr() == own else t for t in tensors]
         descs = []
         for slot, tensor in zip(self.slots, tensors):
             geometry = TensorGeometry(slot.dtype, slot.shape, contiguous_stride(slot.shape), 0)
