@@ -614,10 +614,17 @@ class TreeManager:
             recording, raw_outputs = self.backend.record(variant.function.fn, inputs, copied, inspector)
         except InspectionAbort:
             reason = self._absorb_findings(variant, inspector, inputs)
-            outputs = variant.function.fn(*inputs)
             origin = variant.skip_origin if variant.static_skip else variant.mutation_origin
             self._note_skip_of_this_call(variant, reason or SkipReason(rules.INCOMPATIBLE_OP), origin)
-            return outputs
+            return variant.function.fn(*inputs)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: this variant runs eagerly
+            # Something in the function cannot be captured (host syncs, unsupported streams...).
+            # Run it eagerly from now on; a genuine bug in the function raises again right here.
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            variant.static_skip = SkipReason(rules.CAPTURE_FAILED, f" ({type(exc).__name__}: {detail})")
+            variant.skip_origin = variant.function.origin
+            self._note_skip_of_this_call(variant, variant.static_skip, variant.skip_origin)
+            return variant.function.fn(*inputs)
         if inspector is not None:
             variant.inspected = True
             variant.mutated_idxs = frozenset(inspector.findings.mutated_input_idxs)

@@ -28,6 +28,7 @@ SYMBOLIC_SHAPES = "graph with symbolic shapes inputs"
 INCOMPATIBLE_OP = "incompatible op"
 CAPTURE_SIZE = "size not in capture_sizes"
 RERECORD_LIMIT = "re-recording limit"
+CAPTURE_FAILED = "capture failed"
 
 
 def shape_key(inputs: Sequence[Any]) -> tuple:

@@ -352,3 +352,35 @@ def test_close_frees_everything_and_refuses_calls(make_manager, device):
     with pytest.raises(ManagerClosedError):
         f(torch.ones(2, device=device))
     del out
+
+
+def test_function_that_cannot_be_recorded_runs_eagerly(make_manager, device, caplog):
+    mgr = make_manager(skip_warmup=True)
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return x + 1
+
+    f = mgr.cudagraphify(flaky, name="flaky")
+    with caplog.at_level(logging.WARNING, logger=SKIP_LOGGER):
+        out = f(torch.ones(2, device=device))
+    torch.testing.assert_close(out, torch.full([2], 2.0, device=device))
+    assert "skipping cudagraphs due to capture failed (RuntimeError: operation not permitted" in skip_messages(caplog)[0]
+    f(torch.ones(2, device=device))
+    assert mgr.last_execution.mode.value == "skipped" and mgr.counters["recordings"] == 0
+
+
+def test_genuine_error_in_function_reaches_the_caller(make_manager, device):
+    mgr = make_manager()
+
+    def broken(x):
+        raise ValueError("bad input shape")
+
+    f = mgr.cudagraphify(broken, name="broken")
+    with pytest.raises(ValueError, match="bad input shape"):
+        f(torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="bad input shape"):
+        f(torch.ones(2, device=device))
