@@ -202,6 +202,7 @@ class Client:
         self._exports: Optional[_ExportCache] = None
         self._mappings: dict[int, _OutputMapping] = {}
         self._graph_buffer: dict[tuple[str, str], int] = {}
+        self._uuid_map: Optional[dict[int, int]] = None
         self._closed = False
 
     # ------------------------------------------------------------------------ context manager
@@ -287,14 +288,14 @@ class Client:
                 # The daemon reads our memory as soon as the request arrives; it must be written.
                 # Also finishes our reads of the outputs this submit will overwrite.
                 torch.cuda.current_stream(torch.device(handle.device)).synchronize()
-            body = {"device": handle.device, "graph": handle.graph_id, "inputs": descs}
+            body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
             reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
             self.last_execution = reply.get("execution")
             return tuple(self._decode_outputs(handle, reply, reply_frames))
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
         """The next submit starts a new generation of the trees (an iteration boundary)."""
-        self._session_call("mark_step", {"device": _normalize_device(device) if device else None})
+        self._session_call("mark_step", {"device": self._wire_device(_normalize_device(device)) if device else None})
 
     def release(self, graph: Optional[GraphHandle] = None, *, device: Optional[str] = None) -> int:
         """Give back the outputs of ``graph`` (or of every graph on ``device`` / everywhere).
@@ -308,14 +309,14 @@ class Client:
                 for key in [k for k in self._graph_buffer if k[0] == dev and (graph_id is None or k[1] == graph_id)]:
                     self._drop_graph_outputs(key, close_mapping=True)
                 if self.session_id is not None:
-                    released += self._session_call("release", {"device": dev, "graph": graph_id})[0]["released"]
+                    released += self._session_call("release", {"device": self._wire_device(dev), "graph": graph_id})[0]["released"]
             return released
 
     def reset(self, device: Optional[str] = None) -> None:
         """Drop this session's trees (recordings, pool); registered graphs stay registered."""
         with self._lock:
             self._invalidate_all()
-            self._session_call("reset", {"device": _normalize_device(device) if device else None})
+            self._session_call("reset", {"device": self._wire_device(_normalize_device(device)) if device else None})
 
     # ------------------------------------------------------------------------ registration
 
@@ -335,7 +336,7 @@ class Client:
     def _register_payload(self, handle: GraphHandle) -> None:
         """Send the graph; then, in messages under the size limit, the weights the daemon lacks."""
         encoded = handle.encoded
-        base = {"device": handle.device, "graph": handle.graph_id, "payload": 0}
+        base = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "payload": 0}
         reply, _ = self._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
         limit = (self.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
         for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
@@ -378,7 +379,38 @@ class Client:
                     "byte_offset": ptr - mapping.base_ptr, "buffer": mapping.buffer_id, "generation": mapping.generation}
         if self._exports is None:
             self._exports = _ExportCache()
-        return describe_cuda(tensor, self._exports.export(storage))
+        ipc = self._exports.export(storage)
+        daemon_index = self._daemon_cuda_index(tensor.device.index)
+        if daemon_index != ipc["device"]:
+            ipc = {**ipc, "device": daemon_index}
+        return describe_cuda(tensor, ipc)
+
+    # -- device names: the daemon's "cuda:N" and ours differ when CUDA_VISIBLE_DEVICES differs;
+    # -- GPUs are matched by UUID (from hello), falling back to equal indices.
+
+    def _cuda_uuid_map(self) -> dict[int, int]:
+        """Our CUDA index -> the daemon's, for GPUs both see."""
+        if self._uuid_map is None:
+            self._ensure_session()
+            daemon_by_uuid = {d.get("uuid"): int(d["device"].split(":")[1]) for d in self.devices
+                              if d.get("uuid") and d["device"].startswith("cuda:")}
+            mapping = {}
+            if daemon_by_uuid and torch.cuda.is_available():
+                for index in range(torch.cuda.device_count()):
+                    uuid = _cuda_uuid(index)
+                    if uuid in daemon_by_uuid:
+                        mapping[index] = daemon_by_uuid[uuid]
+            self._uuid_map = mapping
+        return self._uuid_map
+
+    def _daemon_cuda_index(self, local_index: Optional[int]) -> int:
+        local_index = torch.cuda.current_device() if local_index is None else local_index
+        return self._cuda_uuid_map().get(local_index, local_index)
+
+    def _wire_device(self, local_name: str) -> str:
+        if not local_name.startswith("cuda"):
+            return local_name
+        return f"cuda:{self._daemon_cuda_index(torch.device(local_name).index)}"
 
     def _mapping_containing(self, ptr: int, device: torch.device) -> Optional[_OutputMapping]:
         for mapping in self._mappings.values():
@@ -421,6 +453,8 @@ class Client:
     def _open_mapping(self, wire: dict, device: str) -> _OutputMapping:
         torch.cuda._lazy_init()  # a graph with no CUDA inputs may be this process's first CUDA use
         args = parse_ipc(wire.get("storage"), f"output buffer {wire.get('id')}", None)
+        local = torch.device(device)
+        args = (local.index,) + args[1:]  # the daemon's index for this GPU may not be ours
         storage = torch.UntypedStorage._new_shared_cuda(*args)
         mapping = _OutputMapping(int(wire["id"]), torch.device(device), storage, storage.data_ptr(), int(wire["nbytes"]))
         self._mappings[mapping.buffer_id] = mapping
@@ -502,6 +536,7 @@ class Client:
             self._invalidate_all()
         self.session_id = reply["session"]
         self.daemon_pid = reply["daemon_pid"]
+        self._uuid_map = None
         self.devices = reply["devices"]
         self.max_message_bytes = reply["max_message_bytes"]
 
@@ -592,6 +627,11 @@ def _normalize_device(device: Any) -> str:
     if dev.type == "cuda":
         return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
     return dev.type
+
+
+def _cuda_uuid(index: int) -> Optional[str]:
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else None
 
 
 def _device_of(inputs: list) -> str:

@@ -210,6 +210,11 @@ class DeviceRuntime:
         self.device = torch.device(name)
         self.is_cuda = self.device.type == "cuda"
         self.graphs = DeviceGraphs(self.device, allowed_namespaces=allowed_namespaces, compile_mode=compile_mode)
+        # The GPU's UUID lets clients with another CUDA_VISIBLE_DEVICES numbering find it.
+        self.uuid = None
+        if self.is_cuda:
+            uuid = getattr(torch.cuda.get_device_properties(self.device), "uuid", None)
+            self.uuid = str(uuid) if uuid is not None else None
         self._manager_class = tree_manager_class()
         # Ask the core which backend runs here rather than assuming from the device name.
         probe = self._manager_class(self.name)

@@ -9,7 +9,10 @@ for logs (e.g. ``"cgtree.client 0.1.0"``). Saying hello again from the same rout
 returns the same session (a reconnect).
 
 Reply: ``{"session": int, "adopted": bool, "protocol": int, "daemon_pid": int,
-"devices": [{"device": str, "backend": "cuda" | "cpu-replay"}], "max_message_bytes": int}``.
+"devices": [{"device": str, "backend": "cuda" | "cpu-replay", "uuid": str | None}],
+"max_message_bytes": int}``. ``uuid`` identifies a GPU across processes whose
+``CUDA_VISIBLE_DEVICES`` number it differently: clients translate their device indices (in
+``device`` fields and IPC exports) to the daemon's by it.
 
 Errors: ``bad_request`` (pid missing or not a live process, name too long),
 ``session_in_use`` (a live client holds that name).
@@ -45,6 +48,6 @@ def execute(ctx, session, body, frames) -> Reply:
         "adopted": adopted,
         "protocol": PROTOCOL_VERSION,
         "daemon_pid": os.getpid(),
-        "devices": [{"device": rt.name, "backend": rt.backend} for rt in ctx.devices.values()],
+        "devices": [{"device": rt.name, "backend": rt.backend, "uuid": rt.uuid} for rt in ctx.devices.values()],
         "max_message_bytes": ctx.config.daemon.max_message_bytes,
     })
