@@ -45,7 +45,7 @@ import zmq
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
 from cgtree.daemon.tensors import (
-    CUDA_IPC_HANDLE_SIZE,
+    is_cuda_malloc_ipc_handle,
     cpu_frame_of,
     describe_cpu,
     describe_cuda,
@@ -156,7 +156,7 @@ class _ExportCache:
                 "does not own (outputs of CUDA graph replays, tensors received from another process, "
                 "from_blob views) cannot be shared: pass a .clone()"
             ) from exc
-        if len(ipc["handle"]) != CUDA_IPC_HANDLE_SIZE:
+        if not is_cuda_malloc_ipc_handle(ipc["handle"]):
             raise ClientError(
                 "this CUDA allocation cannot travel as a legacy CUDA IPC handle (expandable segments?): "
                 "unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the client"

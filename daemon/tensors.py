@@ -61,7 +61,19 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 
 MAX_DIMS = 16
 MAX_DIM_SIZE = 2**48
-CUDA_IPC_HANDLE_SIZE = 64
+CUDA_IPC_HANDLE_SIZE = 64  # sizeof(cudaIpcMemHandle_t)
+# torch wraps shareable handles as [version byte][type byte][payload] (c10's CUDA caching
+# allocator: type 'c' is a plain cudaMalloc block whose payload is the 64-byte IPC handle; 'e'
+# is an expandable segment, which needs file descriptors ZeroMQ cannot carry). Older torch
+# sent the raw 64 bytes.
+_SHAREABLE_CUDA_MALLOC = ord("c")
+
+
+def is_cuda_malloc_ipc_handle(handle: bytes) -> bool:
+    """Whether ``handle`` (from ``_share_cuda_``) is a legacy CUDA IPC handle we can send."""
+    if len(handle) == CUDA_IPC_HANDLE_SIZE:
+        return True
+    return len(handle) == CUDA_IPC_HANDLE_SIZE + 2 and handle[1] == _SHAREABLE_CUDA_MALLOC
 # PyTorch names its reference-counter shared-memory files "/torch_<pid>_<random>" and each
 # holds CUDA_IPC_REF_COUNTER_FILE_SIZE counters. Closing a storage decrements one int64 in that
 # file, so a descriptor may only ever name a file of that form and an offset inside it.
@@ -222,8 +234,8 @@ def parse_ipc(ipc: Any, label: str, known_cuda_indices: Iterable[int] | None) ->
     if known_cuda_indices is not None and device not in set(known_cuda_indices):
         raise ProtocolError("bad_tensor", f"{label}: cuda:{device} is not a device this daemon serves")
     handle = ipc.get("handle")
-    if not isinstance(handle, bytes) or len(handle) != CUDA_IPC_HANDLE_SIZE:
-        raise ProtocolError("bad_tensor", f"{label}: storage handle must be {CUDA_IPC_HANDLE_SIZE} bytes")
+    if not isinstance(handle, bytes) or not is_cuda_malloc_ipc_handle(handle):
+        raise ProtocolError("bad_tensor", f"{label}: storage handle must be a CUDA IPC handle of a cudaMalloc block")
     size, offset = ipc.get("size"), ipc.get("offset")
     if not _is_int(size) or size < 0 or not _is_int(offset) or offset < 0:
         raise ProtocolError("bad_tensor", f"{label}: storage size and offset must be non-negative ints")
