@@ -395,6 +395,7 @@ class Daemon:
         new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, endpoint=old.daemon.endpoint, devices=old.daemon.devices,
                                                                   metrics_port=old.daemon.metrics_port))
         self.config = new
+        self.sessions.linger_s = getattr(new.daemon, "session_linger_s", self.sessions.linger_s)
         if new.policy != old.policy:
             for session in self.sessions.sessions.values():
                 for state in session.devices.values():

@@ -220,3 +220,13 @@ def cgtreed_gpu() -> Iterator[DaemonProcess]:
         yield daemon.start()
     finally:
         daemon.kill()
+
+
+@pytest.fixture
+def daemon_tools():
+    """The helpers above, for tests that need them directly (``import conftest`` is ambiguous
+    when several test folders have a conftest.py)."""
+    import types
+
+    return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,
+                                 short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint)

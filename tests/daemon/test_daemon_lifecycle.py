@@ -123,9 +123,8 @@ def test_a_bad_config_file_stops_the_daemon_at_start_with_exit_78(tmp_path):
     assert "daemon.max_message_bytes" in result.stderr
 
 
-def test_a_client_survives_a_daemon_restart_by_saying_hello_and_registering_again(daemon_factory):
-    from conftest import DaemonProcess
-
+def test_a_client_survives_a_daemon_restart_by_saying_hello_and_registering_again(daemon_factory, daemon_tools):
+    DaemonProcess = daemon_tools.DaemonProcess
     daemon = daemon_factory()
     model = tiny_mlp()
     with Client(daemon.endpoint, timeout_s=30) as client:
@@ -146,7 +145,7 @@ def test_a_client_survives_a_daemon_restart_by_saying_hello_and_registering_agai
             restarted.kill()
 
 
-def test_metrics_count_submits_and_sessions_when_enabled(daemon_factory):
+def test_metrics_count_submits_and_sessions_when_enabled(daemon_factory, daemon_tools):
     import socket
     import urllib.request
 
@@ -154,9 +153,7 @@ def test_metrics_count_submits_and_sessions_when_enabled(daemon_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    from conftest import DEFAULT_TEST_CONFIG
-
-    daemon = daemon_factory(DEFAULT_TEST_CONFIG + f"metrics_port = {port}\n")
+    daemon = daemon_factory(daemon_tools.DEFAULT_TEST_CONFIG + f"metrics_port = {port}\n")
     with Client(daemon.endpoint, timeout_s=30) as client:
         for _ in range(3):
             client.submit(tiny_mlp(), [torch.randn(2, 8)])
