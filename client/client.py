@@ -43,7 +43,7 @@ import torch
 import zmq
 
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request
-from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
+from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
     is_cuda_malloc_ipc_handle,
     cpu_frame_of,
@@ -594,11 +594,9 @@ class Client:
         if not self._socket_file_present():
             self._reset_socket()
         if self._socket is None:
-            path = ipc_path(self.endpoint)
-            if path is not None and not os.path.exists(path):
-                raise DaemonUnavailable(
-                    f"no cgtreed at {self.endpoint}: {path} does not exist (start `cgtreed`, or set CGTREE_ENDPOINT)"
-                )
+            problem = ipc_endpoint_problem(self.endpoint)
+            if problem is not None:
+                raise DaemonUnavailable(f"no cgtreed reachable at {self.endpoint}: {problem}")
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, self._routing_id)

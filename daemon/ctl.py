@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import zmq
 
 from cgtree.daemon.protocol import ProtocolError, decode_reply, encode_request
-from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
+from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -41,9 +41,9 @@ def subcommand(name: str, help_text: str, add_arguments: Callable[[argparse.Argu
 def request(endpoint: str, op: str, body: Optional[dict] = None, timeout_s: float = 5.0) -> dict:
     """One request without a session; returns the reply body. Raises ``Unreachable`` or
     ``ProtocolError`` (an error reply)."""
-    path = ipc_path(endpoint)
-    if path is not None and not os.path.exists(path):
-        raise Unreachable(f"no cgtreed at {endpoint} ({path} does not exist)")
+    problem = ipc_endpoint_problem(endpoint)
+    if problem is not None:
+        raise Unreachable(f"no cgtreed reachable at {endpoint}: {problem}")
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -86,3 +86,23 @@ def resolve_endpoint(configured: str, environ: Mapping[str, str] = os.environ) -
         return configured
     ensure_runtime_dir(default_runtime_dir(environ))
     return default_endpoint(environ)
+
+
+def ipc_endpoint_problem(endpoint: str) -> Optional[str]:
+    """Why a client cannot reach an ``ipc://`` endpoint, or None if it looks reachable.
+
+    ZeroMQ connects asynchronously and retries forever: a missing socket file or a permission
+    error would only ever show as a timeout. Checking the path first turns them into errors
+    that say what to fix.
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(directory) and not os.access(directory, os.X_OK):
+        return f"permission denied: cannot enter {directory} (is this user in the daemon's group?)"
+    if not os.path.exists(path):
+        return f"{path} does not exist (start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"permission denied on {path} (connecting needs write access: is this user in the daemon's group?)"
+    return None

@@ -218,3 +218,37 @@ def test_weight_uploads_are_split_under_the_message_limit():
         _batches(["a"], blobs, limit=10)
     with pytest.raises(ClientError):
         _batches(["zzz"], blobs, limit=100)
+
+
+def test_unreachable_ipc_endpoints_are_explained(tmp_path):
+    sock = tmp_path / "s"
+    assert "does not exist" in runtime_dir.ipc_endpoint_problem(f"ipc://{sock}")
+    sock.write_text("")
+    os.chmod(sock, 0o400)
+    if os.access(sock, os.W_OK):  # root ignores modes
+        pytest.skip("running as root")
+    assert "permission denied" in runtime_dir.ipc_endpoint_problem(f"ipc://{sock}")
+    assert runtime_dir.ipc_endpoint_problem("tcp://127.0.0.1:5555") is None
+
+
+def test_cgtreectl_without_a_daemon_exits_2_with_a_clear_message(tmp_path, capsys):
+    from cgtree.daemon import ctl
+
+    assert ctl.main(["--endpoint", f"ipc://{tmp_path}/absent.sock", "status"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cgtreectl_tables_render_a_status_document():
+    from cgtree.daemon.ctl import format_status
+
+    text = format_status({
+        "daemon": {"pid": 1, "version": "0.1.0", "protocol": 1, "uptime_s": 5, "endpoint": "ipc:///x"},
+        "devices": [{"device": "cpu", "backend": "cpu-replay", "graphs": 1, "weights": {"count": 2, "bytes": 2048},
+                     "sessions": 1, "pool_bytes": 100, "live_blocks": 0, "output_buffer_bytes": 0}],
+        "sessions": [{"id": 3, "name": None, "pid": 42, "state": "live", "idle_s": 1.0, "submits": 5,
+                      "devices": {"cpu": {"root_children": [0], "counters": {"warmups": 1, "recordings": 1, "replays": 3},
+                                          "tree": {"nodes": [{"id": 0}]}, "pool_bytes": 100, "live_blocks": 0}}}],
+    })
+    assert "cpu-replay" in text and "2.0 KiB" in text
+    header, row = [line for line in text.splitlines() if line.startswith(("SESSION", "3 "))]
+    assert row.split()[:3] == ["3", "-", "42"]
