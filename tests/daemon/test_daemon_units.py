@@ -171,8 +171,11 @@ def test_cpu_frames_round_trip_every_allowed_dtype_zero_copy():
 def test_parse_ipc_refuses_wrong_handles_and_counter_files():
     good = {"device": 0, "handle": bytes(64), "size": 16, "offset": 0, "ref": b"/torch_12_34", "ref_offset": 3}
     assert parse_ipc(good, "input 0", [0])[:2] == (0, bytes(64))
+    versioned = b"\x01c" + bytes(64)  # newer torch: [version][type 'c'][64-byte handle]
+    assert parse_ipc({**good, "handle": versioned}, "input 0", [0])[1] == versioned
     for bad, message in [
-        ({**good, "handle": bytes(10)}, "64 bytes"),
+        ({**good, "handle": bytes(10)}, "CUDA IPC handle"),
+        ({**good, "handle": b"\x01e" + bytes(64)}, "CUDA IPC handle"),  # expandable segment: needs fds
         ({**good, "ref": b"/etc/passwd"}, "IPC counter file"),
         ({**good, "ref_offset": 10_000}, "ref_offset"),
         ({**good, "device": 3}, "cuda:3 is not a device this daemon serves"),
