@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -43,7 +44,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from cgtree.daemon.server import EXIT_START_FAILED
+    from cgtree.daemon.server import EXIT_CUDA_ERROR, EXIT_START_FAILED
 
     args = parse_args(argv)
     try:
@@ -62,7 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RuntimeDirError, StartError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_START_FAILED
-    return daemon.run()
+    code = daemon.run()
+    if code == EXIT_CUDA_ERROR:
+        # The CUDA context is poisoned: interpreter teardown (torch's atexit hooks, allocator
+        # frees) could fail or hang in it. Leave now; the supervisor restarts us.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _configure_logging(config: Config) -> None:

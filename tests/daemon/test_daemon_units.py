@@ -255,3 +255,51 @@ def test_cgtreectl_tables_render_a_status_document():
     assert "cpu-replay" in text and "2.0 KiB" in text
     header, row = [line for line in text.splitlines() if line.startswith(("SESSION", "3 "))]
     assert row.split()[:3] == ["3", "-", "42"]
+
+
+# --------------------------------------------------------------------------- dispatch hooks
+
+
+class _FakeFrame:
+    def __init__(self, data: bytes) -> None:
+        self.bytes = data
+        self.buffer = memoryview(data)
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+
+def _dispatch(monkeypatch, exc: Exception, sticky: bool):
+    import types
+
+    from cgtree.config import Config
+    from cgtree.daemon import commands, server
+
+    boom = types.SimpleNamespace(NAME="boom", NEEDS_SESSION=False, __doc__="x",
+                                 execute=lambda ctx, session, body, frames: (_ for _ in ()).throw(exc))
+    monkeypatch.setitem(commands.COMMANDS, "boom", boom)
+    monkeypatch.setattr(server, "cuda_context_is_broken", lambda names: sticky)
+    daemon = server.Daemon(Config(), endpoint="ipc:///nonexistent/s", device_names=["cpu"])
+    daemon.metrics = server._NoMetrics()
+    request = msgpack.packb({"v": 1, "id": 77, "op": "boom", "body": {}})
+    reply = daemon.handle_message([_FakeFrame(b"client"), _FakeFrame(request)])
+    return daemon, msgpack.unpackb(reply[-1], raw=False)
+
+
+def test_a_sticky_cuda_error_is_answered_then_ends_the_daemon(monkeypatch):
+    from cgtree.daemon.server import EXIT_CUDA_ERROR
+
+    daemon, reply = _dispatch(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"), sticky=True)
+    assert reply["id"] == 77 and reply["error"]["code"] == "cuda_error"
+    assert daemon.exit_code == EXIT_CUDA_ERROR
+
+
+def test_a_transient_cuda_error_is_answered_and_the_daemon_goes_on(monkeypatch):
+    daemon, reply = _dispatch(monkeypatch, RuntimeError("CUDA error: invalid argument"), sticky=False)
+    assert reply["error"]["code"] == "cuda_error" and daemon.exit_code is None
+
+
+def test_any_other_handler_exception_is_internal_with_the_request_id(monkeypatch):
+    daemon, reply = _dispatch(monkeypatch, KeyError("oops"), sticky=False)
+    assert reply["id"] == 77 and reply["error"]["code"] == "internal" and "77" in reply["error"]["message"]
+    assert daemon.exit_code is None and daemon.counters["internal_errors"] == 1
