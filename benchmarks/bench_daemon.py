@@ -136,17 +136,31 @@ COLD_SESSION_NAME = "bench-coldstart"
 _LIVE: list[subprocess.Popen] = []
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when this process dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
+def _load_prctl() -> Optional[Callable[..., int]]:
+    # Resolved here, not in the forked child: loading a library after fork() in a process with
+    # threads (ZeroMQ's, the readers') can deadlock on the loader's lock.
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when this process dies, even by SIGKILL, so no daemon
+    or client outlives a benchmark killed by a caller's timeout."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def spawn(argv: list[str], *, env: dict, cwd: str, stdin=None, stdout=None, stderr=None) -> subprocess.Popen:
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                            preexec_fn=_die_with_parent if _PRCTL is not None else None)
     _LIVE.append(proc)
     return proc
 
@@ -393,8 +407,12 @@ def child_coldstart_daemon(opts: dict) -> None:
         sync()
         later_ms.append((clock() - begin) * 1e3)
         modes.append(client.last_execution["mode"])
+    # What the daemon holds now (read before this client's bye can drop the last reference).
+    held = client.status()["devices"][0]
     result = {
         "pid": os.getpid(),
+        "daemon_graphs": held["graphs"],
+        "daemon_weights": held["weights"],
         "session_id": client.session_id,
         "graph_id": handle.graph_id,
         "modes": modes,
@@ -402,6 +420,8 @@ def child_coldstart_daemon(opts: dict) -> None:
         "import_s": t_imported - opts["t0"],
         "model_ready_s": t_model - opts["t0"],
         "first_submit_ms": (t_first - start) * 1e3,
+        # A client that keeps its lowered payload (or registers a known graph id) skips lowering.
+        "first_submit_excl_lowering_ms": (t_first - start - (t_lowered - t_client)) * 1e3,
         "breakdown_ms": {
             "client": (t_client - start) * 1e3,
             "lower_encode": (t_lowered - t_client) * 1e3,
@@ -921,9 +941,9 @@ def run_coldstart_model(name: str, args, device: torch.device, workdir: str, bud
             before = daemon.status()["devices"][0]
             result = run_child("coldstart-daemon", {**opts, "session": session_name}, env=env, cwd=workdir,
                                timeout_s=budget.timeout(args.coldstart_timeout))
-            after = daemon.status()["devices"][0]
             # The graph and its weights were on the device already: nothing new decoded or sent.
-            result["graph_was_registered"] = after["graphs"] == before["graphs"] and after["weights"] == before["weights"]
+            result["graph_was_registered"] = (result["daemon_graphs"] == before["graphs"]
+                                              and result["daemon_weights"] == before["weights"])
             return result
 
         if rows.get("registering-client", {}).get("status") == "ok":
@@ -987,6 +1007,13 @@ def evaluate_targets(sections: dict) -> list[dict]:
             ratio = _ratio(row.get("first_submit_ms") if row.get("status") == "ok" else None,
                            ro.get("first_three_ms") if ro.get("status") == "ok" else None)
             add("coldstart", model, f"{key} first submit <= {COLDSTART_TARGET:g} x reduce-overhead first 3 calls", ratio, COLDSTART_TARGET)
+        for key in ("daemon-new-session", "daemon-named-session"):
+            # Informational: how much of the first submit is the client's own lowering.
+            row = paths.get(key) or {}
+            ratio = _ratio(row.get("first_submit_excl_lowering_ms") if row.get("status") == "ok" else None,
+                           ro.get("first_three_ms") if ro.get("status") == "ok" else None)
+            add("coldstart", model, f"(info) {key} first submit without lowering <= {COLDSTART_TARGET:g} x "
+                "reduce-overhead first 3 calls", ratio, COLDSTART_TARGET)
     return targets
 
 
@@ -1086,14 +1113,15 @@ def render_markdown(report: dict) -> str:
                 lines += [f"#### {name}: {_status(data)}", ""]
                 continue
             lines += [f"#### {name}", "",
-                      "| process | first submit (ms) | lower / register / submit (ms) | first 3 calls (ms) | process start to first result (s) | modes | status |",
-                      "|---|---:|---|---:|---:|---|---|"]
+                      "| process | first submit (ms) | lower / register / submit (ms) | first submit without lowering (ms) | first 3 calls (ms) | process start to first result (s) | modes | status |",
+                      "|---|---:|---|---:|---:|---:|---|---|"]
             for key, row in data["paths"].items():
                 if not isinstance(row, dict):
                     continue
                 parts = row.get("breakdown_ms") or {}
                 split = "-" if not parts else f"{_fmt(parts.get('lower_encode'))} / {_fmt(parts.get('hello_register'))} / {_fmt(parts.get('submit'))}"
-                lines.append(f"| {key} | {_fmt(row.get('first_submit_ms'))} | {split} | {_fmt(row.get('first_three_ms'))} | "
+                lines.append(f"| {key} | {_fmt(row.get('first_submit_ms'))} | {split} | "
+                             f"{_fmt(row.get('first_submit_excl_lowering_ms'))} | {_fmt(row.get('first_three_ms'))} | "
                              f"{_fmt(row.get('process_start_to_first_result_s'), 2)} | {', '.join(row.get('modes') or []) or '-'} | {_status(row)} |")
             lines.append("")
     lines += ["### Targets", "", "| section | model | target | ratio | result |", "|---|---|---|---:|---|"]
