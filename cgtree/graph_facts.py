@@ -1,0 +1,166 @@
+"""What the torch.compile backend reads off one AOT graph before handing it to a tree manager.
+
+Every fact is read from the graph alone (node targets, ``meta["val"]`` fake values, placeholder
+names, ``meta["stack_trace"]``); nothing here runs the graph or touches real memory.
+
+Invariants:
+- ``device_of`` prefers a CUDA device over the CPU: a graph with any CUDA tensor belongs to
+  that CUDA device's tree (the tree manager then skips calls with CPU inputs or several
+  devices, with PyTorch's messages). Graphs with CPU tensors only go to the cpu-replay tree.
+- ``mutated_inputs`` lists placeholder positions whose *storage* some node writes, so a write
+  through a view of an input counts as well.
+- ``locate_user_frames`` changes only the callables of the nodes it is given (mutating and
+  graph-incompatible ops), never what they compute (see ``cgtree.user_frames``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx
+from torch._ops import OpOverload
+
+from cgtree.user_frames import innermost_frame, located_call, parse_stack_trace
+
+_INCOMPATIBLE_TAG_NAMES = ("dynamic_output_shape", "data_dependent_output", "cudagraph_unsafe")
+_INCOMPATIBLE_TAGS = tuple(getattr(torch.Tag, n) for n in _INCOMPATIBLE_TAG_NAMES if hasattr(torch.Tag, n))
+# Backward placeholders that are not saved activations (aot_autograd's names).
+_NOT_SAVED_MARKERS = ("tangents", "bwd_seed", "bwd_base_offset", "bwd_rng_state")
+
+
+def placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+def _value(node: Any) -> Any:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta.get("val", node.meta.get("fake_result"))
+
+
+def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def device_of(gm: torch.fx.GraphModule, example_inputs: Iterable[Any] = ()) -> Optional[torch.device]:
+    """The device whose tree runs this graph: the first CUDA device any tensor of it is on,
+    else ``cpu`` when it has CPU tensors, else None (no tensors, or only other devices)."""
+    seen_cpu = False
+    values = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    values += [t for node in gm.graph.nodes for t in _tensors_in(_value(node))]
+    for tensor in values:
+        if tensor.device.type == "cuda":
+            return tensor.device
+        seen_cpu = seen_cpu or tensor.device.type == "cpu"
+    return torch.device("cpu") if seen_cpu else None
+
+
+def _storage_key(tensor: torch.Tensor) -> Any:
+    try:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        return StorageWeakRef(tensor.untyped_storage())
+    except Exception:  # tensors without storage (sparse, nested): identity is the best we have
+        return id(tensor)
+
+
+def _written_arguments(node: torch.fx.Node) -> Iterable[Any]:
+    """The fx arguments a mutating op node writes (its ``Tensor(a!)`` arguments)."""
+    if node.op != "call_function" or not isinstance(node.target, OpOverload):
+        return
+    schema = node.target._schema
+    if not schema.is_mutable:
+        return
+    for position, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if not argument.kwarg_only and position < len(node.args):
+            yield node.args[position]
+        elif argument.name in node.kwargs:
+            yield node.kwargs[argument.name]
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Positions of the placeholders whose storage some node of the graph writes."""
+    by_storage: dict[Any, set[int]] = {}
+    for position, node in enumerate(placeholders(gm)):
+        value = _value(node)
+        if isinstance(value, torch.Tensor):
+            by_storage.setdefault(_storage_key(value), set()).add(position)
+    mutated: set[int] = set()
+    for node in gm.graph.nodes:
+        for argument in _written_arguments(node):
+            for tensor in _tensors_in(_value(argument)):
+                mutated |= by_storage.get(_storage_key(tensor), set())
+    return mutated
+
+
+def is_incompatible(node: torch.fx.Node) -> bool:
+    """Ops a CUDA graph cannot hold: data-dependent output shapes, host reads, unsafe tags."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, OpOverload):
+        return False
+    if target._schema.name in ("aten::_local_scalar_dense", "aten::item"):
+        return True
+    return any(tag in target.tags for tag in _INCOMPATIBLE_TAGS)
+
+
+def incompatible_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node in gm.graph.nodes if is_incompatible(node)]
+
+
+def saved_tensor_count(bw_gm: torch.fx.GraphModule) -> int:
+    """Leading backward inputs that are saved activations (static: the forward's outputs or
+    tensors it kept), as opposed to incoming gradients and RNG state."""
+    count = 0
+    for node in placeholders(bw_gm):
+        if any(marker in node.name for marker in _NOT_SAVED_MARKERS):
+            break
+        count += 1
+    return count
+
+
+def is_dynamic(gm: torch.fx.GraphModule) -> bool:
+    """Whether any input is a symbolic size or a tensor with symbolic sizes."""
+    for node in placeholders(gm):
+        value = _value(node)
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):
+            return True
+    return False
+
+
+def first_user_frame(gm: torch.fx.GraphModule) -> Optional[tuple[str, int, str]]:
+    """(file, line, function) of the user code the graph's first traced op came from."""
+    for node in gm.graph.nodes:
+        frame = innermost_frame(node.meta.get("stack_trace"))
+        if frame is not None:
+            return frame
+    return None
+
+
+def nodes_worth_locating(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Nodes whose first run may produce a skip message: mutating and incompatible ops."""
+    return [node for node in gm.graph.nodes if is_incompatible(node) or any(True for _ in _written_arguments(node))]
+
+
+def locate_user_frames(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> int:
+    """Make each of ``nodes`` run inside frames at its user source lines; returns how many.
+
+    The GraphModule is recompiled when anything changed.
+    """
+    changed = 0
+    for node in nodes:
+        frames = parse_stack_trace(node.meta.get("stack_trace"))
+        if frames:
+            node.target = located_call(node.target, frames)
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
