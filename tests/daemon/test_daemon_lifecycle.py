@@ -32,22 +32,6 @@ def wait_for_log(daemon, text: str, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def test_sigterm_frees_sessions_exits_0_and_removes_the_socket_file(daemon_factory):
-    daemon = daemon_factory()
-    with Client(daemon.endpoint, timeout_s=30) as client:
-        client.submit(tiny_mlp(), [torch.randn(2, 8)])
-        assert os.path.exists(daemon.socket_path)
-        started = time.monotonic()
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(timeout_s=15) == 0
-        assert time.monotonic() - started < 10.0  # within shutdown_timeout_s
-        assert not os.path.exists(daemon.socket_path)
-        log = daemon.log()
-        assert "stopped cleanly" in log and "the daemon is stopping" in log
-        with pytest.raises(DaemonUnavailable):
-            client.ping()
-
-
 def test_sighup_with_a_bad_file_keeps_serving_and_a_good_file_applies_to_new_recordings(daemon_factory):
     daemon = daemon_factory()
     model = tiny_mlp()
@@ -123,17 +107,24 @@ def test_a_bad_config_file_stops_the_daemon_at_start_with_exit_78(tmp_path):
     assert "daemon.max_message_bytes" in result.stderr
 
 
-def test_a_client_survives_a_daemon_restart_by_saying_hello_and_registering_again(daemon_factory, daemon_tools):
-    DaemonProcess = daemon_tools.DaemonProcess
+def test_sigterm_exits_0_removes_the_socket_and_a_client_survives_the_restart(daemon_factory, daemon_tools):
     daemon = daemon_factory()
     model = tiny_mlp()
     with Client(daemon.endpoint, timeout_s=30) as client:
         for _ in range(2):
             client.submit(model, [torch.randn(2, 8)])
         first_daemon = client.daemon_pid
+        started = time.monotonic()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout_s=15) == 0
-        restarted = DaemonProcess(daemon.workdir, Path(daemon.config_path).read_text()).start()
+        assert time.monotonic() - started < 10.0  # within shutdown_timeout_s
+        assert not os.path.exists(daemon.socket_path)
+        log = daemon.log()
+        assert "stopped cleanly" in log and "the daemon is stopping" in log
+        with pytest.raises(DaemonUnavailable, match="does not exist"):
+            client.ping()
+
+        restarted = daemon_tools.DaemonProcess(daemon.workdir, Path(daemon.config_path).read_text()).start()
         try:
             x = torch.randn(2, 8)
             (out,) = client.submit(model, [x])  # no_session -> hello -> register -> submit
