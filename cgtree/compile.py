@@ -30,7 +30,8 @@ Invariants:
   function, not at graph breaks inside it); the manager is then told ``begin_invocation()``.
   This is the signal PyTorch's trees use, so graph breaks give the same tree paths.
 - Steps: ``torch.compiler.cudagraph_mark_step_begin()`` is wrapped so that it also calls
-  ``mark_step_begin()`` on every cgtree manager. Should a caller hold the unwrapped function,
+  ``mark_step_begin()`` on every cgtree manager; once a step was marked (since the last
+  reset), managers created later start in that mode too, as PyTorch's do. Should a caller hold the unwrapped function,
   a change of PyTorch's ``MarkStepBox.mark_step_counter`` seen at the next graph call has the
   same effect (a reset of that counter to 0 is not a step).
 - Skip messages name the user's source line: mutating and graph-incompatible ops run inside
@@ -98,6 +99,10 @@ def _tree_for(device: torch.device) -> _DeviceTree:
     if tree is None:
         _install_step_hook()
         tree = _trees[device] = _DeviceTree(TreeManager(device, policy=_policy))
+        if _steps.marked_any:
+            # As PyTorch: once the user marks steps, only marked steps start generations, on
+            # every device's tree, including trees created after the mark.
+            tree.manager.mark_step_begin()
     return tree
 
 
@@ -157,15 +162,18 @@ class _StepWatcher:
 
     def __init__(self) -> None:
         self.installed = False
+        self.marked_any = False  # since the last reset()
         self.counter_seen = 0
         self.box: Any = None  # torch._inductor.cudagraph_trees.MarkStepBox once imported
 
     def mark_all(self) -> None:
+        self.marked_any = True
         for tree in _trees.values():
             tree.manager.mark_step_begin()
         self.counter_seen = self._counter()
 
     def forget(self) -> None:
+        self.marked_any = False
         self.counter_seen = self._counter()
 
     def _counter(self) -> int:
@@ -276,7 +284,9 @@ def _graph_name(gm: torch.fx.GraphModule, kind: str) -> str:
 def _eager_runner(gm: torch.fx.GraphModule) -> Callable:
     """The graph's own code, with skip-worthy ops located at the user's source lines, behind
     one frame at the graph's first user line (the origin cgtree reports for the function)."""
-    graph_facts.locate_user_frames(gm, graph_facts.nodes_worth_locating(gm))
+    located = graph_facts.nodes_worth_locating(gm)
+    graph_facts.lower_auto_functionalized(gm)
+    graph_facts.locate_user_frames(gm, located)
     forward = gm.forward
     frame = graph_facts.first_user_frame(gm)
     return function_at(forward, frame) if frame is not None else forward
@@ -298,7 +308,13 @@ def tree_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, kind:
     device = graph_facts.device_of(gm, example_inputs)
     name = name or _graph_name(gm, kind)
     dynamic = graph_facts.is_dynamic(gm)
-    return _under_tree(_eager_runner(gm), device, static_input_idxs, kind, name, dynamic)
+    runner = _eager_runner(gm)
+    unsupported = graph_facts.higher_order_ops(gm)
+    if unsupported:
+        # The manager's first-run inspector (a dispatch mode) cannot run higher-order ops yet.
+        log.warning("cgtree: %s calls higher-order op(s) %s: it runs without CUDA graphs", name, ", ".join(unsupported))
+        return _boxed(runner)
+    return _under_tree(runner, device, static_input_idxs, kind, name, dynamic)
 
 
 def _under_tree(runner: Callable, device: Optional[torch.device], static_input_idxs: Sequence[int],

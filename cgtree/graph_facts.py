@@ -15,7 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx
@@ -100,9 +100,30 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
     return mutated
 
 
+def _auto_functionalized_ops() -> dict[Any, Callable]:
+    """auto_functionalized higher-order ops -> their plain (clone, then call the op) form."""
+    try:
+        from torch._higher_order_ops import auto_functionalize as af
+    except ImportError:  # pragma: no cover - both exist in every supported torch
+        return {}
+    pairs = {}
+    for hop, dense in (("auto_functionalized", "auto_functionalized_dense"),
+                       ("auto_functionalized_v2", "auto_functionalized_v2_dense")):
+        if hasattr(torch.ops.higher_order, hop) and hasattr(af, dense):
+            pairs[getattr(torch.ops.higher_order, hop)] = getattr(af, dense)
+    return pairs
+
+
+def _operator_of(node: torch.fx.Node) -> Any:
+    """The operator a node calls; for an auto_functionalized node, the mutable op it wraps."""
+    if node.op == "call_function" and node.target in _auto_functionalized_ops() and node.args:
+        return node.args[0]
+    return node.target
+
+
 def is_incompatible(node: torch.fx.Node) -> bool:
     """Ops a CUDA graph cannot hold: data-dependent output shapes, host reads, unsafe tags."""
-    target = node.target
+    target = _operator_of(node)
     if node.op != "call_function" or not isinstance(target, OpOverload):
         return False
     if target._schema.name in ("aten::_local_scalar_dense", "aten::item"):
@@ -147,7 +168,36 @@ def first_user_frame(gm: torch.fx.GraphModule) -> Optional[tuple[str, int, str]]
 
 def nodes_worth_locating(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """Nodes whose first run may produce a skip message: mutating and incompatible ops."""
-    return [node for node in gm.graph.nodes if is_incompatible(node) or any(True for _ in _written_arguments(node))]
+    return [
+        node
+        for node in gm.graph.nodes
+        if is_incompatible(node) or any(True for _ in _written_arguments(node)) or node.target in _auto_functionalized_ops()
+    ]
+
+
+def lower_auto_functionalized(gm: torch.fx.GraphModule) -> int:
+    """Run auto_functionalized nodes (custom ops with mutated arguments, functionalized by
+    AOT) in their plain form: clones, then the op. Same results; but the op then dispatches
+    like any ATen op, which is what the tree manager's inspector watches (a dispatch mode
+    sees no higher-order op). Returns how many nodes changed; recompiles if any did."""
+    pairs = _auto_functionalized_ops()
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in pairs:
+            node.target = pairs[node.target]
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def higher_order_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the higher-order ops (cond, while_loop, invoke_subgraph, ...) the graph calls."""
+    return [
+        str(getattr(node.target, "name", lambda: node.target)())
+        for node in gm.graph.nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+    ]
 
 
 def locate_user_frames(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> int:

@@ -642,6 +642,10 @@ class TreeManager:
         node.replay_execution = Execution(ExecutionMode.REPLAYED, variant.function.name, node.graph_id)
         node.variant = variant
         user_flat = self._describe_outputs(node, recording, inputs, raw_outputs)
+        # Drop the raw outputs before the allocator state is saved: an output that aliased a
+        # copied input is the recording's (owning) input buffer, and a block still held here
+        # would be saved as allocated, untracked, and leak at the next checkpoint.
+        del raw_outputs
         if parent is None:
             self._roots.setdefault(variant.id, []).append(node)
         else:

@@ -77,7 +77,9 @@ def is_cuda_malloc_ipc_handle(handle: bytes) -> bool:
 # PyTorch names its reference-counter shared-memory files "/torch_<pid>_<random>" and each
 # holds CUDA_IPC_REF_COUNTER_FILE_SIZE counters. Closing a storage decrements one int64 in that
 # file, so a descriptor may only ever name a file of that form and an offset inside it.
-_REF_COUNTER_NAME = re.compile(r"^/torch_[0-9]+_[0-9]+$")
+# Names vary across torch versions (/torch_<pid>_<n>, /torch_<pid>_<random>_<n>): accept the
+# /torch_ prefix with word characters only (no further slash, no dots), at most 64 bytes.
+_REF_COUNTER_NAME = re.compile(r"^/torch_[0-9A-Za-z_]{1,57}$")
 _REF_COUNTER_FILE_SIZE = 10000
 # Output buffers lay tensors out at this alignment (the CUDA caching allocator's own is 512).
 OUTPUT_ALIGNMENT = 256
@@ -241,7 +243,7 @@ def parse_ipc(ipc: Any, label: str, known_cuda_indices: Iterable[int] | None) ->
         raise ProtocolError("bad_tensor", f"{label}: storage size and offset must be non-negative ints")
     ref, ref_offset = ipc.get("ref"), ipc.get("ref_offset")
     if not isinstance(ref, bytes) or not _REF_COUNTER_NAME.match(ref.decode("ascii", "replace")):
-        raise ProtocolError("bad_tensor", f"{label}: storage ref must name a PyTorch IPC counter file (/torch_<pid>_<n>)")
+        raise ProtocolError("bad_tensor", f"{label}: storage ref must name a PyTorch IPC counter file (/torch_...)")
     if not _is_int(ref_offset) or not 0 <= ref_offset < _REF_COUNTER_FILE_SIZE:
         raise ProtocolError("bad_tensor", f"{label}: storage ref_offset out of range")
     return (device, handle, size, offset, ref, ref_offset, bytes(CUDA_IPC_HANDLE_SIZE), False)
