@@ -104,7 +104,9 @@ class SessionDevice:
         self.buffers_by_id: dict[int, OutputBuffer] = {}
         self.ipc_imports = IpcImportCache(IPC_IMPORT_CACHE_SIZE)
 
-    def replace_output_buffer(self, graph_id: str, buffer: OutputBuffer, *, client_alive: bool = True) -> None:
+    def replace_output_buffer(self, graph_id: str, buffer: OutputBuffer) -> None:
+        """A new buffer for the graph (its outputs changed shape); the old one is freed once the
+        client, seeing the new buffer id in the reply, closes its mapping of the old one."""
         old = self.output_buffers.get(graph_id)
         if old is not None:
             self.buffers_by_id.pop(old.buffer_id, None)
