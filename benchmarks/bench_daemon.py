@@ -601,9 +601,13 @@ def setup_daemon_path(name: str, model: Any, device: torch.device, daemon: Daemo
         cpu_model = model if device.type == "cpu" else build_model(model.name, "cpu", seed=seed)
         module, inputs = cpu_model.module, cpu_model.inputs
         place = lambda ins: tuple(t.cpu() for t in ins)  # noqa: E731
-    # Lowered in the default grad mode, as a user's first submit would.
-    with torch.enable_grad():
-        handle = client.register(module, list(inputs), device=str(device))
+    try:
+        # Lowered in the default grad mode, as a user's first submit would.
+        with torch.enable_grad():
+            handle = client.register(module, list(inputs), device=str(device))
+    except BaseException:
+        client.close()
+        raise
     setup_ms = (time.perf_counter() - started) * 1e3
 
     def invoke(*activations: torch.Tensor) -> torch.Tensor:
@@ -750,8 +754,9 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def run_latency(args, device: torch.device, sync, workdir: str, budget: Budget) -> dict:
-    section: dict[str, Any] = {"status": "ok", "models": {}}
+def run_latency(section: dict, args, device: torch.device, sync, workdir: str, budget: Budget) -> None:
+    """Fills ``section`` as it goes: an interrupted run still reports the models it finished."""
+    section.update({"status": "ok", "models": {}})
     with Daemon(args.daemon_devices, os.path.join(workdir, "latency")).start(budget.timeout(DAEMON_START_TIMEOUT_S)) as daemon:
         section["daemon_start_s"] = daemon.start_s
         for name in args.models:
@@ -761,7 +766,6 @@ def run_latency(args, device: torch.device, sync, workdir: str, budget: Budget) 
             print(f"[bench_daemon] latency: {name} on {device} ...", file=sys.stderr, flush=True)
             section["models"][name] = bench_latency_model(name, args, device, daemon, sync)
         section["daemon_log_tail"] = daemon.log_tail(15)
-    return section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -879,9 +883,9 @@ def _memory_figures(before: dict, during: dict, client_pids: list[int], daemon_p
     return figures
 
 
-def run_memory(args, device: torch.device, workdir: str, budget: Budget) -> dict:
-    section: dict[str, Any] = {"status": "ok", "model": args.memory_model, "clients": args.clients,
-                               "calls_per_client": args.memory_calls, "groups": {}}
+def run_memory(section: dict, args, device: torch.device, workdir: str, budget: Budget) -> None:
+    section.update({"status": "ok", "model": args.memory_model, "clients": args.clients,
+                    "calls_per_client": args.memory_calls, "groups": {}})
     for kind in args.memory_groups:
         if budget.remaining() < 45:
             section["groups"][kind] = {"kind": kind, "status": "skipped", "note": "time budget"}
@@ -891,7 +895,6 @@ def run_memory(args, device: torch.device, workdir: str, budget: Budget) -> dict
     totals = {k: g.get("total_mib") for k, g in section["groups"].items() if g.get("status") == "ok"}
     section["ratios"] = {f"{k}/reduce-overhead": _ratio(totals.get(k), totals.get("reduce-overhead"))
                          for k in section["groups"] if k != "reduce-overhead"}
-    return section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,14 +969,13 @@ def run_coldstart_model(name: str, args, device: torch.device, workdir: str, bud
     return {"paths": rows}
 
 
-def run_coldstart(args, device: torch.device, workdir: str, budget: Budget) -> dict:
-    section: dict[str, Any] = {"status": "ok", "models": {}}
+def run_coldstart(section: dict, args, device: torch.device, workdir: str, budget: Budget) -> None:
+    section.update({"status": "ok", "models": {}})
     for name in args.coldstart_models:
         if budget.remaining() < 30:
             section["models"][name] = {"status": "skipped", "note": "time budget"}
             continue
         section["models"][name] = run_coldstart_model(name, args, device, os.path.join(workdir, f"cold-{name}"), budget)
-    return section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1083,9 +1085,9 @@ def render_markdown(report: dict) -> str:
     if memory:
         lines += [f"### GPU memory: {memory.get('clients', config['clients'])} processes running "
                   f"{memory.get('model', config['memory_model'])}", ""]
-        if memory.get("status") != "ok" or not memory.get("groups"):
+        if memory.get("status") != "ok":
             lines += [_status(memory), ""]
-        else:
+        if memory.get("groups"):
             lines += ["| setup | GPU memory used (MiB) | mem_get_info delta (MiB) | daemon (MiB) | clients with a CUDA context | per client (MiB) | left after teardown (MiB) | status |",
                       "|---|---:|---:|---:|---:|---|---:|---|"]
             for kind, group in memory["groups"].items():
@@ -1243,27 +1245,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         },
         "sections": {},
     }
+    interrupted = None
     try:
-        for section in SECTIONS:
-            if section not in args.sections:
+        for name in SECTIONS:
+            if name not in args.sections:
                 continue
-            if section == "memory" and device.type != "cuda":
+            if name == "memory" and device.type != "cuda":
                 report["sections"]["memory"] = {"status": "n/a", "note": "needs CUDA"}
                 continue
-            if budget.remaining() < 30:
-                report["sections"][section] = {"status": "skipped", "note": "time budget"}
+            if interrupted or budget.remaining() < 30:
+                report["sections"][name] = {"status": "skipped", "note": interrupted or "time budget"}
                 continue
+            section = report["sections"][name] = {"status": "running"}
             try:
-                if section == "latency":
-                    result = run_latency(args, device, sync, workdir, budget)
-                elif section == "memory":
-                    result = run_memory(args, device, workdir, budget)
+                if name == "latency":
+                    run_latency(section, args, device, sync, workdir, budget)
+                elif name == "memory":
+                    run_memory(section, args, device, workdir, budget)
                 else:
-                    result = run_coldstart(args, device, workdir, budget)
+                    run_coldstart(section, args, device, workdir, budget)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # A caller's timeout (SIGTERM) or Ctrl-C: keep what was measured, report, stop.
+                interrupted = f"interrupted ({type(exc).__name__} {exc})".replace(" )", ")")
+                section["status"], section["note"] = "error", interrupted
             except Exception as exc:  # one section failing must not cost the others' numbers
                 traceback.print_exc()
-                result = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
-            report["sections"][section] = result
+                section["status"], section["note"] = "error", f"{type(exc).__name__}: {exc}"
     finally:
         stop_all_processes()
         report["wall_s"] = time.perf_counter() - started
@@ -1281,7 +1288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if report["failed"]:
         print(f"FAILED: {', '.join(report['failed'])}", file=sys.stderr)
-        return 2
+        return 2 if interrupted is None else 128 + signal.SIGTERM
     if args.fail_on_target and any(t["status"] == "fail" for t in report["targets"]):
         print("missed target(s)", file=sys.stderr)
         return 3
