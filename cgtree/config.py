@@ -84,7 +84,10 @@ class DaemonConfig:
     devices: ``"auto"`` (every CUDA device, or the CPU replay backend when there is none),
         ``"cpu"``, or a list such as ``["cuda:0", "cuda:1"]``.
     max_message_bytes: requests larger than this are refused with ``too_large``.
-    session_timeout_s: a session with no request (or heartbeat) for this long is reclaimed.
+    session_timeout_s: a session whose client's liveness cannot be checked (pid not visible)
+        and that sent no request for this long is reclaimed.
+    session_linger_s: a *named* session whose client died keeps its trees (parked, outputs
+        invalidated) this long, so a restarted client with the same name finds them warm.
     reap_interval_s: how often dead client processes are looked for.
     allowed_op_namespaces: operator namespaces a graph payload may use besides the built-in
         ``aten``, ``prims`` and the symbolic-int ``operator`` functions.
@@ -101,6 +104,7 @@ class DaemonConfig:
     devices: str | tuple[str, ...] = "auto"
     max_message_bytes: int = 256 * 1024 * 1024
     session_timeout_s: float = 300.0
+    session_linger_s: float = 60.0
     reap_interval_s: float = 1.0
     allowed_op_namespaces: tuple[str, ...] = ()
     compile: str = "eager"
@@ -133,6 +137,7 @@ class DaemonConfig:
             raise ConfigError(f"daemon.devices must be a string or a list, got {devices!r}")
         _check_int("daemon.max_message_bytes", self.max_message_bytes, minimum=1024)
         _check_number("daemon.session_timeout_s", self.session_timeout_s, minimum=0.1)
+        _check_number("daemon.session_linger_s", self.session_linger_s, minimum=0.0)
         _check_number("daemon.reap_interval_s", self.reap_interval_s, minimum=0.01)
         _check_number("daemon.shutdown_timeout_s", self.shutdown_timeout_s, minimum=0.0)
         namespaces = self.allowed_op_namespaces

@@ -51,7 +51,7 @@ from cgtree.daemon.protocol import (
     unpack,
 )
 from cgtree.daemon.runtime_dir import ipc_path
-from cgtree.daemon.sessions import DEFAULT_SESSION_LINGER_S, SessionRegistry
+from cgtree.daemon.sessions import SessionRegistry
 
 log = logging.getLogger("cgtree.daemon.server")
 
@@ -102,7 +102,7 @@ class Daemon:
         self.devices: dict[str, DeviceRuntime] = {}
         self.sessions = SessionRegistry(
             release_graph=self._release_graph, clock=clock,
-            linger_s=session_linger_s if session_linger_s is not None else getattr(config.daemon, "session_linger_s", DEFAULT_SESSION_LINGER_S),
+            linger_s=session_linger_s if session_linger_s is not None else config.daemon.session_linger_s,
         )
         self.metrics: Any = None
         self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0}
@@ -395,7 +395,7 @@ class Daemon:
         new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, endpoint=old.daemon.endpoint, devices=old.daemon.devices,
                                                                   metrics_port=old.daemon.metrics_port))
         self.config = new
-        self.sessions.linger_s = getattr(new.daemon, "session_linger_s", self.sessions.linger_s)
+        self.sessions.linger_s = new.daemon.session_linger_s
         if new.policy != old.policy:
             for session in self.sessions.sessions.values():
                 for state in session.devices.values():

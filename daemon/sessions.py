@@ -37,7 +37,7 @@ from cgtree.daemon.tensors import IpcImportCache, OutputBuffer
 log = logging.getLogger("cgtree.daemon.sessions")
 
 # Seconds a named session's trees stay parked after its client died, waiting for a client with
-# the same name. Proposed config key: daemon.session_linger_s (module default until it exists).
+# the same name. Configured by daemon.session_linger_s; this default is for direct construction.
 DEFAULT_SESSION_LINGER_S = 60.0
 # Opened IPC input storages kept per session and device (each pins a client allocation).
 IPC_IMPORT_CACHE_SIZE = 64
