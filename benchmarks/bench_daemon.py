@@ -902,7 +902,7 @@ def run_memory(section: dict, args, device: torch.device, workdir: str, budget: 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_coldstart_model(name: str, args, device: torch.device, workdir: str, budget: Budget) -> dict:
+def run_coldstart_model(name: str, args, device: torch.device, daemon: Daemon, workdir: str, budget: Budget) -> dict:
     os.makedirs(workdir, exist_ok=True)
     rows: dict[str, Any] = {}
     env = child_env()
@@ -927,55 +927,54 @@ def run_coldstart_model(name: str, args, device: torch.device, workdir: str, bud
     else:
         rows["reduce-overhead"] = {"status": "n/a", "note": "needs CUDA"}
 
-    try:
-        daemon = Daemon(args.daemon_devices, os.path.join(workdir, "daemon")).start(budget.timeout(DAEMON_START_TIMEOUT_S))
-    except Exception as exc:
-        for key in ("registering-client", "daemon-new-session", "daemon-named-session"):
-            rows[key] = {"status": "error", "note": f"daemon: {type(exc).__name__}: {exc}"}
-        return {"paths": rows}
-    with daemon:
-        opts = {**base, "endpoint": daemon.endpoint, "calls": COLD_START_CALLS}
-        session = f"{COLD_SESSION_NAME}-{name}"
-        attempt("registering-client", lambda: run_child(
-            "coldstart-daemon", {**opts, "session": session, "exit_without_bye": True},
-            env=env, cwd=workdir, timeout_s=budget.timeout(args.coldstart_timeout)))
+    opts = {**base, "endpoint": daemon.endpoint, "calls": COLD_START_CALLS}
+    session = f"{COLD_SESSION_NAME}-{name}"
+    attempt("registering-client", lambda: run_child(
+        "coldstart-daemon", {**opts, "session": session, "exit_without_bye": True},
+        env=env, cwd=workdir, timeout_s=budget.timeout(args.coldstart_timeout)))
 
-        def cold_client(session_name: str) -> dict:
-            before = daemon.status()["devices"][0]
-            result = run_child("coldstart-daemon", {**opts, "session": session_name}, env=env, cwd=workdir,
-                               timeout_s=budget.timeout(args.coldstart_timeout))
-            # The graph and its weights were on the device already: nothing new decoded or sent.
-            result["graph_was_registered"] = (result["daemon_graphs"] == before["graphs"]
-                                              and result["daemon_weights"] == before["weights"])
-            return result
+    def cold_client(session_name: str) -> dict:
+        before = daemon.status()["devices"][0]
+        result = run_child("coldstart-daemon", {**opts, "session": session_name}, env=env, cwd=workdir,
+                           timeout_s=budget.timeout(args.coldstart_timeout))
+        # The graph and its weights were on the device already: nothing new decoded or sent.
+        result["graph_was_registered"] = (result["daemon_graphs"] == before["graphs"]
+                                          and result["daemon_weights"] == before["weights"])
+        return result
 
-        if rows.get("registering-client", {}).get("status") == "ok":
-            attempt("daemon-new-session", lambda: cold_client(""))
-            attempt("daemon-named-session", lambda: cold_client(session))
-            named = rows.get("daemon-named-session", {})
-            if named.get("status") == "ok":
-                named["adopted"] = named.get("session_id") == rows["registering-client"].get("session_id")
-                if not named["adopted"]:
-                    named["note"] = "the named session was not adopted (a new session was opened)"
-        else:
-            for key in ("daemon-new-session", "daemon-named-session"):
-                rows[key] = {"status": "error", "note": "the registering client failed"}
-        for key in ("registering-client", "daemon-new-session", "daemon-named-session"):
+    if rows.get("registering-client", {}).get("status") == "ok":
+        attempt("daemon-new-session", lambda: cold_client(""))
+        attempt("daemon-named-session", lambda: cold_client(session))
+        named = rows.get("daemon-named-session", {})
+        if named.get("status") == "ok":
+            named["adopted"] = named.get("session_id") == rows["registering-client"].get("session_id")
+            if not named["adopted"]:
+                named["note"] = "the named session was not adopted (a new session was opened)"
+        for key in ("daemon-new-session", "daemon-named-session"):
             row = rows.get(key, {})
-            err = row.get("max_rel_err")
-            if row.get("status") == "ok" and not (err is not None and err <= MAX_REL_ERR):
-                row["status"], row["note"] = "incorrect", f"max relative error {err} > {MAX_REL_ERR:g}"
-        rows["daemon_log_tail"] = daemon.log_tail(12)
+            if row.get("status") == "ok" and not row.get("graph_was_registered"):
+                row["note"] = (row.get("note", "") + "; " if row.get("note") else "") + \
+                    "the daemon's graph or weight count changed: it was not simply reused"
+    else:
+        for key in ("daemon-new-session", "daemon-named-session"):
+            rows[key] = {"status": "error", "note": "the registering client failed"}
+    for key in ("registering-client", "daemon-new-session", "daemon-named-session"):
+        row = rows.get(key, {})
+        err = row.get("max_rel_err")
+        if row.get("status") == "ok" and not (err is not None and err <= MAX_REL_ERR):
+            row["status"], row["note"] = "incorrect", f"max relative error {err} > {MAX_REL_ERR:g}"
     return {"paths": rows}
 
 
 def run_coldstart(section: dict, args, device: torch.device, workdir: str, budget: Budget) -> None:
     section.update({"status": "ok", "models": {}})
-    for name in args.coldstart_models:
-        if budget.remaining() < 30:
-            section["models"][name] = {"status": "skipped", "note": "time budget"}
-            continue
-        section["models"][name] = run_coldstart_model(name, args, device, os.path.join(workdir, f"cold-{name}"), budget)
+    with Daemon(args.daemon_devices, os.path.join(workdir, "coldstart")).start(budget.timeout(DAEMON_START_TIMEOUT_S)) as daemon:
+        for name in args.coldstart_models:
+            if budget.remaining() < 30:
+                section["models"][name] = {"status": "skipped", "note": "time budget"}
+                continue
+            section["models"][name] = run_coldstart_model(name, args, device, daemon, os.path.join(workdir, f"cold-{name}"), budget)
+        section["daemon_log_tail"] = daemon.log_tail(15)
 
 
 # ---------------------------------------------------------------------------------------------
