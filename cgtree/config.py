@@ -63,10 +63,7 @@ class Policy:
         _check_type("policy.move_cpu_inputs_to_device", self.move_cpu_inputs_to_device, bool)
         _check_int("policy.dynamic_shape_warn_limit", self.dynamic_shape_warn_limit, minimum=1)
         _check_int("policy.rerecord_limit", self.rerecord_limit, minimum=0)
-        sizes = self.capture_sizes
-        if isinstance(sizes, list):
-            sizes = tuple(sizes)
-            object.__setattr__(self, "capture_sizes", sizes)
+        sizes = _freeze_list(self, "capture_sizes")
         if not isinstance(sizes, tuple):
             raise ConfigError(f"policy.capture_sizes must be a list of positive integers, got {sizes!r}")
         for size in sizes:
@@ -120,10 +117,7 @@ class DaemonConfig:
             raise ConfigError(
                 f"daemon.endpoint must be an ipc:// endpoint (or tcp://127.0.0.1:PORT), got {self.endpoint!r}"
             )
-        devices = self.devices
-        if isinstance(devices, list):
-            devices = tuple(devices)
-            object.__setattr__(self, "devices", devices)
+        devices = _freeze_list(self, "devices")
         if isinstance(devices, str):
             if devices not in ("auto", "cpu"):
                 raise ConfigError(f"daemon.devices must be \"auto\", \"cpu\" or a list of devices, got {devices!r}")
@@ -140,10 +134,7 @@ class DaemonConfig:
         _check_number("daemon.session_linger_s", self.session_linger_s, minimum=0.0)
         _check_number("daemon.reap_interval_s", self.reap_interval_s, minimum=0.01)
         _check_number("daemon.shutdown_timeout_s", self.shutdown_timeout_s, minimum=0.0)
-        namespaces = self.allowed_op_namespaces
-        if isinstance(namespaces, list):
-            namespaces = tuple(namespaces)
-            object.__setattr__(self, "allowed_op_namespaces", namespaces)
+        namespaces = _freeze_list(self, "allowed_op_namespaces")
         if not isinstance(namespaces, tuple) or not all(isinstance(n, str) and n.isidentifier() for n in namespaces):
             raise ConfigError(f"daemon.allowed_op_namespaces must be a list of namespace names, got {namespaces!r}")
         if self.compile not in ("eager", "inductor"):
@@ -208,6 +199,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def replace_policy(policy: Policy, **changes: Any) -> Policy:
     """A copy of ``policy`` with ``changes`` applied and validated."""
     return dataclasses.replace(policy, **changes)
+
+
+def _freeze_list(instance: Any, name: str) -> Any:
+    """TOML gives lists; frozen dataclasses keep tuples (hashable, immutable). Returns the value."""
+    value = getattr(instance, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(instance, name, value)
+    return value
 
 
 def _check_type(key: str, value: Any, expected: type) -> None:
