@@ -22,7 +22,7 @@ Pipeline, per graph dynamo hands over:
 
 Invariants:
 - One manager per device, process-wide, created on first use with ``policy()``;
-  ``reset()`` closes them all, and ``torch._dynamo.reset()`` calls ``reset()`` (as it resets
+  ``close_managers()`` closes them all, and ``torch._dynamo.reset()`` calls it (as it resets
   PyTorch's own trees). A compiled graph that outlives a reset moves to the new manager.
 - Invocations: graphs are ``top_level=False`` pieces. A call of a compiled function is a new
   top-level invocation exactly when dynamo's ``GenerationTracker.generation`` changed since
@@ -57,7 +57,7 @@ from cgtree.config import Policy
 from cgtree.manager import TreeManager
 from cgtree.user_frames import function_at
 
-__all__ = ["backend", "cgtree_backend", "configure", "get_manager", "managers", "policy", "reset"]
+__all__ = ["backend", "cgtree_backend", "close_managers", "configure", "get_manager", "managers", "policy", "reset"]
 
 log = logging.getLogger("cgtree.compile")
 
@@ -136,19 +136,22 @@ def configure(policy: Optional[Policy] = None, **changes: Any) -> Policy:
     return _policy
 
 
-def reset(policy: Optional[Policy] = None) -> None:
-    """Close every manager (their graphs and pools are freed; outputs still held go stale).
-
-    ``torch._dynamo.reset()`` calls this. ``policy``, if given, replaces the backend's policy;
-    otherwise the default (``DEFAULT_POLICY``) is restored.
-    """
-    global _policy
+def close_managers() -> None:
+    """Close every manager: their graphs and pools are freed, and outputs still held go stale
+    (clone what you keep). The policy stays. ``torch._dynamo.reset()`` calls this, as it resets
+    PyTorch's own trees; graphs compiled before move to new managers when next called."""
     for tree in _trees.values():
         tree.closed = True
         tree.manager.close()
     _trees.clear()
-    _policy = policy or DEFAULT_POLICY
     _steps.forget()
+
+
+def reset(policy: Optional[Policy] = None) -> None:
+    """``close_managers()``, and the policy back to ``policy`` or the default (for tests)."""
+    global _policy
+    close_managers()
+    _policy = policy or DEFAULT_POLICY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +494,7 @@ def cgtree_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     return _compile_eager(gm, example_inputs)
 
 
-cgtree_backend.reset = reset  # torch._dynamo.reset() calls a cached backend's reset()
+cgtree_backend.reset = close_managers  # torch._dynamo.reset() calls a cached backend's reset()
 
 
 def backend(compiler: str = "eager") -> Callable:
@@ -501,8 +504,27 @@ def backend(compiler: str = "eager") -> Callable:
     def cgtree(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
         return cgtree_backend(gm, example_inputs, options={"compiler": compiler})
 
-    cgtree.reset = reset
+    cgtree.reset = close_managers
     return cgtree
+
+
+def _install_dynamo_reset_hook() -> None:
+    """``torch._dynamo.reset()`` closes cgtree's managers even when dynamo no longer lists the
+    backend among its cached ones (it forgets them at each reset; PyTorch resets its own trees
+    unconditionally there)."""
+    import torch._dynamo
+
+    original = torch._dynamo.reset
+    if getattr(original, "__cgtree_wraps__", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def reset_dynamo() -> None:
+        original()
+        close_managers()
+
+    reset_dynamo.__cgtree_wraps__ = original
+    torch._dynamo.reset = reset_dynamo
 
 
 def _register() -> None:
@@ -523,3 +545,4 @@ def _register() -> None:
 
 
 _register()
+_install_dynamo_reset_hook()

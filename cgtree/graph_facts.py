@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -100,6 +101,7 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
     return mutated
 
 
+@functools.cache
 def _auto_functionalized_ops() -> dict[Any, Callable]:
     """auto_functionalized higher-order ops -> their plain (clone, then call the op) form."""
     try:
