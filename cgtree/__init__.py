@@ -7,5 +7,14 @@ own; ``cgtree.daemon`` serves it to other processes and ``cgtree.client`` talks 
 
 from cgtree.config import Config, ConfigError, DaemonConfig, Policy, load_config, parse_config
 
-__all__ = ["Config", "ConfigError", "DaemonConfig", "Policy", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "DaemonConfig", "Policy", "TreeManager", "load_config", "parse_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported lazily: the manager pulls in torch, which cgtreectl and the config tools never need.
+    if name == "TreeManager":
+        from cgtree.manager import TreeManager
+
+        return TreeManager
+    raise AttributeError(f"module 'cgtree' has no attribute {name!r}")
