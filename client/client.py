@@ -284,9 +284,10 @@ class Client:
         handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
         with self._lock:
             descs, frames = self._encode_inputs(handle.device, inputs)
-            if handle.device.startswith("cuda"):
+            if handle.device.startswith("cuda") and torch.cuda.is_initialized():
                 # The daemon reads our memory as soon as the request arrives; it must be written.
-                # Also finishes our reads of the outputs this submit will overwrite.
+                # Also finishes our reads of the outputs this submit will overwrite. A client
+                # without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
                 torch.cuda.current_stream(torch.device(handle.device)).synchronize()
             body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
             reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
@@ -408,7 +409,9 @@ class Client:
         return self._cuda_uuid_map().get(local_index, local_index)
 
     def _wire_device(self, local_name: str) -> str:
-        if not local_name.startswith("cuda"):
+        # A client that never created a CUDA context names the daemon's devices directly
+        # (mapping by UUID would create one: ~550 MB of GPU memory for nothing).
+        if not local_name.startswith("cuda") or not torch.cuda.is_initialized():
             return local_name
         return f"cuda:{self._daemon_cuda_index(torch.device(local_name).index)}"
 

@@ -1,8 +1,12 @@
 """Run a registered graph on the caller's inputs through this session's tree: warm up,
 record or replay, and return the outputs.
 
-Request: ``{"device": str, "graph": str, "inputs": [descriptor]}``, CPU input bytes in the
-data frames. Descriptors (see ``cgtree.daemon.tensors``): ``cpu`` (contiguous bytes in a
+Request: ``{"device": str, "graph": str, "inputs": [descriptor], "outputs"?: "device" |
+"host"}``, CPU input bytes in the data frames. CPU inputs to a graph on a CUDA device are
+uploaded by the daemon. ``outputs`` says where CUDA outputs go: ``device`` (an IPC-shared
+buffer, below) or ``host`` (CPU copies in reply frames). Left out, it is ``host`` when no
+input came as ``cuda`` or ``output`` (such a client may have no CUDA context at all: it
+never has to create one, and costs no GPU memory) and ``device`` otherwise. Descriptors (see ``cgtree.daemon.tensors``): ``cpu`` (contiguous bytes in a
 frame), ``cuda`` (a CUDA IPC export of the client's storage), ``output`` (an earlier output of
 this session passed back in), ``scalar``. The client synchronizes its CUDA stream before
 sending: the daemon reads CUDA inputs without waiting on any event.
@@ -61,6 +65,12 @@ def execute(ctx, session, body, frames) -> Reply:
     if len(descs) > MAX_INPUTS:
         raise ProtocolError("bad_request", f"{len(descs)} inputs (at most {MAX_INPUTS})")
     state = ctx.session_device(session, runtime)
+    outputs_to = body.get("outputs")
+    if outputs_to is None:
+        by_reference = any(isinstance(d, dict) and d.get("kind") in ("cuda", "output") for d in descs)
+        outputs_to = "device" if by_reference else "host"
+    elif outputs_to not in ("device", "host"):
+        raise ProtocolError("bad_request", f"\"outputs\" must be \"device\" or \"host\", got {outputs_to!r}")
     inputs = [decode_input(desc, i, frames, state, runtime) for i, desc in enumerate(descs)]
     check_inputs(entry, inputs)
 
@@ -75,7 +85,7 @@ def execute(ctx, session, body, frames) -> Reply:
     outputs = fn(*entry.weights, *inputs)
     del inputs
     execution = execution_dict(state.manager.last_execution)
-    reply = encode_outputs(outputs, state, runtime, graph_id, ctx)
+    reply = encode_outputs(outputs, state, runtime, graph_id, ctx, to_host=outputs_to == "host")
     del outputs  # the tree must see replay outputs dead: nothing of the pool is kept here
     runtime.synchronize()  # the client reads the outputs as soon as it has the reply
     session.counters["submits"] += 1
@@ -90,7 +100,10 @@ def decode_input(desc, index, frames, state, runtime):
         raise ProtocolError("bad_tensor", f"{label}: descriptor must be a map")
     kind = desc.get("kind")
     if kind == "cpu":
-        return tensor_from_cpu_desc(desc, frames, label)
+        tensor = tensor_from_cpu_desc(desc, frames, label)
+        # The graph's buffers live on the device: upload here rather than skip graphs for a
+        # "cpu device" input (the client may have no CUDA context at all).
+        return tensor.to(runtime.device) if runtime.is_cuda else tensor
     if kind == "cuda":
         if not runtime.is_cuda:
             raise ProtocolError("bad_tensor", f"{label}: a CUDA tensor, but the graph runs on {runtime.name}")
@@ -152,14 +165,14 @@ def execution_dict(execution) -> dict:
     }
 
 
-def encode_outputs(outputs, state, runtime, graph_id, ctx) -> Reply:
+def encode_outputs(outputs, state, runtime, graph_id, ctx, *, to_host: bool = False) -> Reply:
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     descs: list = [None] * len(flat)
     frames: list = []
     on_device = []
     for i, value in enumerate(flat):
         if isinstance(value, torch.Tensor):
-            if runtime.is_cuda and value.device == runtime.device:
+            if runtime.is_cuda and value.device == runtime.device and not to_host:
                 on_device.append(i)
                 continue
             # A copy the client owns: the tree's buffers are overwritten by the next call.

@@ -244,3 +244,31 @@ def test_sigterm_with_gpu_sessions_exits_0(daemon_factory):
     assert daemon.wait(timeout_s=30) == 0
     assert not os.path.exists(daemon.socket_path)
     client.close(timeout_s=0.2)
+
+
+CPU_ONLY_CLIENT = """
+import os, sys, json
+os.environ["CUDA_VISIBLE_DEVICES"] = ""   # this process cannot create a CUDA context at all
+import torch
+from cgtree.client import Client
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU()).eval()
+modes = []
+with Client(sys.argv[1], timeout_s=60) as client, torch.no_grad():
+    handle = client.register(model, [torch.randn(16, 64)], device="cuda:0")
+    for _ in range(4):
+        x = torch.randn(16, 64)
+        (out,) = client.submit(handle, [x])
+        assert out.device.type == "cpu", out.device
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+        modes.append(client.last_execution["mode"])
+print(json.dumps({"modes": modes, "cuda_initialized": torch.cuda.is_initialized()}))
+"""
+
+
+def test_a_client_without_cuda_sends_cpu_inputs_and_gets_cpu_outputs(gpu_daemon, client_scripts):
+    result = client_scripts.run(CPU_ONLY_CLIENT, gpu_daemon.endpoint)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["modes"] == ["warmup", "recorded", "replayed", "replayed"]
+    assert report["cuda_initialized"] is False
