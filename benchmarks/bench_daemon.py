@@ -22,8 +22,8 @@ Sections (``--sections latency,memory,coldstart``):
    three ways, each measured while all of its processes are alive: N processes each running
    ``torch.compile(mode="reduce-overhead")`` themselves; one fresh daemon plus N clients with
    CPU inputs that never initialize CUDA (``CUDA_VISIBLE_DEVICES=""``; see "Clients without
-   CUDA" below); one fresh daemon plus N clients using ``Client.submit`` as it is, which maps
-   CUDA outputs and so creates a CUDA context in every client. Memory is the rise of
+   CUDA" below); one fresh daemon plus N clients passing CUDA tensors (IPC inputs and
+   outputs), which creates a CUDA context in every client. Memory is the rise of
    ``nvidia-smi --query-gpu=memory.used`` over the value before the group started, plus the
    per-process figures of ``nvidia-smi --query-compute-apps`` where the pids are visible, and
    the device-wide ``torch.cuda.mem_get_info`` rise seen from this process. Target: daemon
@@ -41,13 +41,11 @@ Sections (``--sections latency,memory,coldstart``):
    the process is spawned: Python, ``import torch``, CUDA init included). Target: daemon first
    submit latency <= 0.1 x reduce-overhead's cold start (first three calls).
 
-Clients without CUDA: ``Client.submit`` of a graph on a CUDA device synchronizes the client's
-CUDA stream and maps the outputs from the daemon's output buffer by CUDA IPC; both need a CUDA
-context in the client (~500 MB of GPU memory each). There is no way yet to get CUDA-graph
-outputs back as CPU copies. The no-CUDA memory clients therefore send the same ``submit``
-request through the client's session (``Client._session_call``) and do not map the outputs
-(they stay in the daemon's output buffer, which is counted); the ``daemon+Client.submit`` group
-shows what the client library costs today.
+Clients without CUDA: a client whose inputs are CPU tensors and that never created a CUDA
+context gets CPU copies of the outputs (the daemon uploads the inputs and copies the outputs
+back; docs/PROTOCOL.md, ``submit``), so these clients use plain ``Client.submit`` and cost no
+GPU memory. The ``daemon-cuda-clients`` group passes CUDA tensors instead, as a CUDA program
+would, and so pays one CUDA context per client.
 
 ``--device cpu`` is a smoke mode for machines without a GPU: the daemon runs its CPU replay
 backend, only CPU inputs, reduce-overhead and the memory section are ``n/a (needs CUDA)``;
@@ -359,16 +357,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _submit_without_outputs(client: Any, handle: Any, inputs: list) -> str:
-    """The submit request of ``Client.submit`` minus what needs CUDA in the client: no stream
-    synchronize (the inputs are CPU frames) and no mapping of the CUDA outputs (see the module
-    docstring, "Clients without CUDA"). Returns the daemon's execution mode."""
-    descs, frames = client._encode_inputs(handle.device, inputs)
-    wire_device = getattr(client, "_wire_device", lambda name: name)(handle.device)
-    body = {"device": wire_device, "graph": handle.graph_id, "inputs": descs}
-    reply, _ = client._session_call("submit", body, frames, handle=handle)
-    if not reply.get("outputs"):
-        raise RuntimeError("the daemon's submit reply has no outputs")
-    return reply["execution"]["mode"]
+    """``Client.submit`` from a client without CUDA: CPU inputs in, CPU copies of the outputs
+    back (no CUDA context is created). Returns the daemon's execution mode."""
+    outputs = client.submit(handle, inputs)
+    if not outputs or outputs[0].device.type != "cpu":
+        raise RuntimeError(f"expected CPU outputs for a client without CUDA, got {outputs!r}")
+    return client.last_execution["mode"]
 
 
 def child_coldstart_daemon(opts: dict) -> None:
@@ -481,8 +475,8 @@ def child_memory_daemon(opts: dict) -> None:
     for _ in range(opts["calls"]):
         if opts["no_cuda"]:
             modes.append(_submit_without_outputs(client, handle, [x]))
-        else:
-            client.submit(handle, [x])
+        else:  # a CUDA program: its tensors live on the device and travel by IPC
+            client.submit(handle, [x.to(opts["daemon_device"])])
             modes.append(client.last_execution["mode"])
     _emit("READY", {"pid": os.getpid(), "modes": modes, "cuda_initialized": torch.cuda.is_initialized(),
                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
@@ -1135,7 +1129,7 @@ def render_markdown(report: dict) -> str:
 MEMORY_GROUP_LABELS = {
     "reduce-overhead": "N x torch.compile(reduce-overhead)",
     "daemon": "cgtreed + N clients without CUDA",
-    "daemon-cuda-clients": "cgtreed + N clients via Client.submit (CUDA context each)",
+    "daemon-cuda-clients": "cgtreed + N clients with CUDA tensors (CUDA context each)",
 }
 MEMORY_GROUPS = tuple(MEMORY_GROUP_LABELS)
 
