@@ -17,17 +17,13 @@ import cgtree.compile as cgtree_compile
 from cgtree import Policy
 from cgtree.manager import TreeManager
 
-COMPILERS = [
-    "eager",
-    pytest.param("inductor", marks=pytest.mark.gpu),
-]
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# (device, compiler): inductor on the GPU only (a cold CPU inductor compile takes ~18 s).
+DEVICE_COMPILERS = pytest.mark.parametrize(
+    "device, compiler",
+    [("cpu", "eager"), pytest.param("cuda:0", "eager", marks=_GPU), pytest.param("cuda:0", "inductor", marks=_GPU)],
+)
 
-
-@pytest.fixture(params=COMPILERS)
-def compiler(request, device) -> str:
-    if request.param == "inductor" and not device.startswith("cuda"):
-        pytest.skip("inductor is exercised on the GPU only (a cold CPU compile takes ~18 s)")
-    return request.param
 
 
 def manager(device) -> TreeManager:
@@ -155,6 +151,7 @@ def test_cached_forward_backward(device):
     assert manager(device).root_children() == [1]
 
 
+@DEVICE_COMPILERS
 def test_forward_backward_not_called(device, compiler):
     def foo(x, y):
         x_out = x * x * x
