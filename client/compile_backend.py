@@ -1,0 +1,196 @@
+"""``torch.compile(model, backend=cgtree.client.backend(client))``: every graph dynamo captures
+runs in cgtreed, under the daemon's graph trees, instead of in this process.
+
+    from cgtree.client import Client, backend
+    client = Client()
+    model = torch.compile(model.eval(), backend=backend(client))
+    with torch.no_grad():
+        out = model(x)        # graph lowered and registered on first call, then submitted
+
+Pipeline per dynamo graph: ``aot_autograd`` functionalizes it (parameters, buffers and input
+mutations explicit, and here mutations are taken *out* of the graph: the graph returns the new
+values and AOT writes them into the caller's tensors after the call). On its first call the
+inference graph is lowered (``cgtree.client.lowering``, fake tracing: nothing runs here),
+encoded and registered with the daemon; every call then submits the inputs and returns the
+daemon's outputs.
+
+Parameters reach the daemon as *weights uploaded once, by content hash*, not through CUDA IPC:
+- the daemon already treats weights as static inputs of its trees (used in place, addresses
+  fixed), while anything passed by IPC on a submit is an ordinary input it copies into the
+  recording's buffers on every replay: sharing parameters by IPC would copy every parameter
+  on every step;
+- content addressing lets every client of the same model share one copy on the device, and
+  the daemon owns that memory: a client that dies takes nothing of it down;
+- the cost is a snapshot: a parameter changed in place later (an optimizer step, a
+  ``load_state_dict``) would be stale in the daemon. So each call compares the weights'
+  version counters and identities with those registered, and a change re-registers the graph
+  (only changed blobs travel). An input that changes on every call is not a weight at all:
+  static inputs the graph's AOT metadata says are mutated (KV caches, running statistics),
+  and any weight seen changing twice, travel with each submit instead (by CUDA IPC on CUDA,
+  read in place, no copy on the client side).
+
+Invariants:
+- Graph outputs are the daemon's: CUDA outputs are views of the session's output buffer and
+  stay valid until the same graph's next submit (as graph-tree outputs stay valid until the
+  next step). Clone what you keep longer.
+- Each submit is its own top-level invocation in the daemon (its trees start a new generation
+  per submit), so ``torch.compiler.cudagraph_mark_step_begin()`` needs nothing from this
+  backend.
+- Training graphs (forward/backward) and graphs the daemon cannot take (symbolic sizes, non-
+  tensor inputs, ops the lowering refuses) run in this process, eagerly, with one log line
+  saying why: the daemon's protocol serves inference graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx
+
+from cgtree import graph_facts
+
+__all__ = ["DaemonGraph", "backend"]
+
+log = logging.getLogger("cgtree.client.compile")
+
+# A weight whose content changed this many times is passed with each submit from then on.
+MAX_WEIGHT_REFRESHES = 1
+
+
+def _boxed(fn: Callable) -> Callable:
+    def run(args: list) -> Any:
+        inputs = tuple(args)
+        args.clear()
+        return fn(*inputs)
+
+    run._boxed_call = True
+    return run
+
+
+class DaemonGraph:
+    """One AOT inference graph served by the daemon; a boxed callable (``f(args_list)``)."""
+
+    def __init__(self, client: Any, gm: torch.fx.GraphModule, device: str, static_input_idxs: Sequence[int],
+                 mutated_input_idxs: Sequence[int], name: str) -> None:
+        self.client = client
+        self.gm = gm
+        self.device = device
+        self.name = name
+        self.weight_positions = sorted(set(static_input_idxs) - set(mutated_input_idxs))
+        self.refreshes: dict[int, int] = {}
+        self.handle: Any = None
+        self.user_positions: list[int] = []
+        self.registered_weights: list[tuple[int, Any, int]] = []  # (position, tensor, version)
+        self.local: Optional[Callable] = None  # set when the daemon cannot take this graph
+        self._boxed_call = True
+
+    # -- registration ------------------------------------------------------------------------
+
+    def _register(self, inputs: Sequence[Any]) -> None:
+        from cgtree.client import lowering
+
+        try:
+            lowered = lowering.lower(self.gm, list(inputs), tracing_mode="fake",
+                                     weight_input_indices=self.weight_positions)
+            encoded = lowering.encode(lowered)
+        except (lowering.LoweringError, Exception) as exc:  # noqa: B014 - any refusal: run here
+            log.warning("cgtree: graph %s cannot go to cgtreed (%s): it runs in this process, eagerly", self.name, exc)
+            self.local = self.gm.forward
+            return
+        self.handle = self.client.register(encoded, device=self.device)
+        self.user_positions = [i for i in range(len(inputs)) if i not in set(self.weight_positions)]
+        self.registered_weights = [(i, inputs[i], inputs[i]._version) for i in self.weight_positions]
+        log.info("cgtree: graph %s registered with cgtreed on %s (%d weights, %d inputs per call)",
+                 self.name, self.device, len(self.weight_positions), len(self.user_positions))
+
+    def _changed_weights(self, inputs: Sequence[Any]) -> list[int]:
+        return [i for i, tensor, version in self.registered_weights
+                if inputs[i] is not tensor or inputs[i]._version != version]
+
+    def _refresh(self, inputs: Sequence[Any], changed: list[int]) -> None:
+        """Weights changed since registration: register again with their new content; one that
+        keeps changing becomes an input passed on every submit."""
+        for position in changed:
+            self.refreshes[position] = self.refreshes.get(position, 0) + 1
+            if self.refreshes[position] > MAX_WEIGHT_REFRESHES:
+                self.weight_positions.remove(position)
+                log.info("cgtree: graph %s input %d changes between calls: it now travels with each submit",
+                         self.name, position)
+        self._register(inputs)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def __call__(self, args: list) -> Any:
+        inputs = tuple(args)
+        args.clear()
+        if self.local is not None:
+            return self.local(*inputs)
+        if self.handle is None:
+            self._register(inputs)
+            if self.local is not None:
+                return self.local(*inputs)
+        else:
+            changed = self._changed_weights(inputs)
+            if changed:
+                self._refresh(inputs, changed)
+        return list(self.client.submit(self.handle, [inputs[i] for i in self.user_positions]))
+
+
+def _device_name(device: Optional[torch.device]) -> Optional[str]:
+    if device is None:
+        return None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    return device.type
+
+
+def _aot_metadata() -> tuple[list[int], set[int]]:
+    """AOT's static input indices and the inputs whose data the graph mutates."""
+    context = torch._guards.TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    static = list(getattr(metadata, "static_input_indices", None) or [])
+    mutated = {i for i, info in enumerate(getattr(metadata, "input_info", None) or []) if getattr(info, "mutates_data", False)}
+    return static, mutated
+
+
+def _graph_name(gm: torch.fx.GraphModule, kind: str) -> str:
+    frame = graph_facts.first_user_frame(gm)
+    return f"{frame[2] if frame else 'graph'}.{kind}"
+
+
+def backend(client: Any) -> Callable:
+    """A dynamo backend that runs inference graphs in cgtreed through ``client``."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def inference_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        static, mutated = _aot_metadata()
+        device = _device_name(graph_facts.device_of(gm, example_inputs))
+        name = _graph_name(gm, "inference")
+        if device is None:
+            log.info("cgtree: graph %s has no cpu/cuda tensors: it runs in this process", name)
+            return _boxed(gm.forward)
+        return DaemonGraph(client, gm, device, [i for i in static if i < len(example_inputs)], mutated, name)
+
+    def training_compiler(kind: str) -> Callable:
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+            log.warning("cgtree: %s is a training (%s) graph: cgtreed serves inference graphs, so it runs in "
+                        "this process, eagerly (use torch.no_grad() for inference, or backend=\"cgtree\" in-process)",
+                        _graph_name(gm, kind), kind)
+            return _boxed(gm.forward)
+
+        return compile_graph
+
+    compile_with_aot = aot_autograd(
+        fw_compiler=training_compiler("forward"),
+        bw_compiler=training_compiler("backward"),
+        inference_compiler=inference_compiler,
+        keep_inference_input_mutations=False,
+    )
+
+    def cgtreed(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+        return compile_with_aot(gm, example_inputs)
+
+    return cgtreed
