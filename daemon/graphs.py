@@ -49,6 +49,18 @@ def payload_codec() -> Any:
     return codec
 
 
+MAX_GRAPH_NAME_CHARS = 64
+
+
+def check_graph_name(name: Any) -> Optional[str]:
+    """A graph's label: None, or a short printable string (it ends up in logs and tables)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or len(name) > MAX_GRAPH_NAME_CHARS or not name.isprintable():
+        raise ProtocolError("bad_request", f"graph name must be a printable string of 1..{MAX_GRAPH_NAME_CHARS} characters, got {name!r}")
+    return name
+
+
 def check_graph_id(graph_id: Any, what: str = "graph") -> str:
     if not isinstance(graph_id, str) or not _HEX_ID.match(graph_id):
         raise ProtocolError("bad_request", f"{what} id must be a hash string, got {graph_id!r}")
@@ -74,10 +86,21 @@ class GraphEntry:
     refs: int = 0
     input_specs: Any = None
     dynamic: bool = False
+    name: Optional[str] = None  # a label from the first client that named it (e.g. the model's class)
 
     @property
     def short_name(self) -> str:
         return "g" + self.graph_id[:12]
+
+    @property
+    def display_name(self) -> str:
+        """What logs, skip messages and ``cgtreectl tree`` call it: ``MLP (g1a2b3c4d5e6f)``."""
+        return f"{self.name} ({self.short_name})" if self.name else self.short_name
+
+    @property
+    def mutated_inputs(self) -> tuple[int, ...]:
+        """Indices of user inputs the graph writes in place (from the decoded payload)."""
+        return tuple(getattr(self.decoded, "mutated_inputs", ()) or ())
 
 
 @dataclass
@@ -104,18 +127,19 @@ class DeviceGraphs:
     # -- registration --------------------------------------------------------------------------
 
     def register(self, payload: Optional[memoryview], claimed_id: Optional[str], blobs: dict[str, memoryview],
-                 staged: Optional[dict[str, torch.Tensor]] = None) -> RegisterOutcome:
+                 staged: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None) -> RegisterOutcome:
         """Make a graph usable on this device. Without ``payload`` only an already known
         ``claimed_id`` can be registered. Returns what is missing if anything is.
 
         ``staged`` holds verified weights this client uploaded for a graph still missing
         others (large models arrive in several messages under ``max_message_bytes``); the
         caller owns it (per session) and it is consumed when the graph is complete.
+        ``name`` labels a graph that has none yet (the first client to name it wins).
         """
         staged = {} if staged is None else staged
         if payload is None:
             if claimed_id is not None and claimed_id in self.graphs:
-                return RegisterOutcome(claimed_id, self.graphs[claimed_id])
+                return RegisterOutcome(claimed_id, self._named(self.graphs[claimed_id], name))
             return RegisterOutcome(claimed_id, need_payload=True)
         codec = payload_codec()
         try:
@@ -128,7 +152,7 @@ class DeviceGraphs:
             raise ProtocolError("payload_rejected", f"the payload hashes to {graph_id}, not to the claimed {claimed_id}")
         known = self.graphs.get(graph_id)
         if known is not None:
-            return RegisterOutcome(graph_id, known)
+            return RegisterOutcome(graph_id, self._named(known, name))
         specs = {spec.hash: spec for spec in decoded.weight_specs}
         weight_hashes = tuple(str(h) for h in decoded.weight_hashes)
         for weight_hash, blob in blobs.items():
@@ -152,11 +176,17 @@ class DeviceGraphs:
         entry = GraphEntry(
             graph_id=graph_id, decoded=decoded, weight_hashes=weight_hashes, weights=weights,
             fn=self._callable(decoded), input_specs=getattr(decoded, "input_specs", None),
-            dynamic=bool(getattr(decoded, "dynamic", False)),
+            dynamic=bool(getattr(decoded, "dynamic", False)), name=name,
         )
         self.graphs[graph_id] = entry
-        log.info("graph %s registered on %s: %d weights (%d new)", entry.short_name, self.device, len(weights), added)
+        log.info("graph %s registered on %s: %d weights (%d new)", entry.display_name, self.device, len(weights), added)
         return RegisterOutcome(graph_id, entry, new=True, weights_added=added)
+
+    @staticmethod
+    def _named(entry: GraphEntry, name: Optional[str]) -> GraphEntry:
+        if entry.name is None and name is not None:
+            entry.name = name
+        return entry
 
     def _materialize_weight(self, codec: Any, spec: Any, blob: memoryview) -> torch.Tensor:
         """Raw weight bytes (dtype and shape from the graph's weight spec) -> a device tensor,
@@ -196,6 +226,20 @@ class DeviceGraphs:
                 del self.weights[weight_hash]
         entry.weights.clear()
         log.info("graph %s dropped from %s (no session uses it)", entry.short_name, self.device)
+
+    def describe(self, sessions_using: Callable[[str], list[int]]) -> list[dict]:
+        """One row per registered graph: id, name, weights, inputs, mutated inputs, sessions."""
+        rows = []
+        for entry in sorted(self.graphs.values(), key=lambda e: e.graph_id):
+            weights = dict.fromkeys(entry.weight_hashes)
+            rows.append({
+                "graph": entry.graph_id, "name": entry.name, "short_name": entry.short_name,
+                "weights": len(weights), "weight_bytes": sum(self.weights[h].nbytes for h in weights if h in self.weights),
+                "inputs": len(entry.input_specs) if entry.input_specs is not None else None,
+                "mutated_inputs": list(entry.mutated_inputs), "dynamic": entry.dynamic,
+                "sessions": sessions_using(entry.graph_id),
+            })
+        return rows
 
     def stats(self) -> dict:
         return {"graphs": len(self.graphs),

@@ -2,9 +2,10 @@
 
     cgtreed [--config config.toml] [--endpoint ipc:///path/s] [--devices cpu|auto|cuda:0,cuda:1]
 
-``--endpoint`` and ``--devices`` override ``[daemon]`` of the file. Exit codes: 0 clean stop;
-1 forced stop (second signal, shutdown deadline); 70 a sticky CUDA error (restart us);
-78 cannot start (bad configuration, endpoint in use, unusable device or runtime directory).
+``--endpoint`` and ``--devices`` override ``[daemon]`` of the file, at start and after every
+reload. Exit codes: 0 clean stop; 1 forced stop (second signal, shutdown deadline); 70 a
+sticky CUDA error (restart us); 78 cannot start (bad configuration, endpoint in use, unusable
+device or runtime directory, expandable segments on a CUDA device, metrics port unusable).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from cgtree.config import Config, ConfigError, load_config
+from cgtree.config import Config, ConfigError, DaemonConfig, load_config
 
 log = logging.getLogger("cgtree.daemon.main")
 
@@ -44,41 +45,38 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from cgtree.daemon.server import EXIT_CUDA_ERROR, EXIT_START_FAILED
+    from cgtree.daemon.logsetup import configure_logging
+    from cgtree.daemon.server import EXIT_START_FAILED
 
     args = parse_args(argv)
+    # Logging first, with the defaults: even a bad configuration file is reported in the
+    # daemon's log format (journald priorities under systemd).
+    configure_logging(DaemonConfig.log_level, DaemonConfig.log_format)
     try:
         config = build_config(args)
     except ConfigError as exc:
-        print(f"cgtreed: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc)
         return EXIT_START_FAILED
-    _configure_logging(config)
+    configure_logging(config.daemon.log_level, config.daemon.log_format)
 
     from cgtree.daemon.runtime_dir import RuntimeDirError, resolve_endpoint
-    from cgtree.daemon.server import Daemon, StartError
+    from cgtree.daemon.server import EXIT_OK, Daemon, StartError
 
     try:
         endpoint = resolve_endpoint(config.daemon.endpoint)
-        daemon = Daemon(config, endpoint=endpoint, config_path=args.config)
+        daemon = Daemon(config, endpoint=endpoint, config_path=args.config,
+                        reload_config=lambda: build_config(args))  # a reload keeps the command line's overrides
     except (RuntimeDirError, StartError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_START_FAILED
     code = daemon.run()
-    if code == EXIT_CUDA_ERROR:
-        # The CUDA context is poisoned: interpreter teardown (torch's atexit hooks, allocator
-        # frees) could fail or hang in it. Leave now; the supervisor restarts us.
+    if code != EXIT_OK:
+        # A sticky CUDA error poisoned the context, or the stop was forced: interpreter
+        # teardown (torch's atexit hooks, allocator frees) could fail or hang. Leave now; the
+        # supervisor restarts us.
         logging.shutdown()
         os._exit(code)
     return code
-
-
-def _configure_logging(config: Config) -> None:
-    try:
-        from cgtree.daemon.logsetup import configure_logging
-    except ImportError:
-        logging.basicConfig(level=config.daemon.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return
-    configure_logging(config.daemon.log_level, config.daemon.log_format)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,12 @@ def reloading() -> bool:
     return notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
 
 
-def stopping() -> bool:
-    """A graceful stop has begun: systemd shows "deactivating" instead of a failed unit."""
-    return notify("STOPPING=1")
+def stopping(status: str | None = None) -> bool:
+    """A stop has begun: systemd shows "deactivating" instead of a failed unit. Optionally
+    says why (``STATUS=``), e.g. a sticky CUDA error."""
+    if status is None:
+        return notify("STOPPING=1")
+    return notify("STOPPING=1\n" + _status_line(status))
 
 
 def watchdog() -> bool:

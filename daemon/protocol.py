@@ -46,6 +46,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "bad_tensor": (False, "a tensor descriptor is invalid (dtype, shape, strides, size, device, handle)"),
     "payload_rejected": (False, "the graph payload failed to decode or uses a disallowed operator"),
     "unavailable": (True, "the daemon is shutting down or cannot serve now; retry later"),
+    "reload_failed": (False, "the configuration file is invalid, unreadable or was never given; the running configuration is kept"),
     "cuda_error": (False, "a CUDA error; if sticky the daemon exits and its supervisor restarts it"),
     "internal": (False, "a bug in the daemon; the request id is in the daemon's log"),
 }

@@ -2,24 +2,38 @@
 and keeps sessions, devices and configuration in order.
 
 Workflow (``run``):
-1. ``start()``: bind a ROUTER socket on the endpoint (refusing one a live daemon serves),
-   install signal handlers, log which backend each device runs, tell systemd READY.
-2. The main loop: ``poll`` (the socket, the signal wake-up pipe, at most one housekeeping
-   period), ``handle_signals``, ``serve_pending`` (dispatch each request to its command),
-   ``housekeeping`` when due.
-3. ``stop()``: stop intake (queued requests get ``unavailable``), close every session (trees,
-   pools, IPC handles), close the socket and remove its file; exit 0 within
-   ``shutdown_timeout_s``, or non-zero when forced (second signal, deadline).
+1. ``start()``: start every device (refusing expandable segments on CUDA), bind a ROUTER
+   socket on the endpoint (refusing one a live daemon serves), install signal handlers,
+   start the metrics endpoint, then tell systemd ``READY=1`` with a ``STATUS=`` line.
+2. The main loop: ``wait_for_events`` (the socket, the signal wake-up pipe, at most until the
+   next housekeeping or watchdog ping), ``handle_signals``, ``serve_pending`` (dispatch each
+   request to its command), ``housekeeping`` when due, ``WATCHDOG=1`` when due.
+3. ``stop()``: ``STOPPING=1``; stop intake (queued requests get ``unavailable``), close every
+   session (trees, pools, IPC handles), close the socket and remove its file; exit 0 within
+   ``shutdown_timeout_s``, non-zero when the deadline passed.
+
+Signals (gunicorn/uvicorn style):
+- SIGTERM/SIGINT: graceful stop. The request being served is finished and answered; requests
+  still queued get the retryable ``unavailable``; then ``stop()``.
+- A second SIGTERM/SIGINT forces exit at once (status 1, socket file removed). This is the one
+  handler that acts instead of queueing: the loop it would queue for is what is slow.
+- SIGHUP: ``reload()`` (the ``reload`` command does the same without signal permission).
 
 Invariants:
-- Signal handlers only record the signal and poke the wake-up pipe (gunicorn style);
-  everything else happens in the loop, between requests.
+- Signal handlers only record the signal and poke the wake-up pipe (except the forced exit
+  above); everything else happens in the loop, between requests.
 - One bad request never takes the loop down: protocol errors get their error reply, any
   other exception in a handler becomes ``internal`` with the request id logged. Unanswerable
   messages (no routing id, nothing after it) are dropped and counted.
-- A sticky CUDA error is the exception: the request gets ``cuda_error``, then the daemon
-  exits non-zero (``EXIT_CUDA_ERROR``) so its supervisor restarts it with a fresh context.
+- Every log line written while a request is handled, its refusal included, carries the
+  request id (``logsetup.request_context``).
+- A sticky CUDA error is the exception: the request gets ``cuda_error``, queued requests get
+  ``unavailable`` (they never ran: safe to retry), then the daemon exits non-zero
+  (``EXIT_CUDA_ERROR``) so its supervisor restarts it with a fresh context. It never goes on
+  answering errors from a poisoned context.
 - Sends never block the loop: a client that vanished or stopped reading loses its reply.
+- ``WATCHDOG=1`` comes from the loop (and from commands between long steps through
+  ``CommandContext.keepalive``), never from a timer thread.
 """
 
 from __future__ import annotations
@@ -39,19 +53,25 @@ import zmq
 import cgtree
 from cgtree.config import Config, ConfigError, load_config
 from cgtree.daemon import commands as command_registry
+from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
+from cgtree.daemon.logsetup import configure_logging, request_context
+from cgtree.daemon.metrics import MetricsUnavailableError, NullMetrics, make_metrics
 from cgtree.daemon.protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
+    Request,
     decode_request,
     encode_error,
     encode_reply,
     request_id_of,
     unpack,
 )
+from cgtree.daemon.reloading import plan_reload
 from cgtree.daemon.runtime_dir import ipc_path
 from cgtree.daemon.sessions import SessionRegistry
+from cgtree.daemon.supervision import StatusReporter, Watchdog, status_text
 
 log = logging.getLogger("cgtree.daemon.server")
 
@@ -62,10 +82,23 @@ EXIT_START_FAILED = 78  # EX_CONFIG: bad configuration, endpoint in use, unusabl
 
 MAX_REQUESTS_PER_TURN = 64  # then signals and housekeeping get a look in
 STOP_DRAIN_S = 0.2  # how long stop() keeps answering queued requests with "unavailable"
+MAX_LOOP_WAIT_S = 1.0
 
 
 class StartError(RuntimeError):
     """The daemon cannot start (endpoint served by another daemon, no usable device, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: ``applied`` false means the running configuration was kept
+    (``error`` says why); ``changed`` lists dotted keys, ``needs_restart`` those a restart applies."""
+
+    applied: bool
+    config_path: Optional[str]
+    changed: tuple[str, ...] = ()
+    needs_restart: tuple[str, ...] = ()
+    error: Optional[str] = None
 
 
 def looks_like_cuda_error(exc: BaseException) -> bool:
@@ -88,14 +121,24 @@ def cuda_context_is_broken(device_names: list[str]) -> bool:
 
 
 class Daemon:
-    """cgtreed. ``Daemon(config, ...).run()`` returns the process exit code."""
+    """cgtreed. ``Daemon(config, ...).run()`` returns the process exit code.
+
+    config: the configuration in force at start (command-line overrides applied).
+    endpoint: the resolved ZeroMQ endpoint to bind.
+    device_names: devices to serve; default from ``config.daemon.devices``.
+    config_path: the file SIGHUP / ``reload`` re-read; None: reload is refused.
+    reload_config: how to load it again, with the same command-line overrides applied
+        (``main`` passes one); default ``load_config(config_path)``.
+    clock: monotonic seconds (injectable for tests).
+    """
 
     def __init__(self, config: Config, *, endpoint: str, device_names: Optional[list[str]] = None,
-                 config_path: Optional[str] = None, clock: Callable[[], float] = time.monotonic,
-                 session_linger_s: Optional[float] = None) -> None:
+                 config_path: Optional[str] = None, reload_config: Optional[Callable[[], Config]] = None,
+                 clock: Callable[[], float] = time.monotonic, session_linger_s: Optional[float] = None) -> None:
         self.config = config
         self.endpoint = endpoint
         self.config_path = config_path
+        self._load_config = reload_config or (lambda: load_config(self.config_path))
         self.clock = clock
         self.started_at = clock()
         self.device_names = device_names if device_names is not None else resolve_devices(config.daemon.devices)
@@ -104,15 +147,16 @@ class Daemon:
             release_graph=self._release_graph, clock=clock,
             linger_s=session_linger_s if session_linger_s is not None else config.daemon.session_linger_s,
         )
-        self.metrics: Any = None
-        self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0}
-        self.exit_code: Optional[int] = None  # set when the loop must end
+        self.metrics: Any = NullMetrics()
+        self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0, "reloads": 0, "reloads_rejected": 0}
+        self.state = "starting"  # starting -> serving -> stopping
+        self.exit_code: Optional[int] = None  # set when the loop must end (sticky CUDA error)
+        self.watchdog = Watchdog(notify.watchdog_interval_s(), clock=clock)
+        self.status_reporter = StatusReporter()
         self._buffer_ids = itertools.count(1)
         self._pending_signals: list[int] = []
         self._stop_requested = False
-        self._force_exit = False
         self._next_housekeeping = 0.0
-        self._next_watchdog = 0.0
         self._context: Optional[zmq.Context] = None
         self._socket: Optional[zmq.Socket] = None
         self._poller: Optional[zmq.Poller] = None
@@ -132,7 +176,7 @@ class Daemon:
             self._close_socket()
             return EXIT_START_FAILED
         log.info("serving %s (pid %d, protocol %d)", self.endpoint, os.getpid(), PROTOCOL_VERSION)
-        while self.exit_code is None:
+        while self.exit_code is None and not self._stop_requested:
             self.wait_for_events()
             self.handle_signals()
             if self._stop_requested or self.exit_code is not None:
@@ -140,17 +184,24 @@ class Daemon:
             self.serve_pending()
             if self.clock() >= self._next_housekeeping:
                 self.housekeeping()
+            self.watchdog.ping_if_due()
         if self.exit_code is not None:  # fatal (sticky CUDA error): no orderly teardown possible
+            self._refuse_queued(self.clock() + STOP_DRAIN_S)
             self._close_socket()
             return self.exit_code
         return self.stop()
 
     def start(self) -> None:
+        """Devices, endpoint, signals, metrics; then READY=1 (systemd's start job ends here)."""
         self._start_devices()
         self._bind()
         self._install_signal_handlers()
-        self.metrics = _make_metrics(self.config.daemon.metrics_port)
-        _notify("ready", f"serving {self.endpoint} on {', '.join(self.devices)}")
+        self.metrics = self._start_metrics()
+        self.state = "serving"
+        text = self._status_text()
+        notify.ready(text)
+        self.status_reporter.sent(text)
+        self.watchdog.keepalive()
 
     def _start_devices(self) -> None:
         if self.device_names is None or not self.device_names:
@@ -171,6 +222,16 @@ class Daemon:
                      "" if runtime.backend == "cuda" else " (no CUDA graphs: functions are re-run into recorded buffers)")
         if self.config.daemon.cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.config.daemon.cache_dir)
+
+    def _start_metrics(self) -> Any:
+        port = self.config.daemon.metrics_port
+        try:
+            metrics = make_metrics(port)
+        except (MetricsUnavailableError, OSError, ValueError) as exc:
+            raise StartError(f"metrics on 127.0.0.1:{port}: {exc}") from exc
+        if port:
+            log.info("metrics served on http://127.0.0.1:%d/metrics", metrics.port)
+        return metrics
 
     def _bind(self) -> None:
         self._context = zmq.Context()
@@ -211,10 +272,24 @@ class Daemon:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT) and self._stop_signalled():
+            self._force_exit_now(signum)
         # Only record it: the loop acts on it between requests (the wake-up fd ends the poll).
         self._pending_signals.append(signum)
-        if signum in (signal.SIGTERM, signal.SIGINT) and self._stop_requested:
-            self._force_exit = True
+
+    def _stop_signalled(self) -> bool:
+        return self._stop_requested or any(s in (signal.SIGTERM, signal.SIGINT) for s in self._pending_signals)
+
+    def _force_exit_now(self, signum: int) -> None:
+        """Second SIGTERM/SIGINT: leave now, from the handler. No logging here (the handler may
+        have interrupted a logging call holding its lock): one raw line on stderr."""
+        message = f"cgtreed: second {signal.Signals(signum).name}: exiting now without freeing sessions\n"
+        try:
+            os.write(2, message.encode())
+        except OSError:
+            pass
+        self._unlink_socket_file()
+        os._exit(EXIT_FORCED)
 
     def request_stop(self) -> None:
         """Ask for a graceful stop from another thread (tests, embedding)."""
@@ -228,9 +303,10 @@ class Daemon:
     # -------------------------------------------------------------------------------- the loop
 
     def wait_for_events(self) -> None:
-        timeout_ms = max(0.0, self._next_housekeeping - self.clock()) * 1000.0
+        wake_at = min(self._next_housekeeping, self.watchdog.next_due)
+        timeout_s = min(max(0.0, wake_at - self.clock()), MAX_LOOP_WAIT_S)
         try:
-            ready = dict(self._poller.poll(timeout=min(timeout_ms, 1000.0)))
+            ready = dict(self._poller.poll(timeout=timeout_s * 1000.0))
         except zmq.ZMQError as exc:  # EINTR is retried by pyzmq; anything else: next turn
             log.debug("poll: %s", exc)
             return
@@ -245,15 +321,17 @@ class Daemon:
         while self._pending_signals:
             signum = self._pending_signals.pop(0)
             if signum == signal.SIGHUP:
-                self.reload()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                if self._stop_requested:
-                    self._force_exit = True
+                self.reload(trigger="SIGHUP")
+            elif signum in (signal.SIGTERM, signal.SIGINT) and not self._stop_requested:
                 log.info("%s: stopping (a second signal forces exit)", signal.Signals(signum).name)
                 self._stop_requested = True
 
     def serve_pending(self) -> None:
         for _ in range(MAX_REQUESTS_PER_TURN):
+            # A signal that arrived during the last request is seen before the next one: a stop
+            # finishes the request in flight, not the queue behind it.
+            if self._pending_signals:
+                return
             try:
                 message = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -280,40 +358,58 @@ class Daemon:
         if len(body_frames) >= 2 and len(body_frames[0]) == 0:
             head.append(b"")
             body_frames = body_frames[1:]
-        request_id: Any = None
         self.counters["requests"] += 1
+        session = self.sessions.get(identity)
+        request, refusal = self._decode(body_frames)
+        request_id = request.request_id if request is not None else getattr(refusal, "request_id", None)
+        with request_context(request_id if request_id is not None else "?", session.label if session is not None else None):
+            if refusal is not None:
+                return head + [self._refuse(request_id, "?", refusal)]
+            return head + self._dispatch(identity, session, request)
+
+    def _decode(self, body_frames: list) -> tuple[Optional[Request], Optional[ProtocolError]]:
+        """The request, or the refusal (carrying ``request_id`` when the envelope had one)."""
+        size = sum(len(frame) for frame in body_frames)
         try:
-            size = sum(len(frame) for frame in body_frames)
             if size > self.config.daemon.max_message_bytes:
-                request_id = _peek_request_id(body_frames[0])
-                raise ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
-            request = decode_request(body_frames[0].buffer, body_frames[1:])
-            request_id = request.request_id
-            command = command_registry.COMMANDS.get(request.op)
+                error = ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
+                error.request_id = _peek_request_id(body_frames[0])
+                raise error
+            return decode_request(body_frames[0].buffer, body_frames[1:]), None
+        except ProtocolError as exc:
+            return None, exc
+
+    def _dispatch(self, identity: bytes, session: Any, request: Request) -> list:
+        """Run the request's command: [reply envelope, *data frames], or [error envelope]."""
+        request_id, op = request.request_id, request.op
+        started = time.perf_counter()
+        try:
+            command = command_registry.COMMANDS.get(op)
             if command is None:
-                raise ProtocolError("unknown_op", f"no command {request.op!r} (known: {', '.join(sorted(command_registry.COMMANDS))})")
-            session = self.sessions.get(identity)
+                raise ProtocolError("unknown_op", f"no command {op!r} (known: {', '.join(sorted(command_registry.COMMANDS))})")
             if command.NEEDS_SESSION and session is None:
-                raise ProtocolError("no_session", f"{request.op} needs a session: send hello first")
+                raise ProtocolError("no_session", f"{op} needs a session: send hello first")
             if session is not None:
                 session.touch(self.clock())
                 session.counters["requests"] += 1
-            ctx = self._context_for(identity, request_id)
-            with _request_context(request_id, session.label if session is not None else None):
-                reply = command.execute(ctx, session, request.body, request.frames)
-            return head + [encode_reply(request_id, reply.body), *reply.frames]
+            log.debug("request %s: %s", request_id, op)
+            reply = command.execute(self._context_for(identity, request_id), session, request.body, request.frames)
+            log.debug("request %s: %s answered in %.3f ms", request_id, op, (time.perf_counter() - started) * 1e3)
+            return [encode_reply(request_id, reply.body), *reply.frames]
         except ProtocolError as exc:
-            request_id = getattr(exc, "request_id", request_id)
-            self.counters["errors"] += 1
-            log.info("request %s refused: %s", request_id, exc)
-            return head + [encode_error(request_id, exc.code, exc.message)]
+            return [self._refuse(request_id, op, exc)]
         except Exception as exc:
             self.counters["errors"] += 1
             if looks_like_cuda_error(exc):
-                return head + [self.on_cuda_error(request_id, exc)]
+                return [self.on_cuda_error(request_id, exc)]
             self.counters["internal_errors"] += 1
-            log.exception("request %s failed with an internal error", request_id)
-            return head + [encode_error(request_id, "internal", f"{type(exc).__name__}: {exc} (request {request_id!r}; see the daemon log)")]
+            log.exception("request %s failed with an internal error (op %s)", request_id, op)
+            return [encode_error(request_id, "internal", f"{type(exc).__name__}: {exc} (request {request_id!r}; see the daemon log)")]
+
+    def _refuse(self, request_id: Any, op: str, exc: ProtocolError) -> bytes:
+        self.counters["errors"] += 1
+        log.info("request %s refused: %s (op %s)", request_id, exc, op)
+        return encode_error(request_id, exc.code, exc.message)
 
     def on_cuda_error(self, request_id: Any, exc: BaseException) -> bytes:
         """Hook for CUDA errors: a sticky one (the context is poisoned) ends the daemon."""
@@ -321,7 +417,8 @@ class Daemon:
         log.error("request %s: CUDA error (%s): %s", request_id, "sticky: exiting for a restart" if sticky else "not sticky", exc)
         if sticky:
             self.exit_code = EXIT_CUDA_ERROR
-            _notify("stopping")
+            self.state = "stopping"
+            notify.stopping(f"sticky CUDA error: exiting (status {EXIT_CUDA_ERROR}) for a restart: {exc}"[:200])
         return encode_error(request_id, "cuda_error", f"{exc}" + (" (sticky: the daemon restarts)" if sticky else ""))
 
     def _send(self, frames: list) -> None:
@@ -336,12 +433,13 @@ class Daemon:
             identity=identity, request_id=request_id, config=self.config, devices=self.devices,
             sessions=self.sessions, metrics=self.metrics, daemon_info=self.info,
             next_buffer_id=lambda: next(self._buffer_ids),
+            reload=lambda: self.reload(trigger="reload command"), keepalive=self.watchdog.keepalive,
         )
 
     # --------------------------------------------------------------------------- housekeeping
 
     def housekeeping(self) -> None:
-        """Reap dead sessions, expire parked ones, let IPC memory go, report to systemd."""
+        """Reap dead sessions, expire parked ones, let IPC memory go, update gauges and STATUS."""
         now = self.clock()
         self._next_housekeeping = now + self.config.daemon.reap_interval_s
         for session, reason in self.sessions.reap(self.config.daemon.session_timeout_s):
@@ -351,12 +449,14 @@ class Daemon:
 
             torch.cuda.ipc_collect()  # free output buffers whose clients closed their mappings
         self.metrics.set_sessions(len(self.sessions))
-        if getattr(self.metrics, "port", None):  # metrics served: per-device pool gauges
+        if self.metrics.port:  # metrics served: per-device pool gauges
             self._update_pool_gauges()
-        if now >= self._next_watchdog:
-            interval = _watchdog_interval_s()
-            self._next_watchdog = now + (interval / 2 if interval else 3600.0)
-            _notify("watchdog")
+        self.status_reporter.update(self._status_text())
+
+    def _status_text(self) -> str:
+        parked = sum(1 for s in self.sessions.sessions.values() if s.state == "parked")
+        return status_text(endpoint=self.endpoint, devices=list(self.devices), live_sessions=len(self.sessions) - parked,
+                           parked_sessions=parked, graphs=sum(len(rt.graphs.graphs) for rt in self.devices.values()))
 
     def _update_pool_gauges(self) -> None:
         from cgtree.daemon.commands.status import manager_summary
@@ -374,68 +474,84 @@ class Daemon:
 
     # ---------------------------------------------------------------------------------- reload
 
-    def reload(self) -> bool:
-        """SIGHUP: re-read the config file. New policies apply to new recordings; an invalid
-        file is rejected and the running configuration kept. Returns whether it applied."""
+    def reload(self, trigger: str = "SIGHUP") -> ReloadOutcome:
+        """Re-read the config file (SIGHUP or the ``reload`` command). New policies apply to new
+        recordings; the log level and format change at once; an invalid file is rejected, logged
+        and the running configuration kept. systemd sees RELOADING=1, then READY=1."""
         if not self.config_path:
-            log.warning("SIGHUP: no --config file to reload; keeping the running configuration")
-            return False
-        _notify("reloading")
+            log.warning("%s: no --config file to reload; keeping the running configuration", trigger)
+            return self._reload_rejected("cgtreed was started without --config: there is no file to reload")
+        notify.reloading()
         try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("SIGHUP: %s; keeping the running configuration", exc)
-            _notify("ready", "reload rejected; running configuration kept")
-            return False
-        old = self.config
-        # endpoint and devices are bound at start; say so instead of pretending they changed.
-        for key in ("endpoint", "devices", "metrics_port"):
-            if getattr(new.daemon, key) != getattr(old.daemon, key):
-                log.warning("SIGHUP: daemon.%s changed; it takes effect at the next restart", key)
-        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, endpoint=old.daemon.endpoint, devices=old.daemon.devices,
-                                                                  metrics_port=old.daemon.metrics_port))
-        self.config = new
-        self.sessions.linger_s = new.daemon.session_linger_s
-        if new.policy != old.policy:
+            loaded = self._load_config()
+        except (ConfigError, OSError) as exc:
+            log.error("%s: %s; keeping the running configuration", trigger, exc)
+            return self._reload_rejected(str(exc))
+        plan = plan_reload(self.config, loaded)
+        for key in plan.needs_restart:
+            log.warning("%s: %s changed; it takes effect at the next restart", trigger, key)
+        old, self.config = self.config, plan.config
+        self.sessions.linger_s = self.config.daemon.session_linger_s
+        if plan.policy_changed:
             for session in self.sessions.sessions.values():
                 for state in session.devices.values():
-                    if state.manager is not None and hasattr(state.manager, "set_policy"):
-                        state.manager.set_policy(new.policy)
-        if (new.daemon.log_level, new.daemon.log_format) != (old.daemon.log_level, old.daemon.log_format):
-            _configure_logging(new.daemon.log_level, new.daemon.log_format)
-        if new.daemon.max_message_bytes != old.daemon.max_message_bytes and self._socket is not None:
-            self._socket.setsockopt(zmq.MAXMSGSIZE, new.daemon.max_message_bytes)  # new connections
-        log.info("SIGHUP: configuration reloaded from %s", self.config_path)
-        _notify("ready", f"serving {self.endpoint}")
-        return True
+                    if state.manager is not None:
+                        state.manager.set_policy(self.config.policy)
+        if plan.logging_changed:
+            configure_logging(self.config.daemon.log_level, self.config.daemon.log_format)
+        if plan.applies("daemon.max_message_bytes") and self._socket is not None:
+            self._socket.setsockopt(zmq.MAXMSGSIZE, self.config.daemon.max_message_bytes)  # new connections
+        self.counters["reloads"] += 1
+        applied = [key for key in plan.changed if key not in plan.needs_restart]
+        log.info("%s: configuration reloaded from %s (%s)", trigger, self.config_path,
+                 f"changed: {', '.join(applied)}" if applied else "nothing changed")
+        self._ready_again(self._status_text())
+        return ReloadOutcome(True, self.config_path, plan.changed, plan.needs_restart)
+
+    def _reload_rejected(self, error: str) -> ReloadOutcome:
+        self.counters["reloads_rejected"] += 1
+        self._ready_again(f"reload rejected, running configuration kept: {error}"[:200])
+        return ReloadOutcome(False, self.config_path, error=error)
+
+    def _ready_again(self, text: str) -> None:
+        notify.ready(text)
+        self.status_reporter.sent(text)
 
     # ------------------------------------------------------------------------------------ stop
 
     def stop(self) -> int:
         """Graceful stop: refuse queued requests, free every session, close the endpoint."""
-        _notify("stopping")
-        deadline = self.clock() + self.config.daemon.shutdown_timeout_s
-        self._arm_hard_deadline(self.config.daemon.shutdown_timeout_s)
+        self.state = "stopping"
+        notify.stopping(f"stopping: closing {len(self.sessions)} sessions")
+        seconds = self.config.daemon.shutdown_timeout_s
+        deadline = self.clock() + seconds
+        timer = self._arm_hard_deadline(seconds)
         refused = self._refuse_queued(min(deadline, self.clock() + STOP_DRAIN_S))
-        finished = self.sessions.close_all("the daemon is stopping", deadline=deadline, should_stop=self._forced)
+        finished = self.sessions.close_all("the daemon is stopping", deadline=deadline, should_stop=self._between_sessions)
         self._close_socket()
-        self.metrics.stop() if self.metrics is not None else None
+        self.metrics.stop()
         self._restore_signal_handlers()
-        if not finished or self._force_exit:
-            log.warning("stopped before every session was freed (%s)", "forced by a second signal" if self._force_exit else "deadline passed")
+        timer.cancel()
+        if not finished:
+            log.warning("stopped before every session was freed: shutdown_timeout_s = %.1f s passed", seconds)
             return EXIT_FORCED
         log.info("stopped cleanly (%d queued requests refused)", refused)
         return EXIT_OK
 
-    def _forced(self) -> bool:
-        self.handle_signals()
-        return self._force_exit
+    def _between_sessions(self) -> bool:
+        """Between two session closes: keep systemd's watchdog fed; never ask to stop early
+        (a second signal exits from its handler)."""
+        self.watchdog.keepalive()
+        return False
 
     def _refuse_queued(self, until: float) -> int:
         refused = 0
         while self.clock() < until and self._socket is not None:
             try:
                 message = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                time.sleep(0.01)  # a request already on its way still gets its answer
+                continue
             except zmq.ZMQError:
                 break
             if len(message) < 2:
@@ -446,11 +562,11 @@ class Daemon:
                 request_id = request_id_of(unpack(message[len(head)].bytes))
             except Exception:
                 pass
-            self._send(head + [encode_error(request_id, "unavailable", "the daemon is shutting down; retry after it restarts")])
+            self._send(head + [encode_error(request_id, "unavailable", "the daemon is stopping; retry after it restarts")])
             refused += 1
         return refused
 
-    def _arm_hard_deadline(self, seconds: float) -> None:
+    def _arm_hard_deadline(self, seconds: float) -> threading.Timer:
         # The last resort when teardown hangs inside a C call (signals cannot run Python then).
         def expire() -> None:
             log.error("shutdown did not finish within %.1f s: exiting now", seconds)
@@ -460,6 +576,7 @@ class Daemon:
         timer = threading.Timer(seconds + 1.0, expire)
         timer.daemon = True
         timer.start()
+        return timer
 
     def _close_socket(self) -> None:
         if self._socket is not None:
@@ -507,81 +624,25 @@ class Daemon:
             "version": getattr(cgtree, "__version__", "?"),
             "protocol": PROTOCOL_VERSION,
             "endpoint": self.endpoint,
+            "state": self.state,
             "uptime_s": round(self.clock() - self.started_at, 3),
             "config_path": self.config_path,
             "policy": dataclasses.asdict(self.config.policy),
+            "log_level": self.config.daemon.log_level,
             "sessions": len(self.sessions),
             "session_linger_s": self.sessions.linger_s,
+            "watchdog_s": self.watchdog.interval_s,
+            "metrics_port": self.metrics.port,
             "counters": dict(self.counters),
         }
 
 
-# ------------------------------------------------------------------------------------------
-# Ops hooks: systemd notification, metrics, logging. They call the ops modules when present
-# and do nothing otherwise, so the daemon runs (and is tested) without them.
-
-
-def _notify(what: str, status: Optional[str] = None) -> None:
-    try:
-        from cgtree.daemon import notify
-    except ImportError:
-        return
-    if what == "ready":
-        notify.ready(status)
-    elif what == "reloading":
-        notify.reloading()
-    elif what == "stopping":
-        notify.stopping()
-    elif what == "watchdog":
-        notify.watchdog()
-
-
-def _watchdog_interval_s() -> Optional[float]:
-    try:
-        from cgtree.daemon import notify
-    except ImportError:
-        return None
-    return notify.watchdog_interval_s()
-
-
-class _NoMetrics:
-    def observe_submit(self, *args: Any, **kwargs: Any) -> None: ...
-    def set_sessions(self, n: int) -> None: ...
-    def set_pool_bytes(self, device: str, n: int) -> None: ...
-    def set_live_blocks(self, device: str, n: int) -> None: ...
-    def stop(self) -> None: ...
-
-
-def _make_metrics(port: int) -> Any:
-    try:
-        from cgtree.daemon.metrics import make_metrics
-    except ImportError:
-        return _NoMetrics()
-    return make_metrics(port)
-
-
-def _request_context(request_id: Any, session: Optional[str]) -> Any:
-    try:
-        from cgtree.daemon.logsetup import request_context
-    except ImportError:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return request_context(request_id, session)
-
-
-def _configure_logging(level: str, fmt: str) -> None:
-    try:
-        from cgtree.daemon.logsetup import configure_logging
-    except ImportError:
-        logging.basicConfig(level=level.upper())
-        logging.getLogger().setLevel(level.upper())
-        return
-    configure_logging(level, fmt)
+# Kept for callers that build a Daemon without starting it (unit tests).
+_NoMetrics = NullMetrics
 
 
 def _peek_request_id(frame: Any) -> Any:
-    """The request id of an envelope we refuse to process (too large), if cheaply readable."""
+    """The request id of an envelope, if cheaply readable (before decoding it properly)."""
     if len(frame) > 64 * 1024:
         return None
     try:
@@ -609,14 +670,25 @@ def _endpoint_answers(context: zmq.Context, endpoint: str, timeout_ms: int = 500
         probe.close(0)
 
 
-def _refuse_expandable_segments(device_names: list[str]) -> None:
+def expandable_segments_enabled(environ: Any) -> bool:
+    """Whether the allocator configuration in ``environ`` turns expandable segments on.
+    Both spellings count (``PYTORCH_CUDA_ALLOC_CONF`` and torch >= 2.9's ``PYTORCH_ALLOC_CONF``);
+    the value is compared case-insensitively, as torch does."""
+    for variable in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        for part in environ.get(variable, "").split(","):
+            key, _, value = part.partition(":")
+            if key.strip() == "expandable_segments" and value.strip().lower() == "true":
+                return True
+    return False
+
+
+def _refuse_expandable_segments(device_names: list[str], environ: Any = os.environ) -> None:
     """CUDA IPC cannot share expandable-segment memory (cuMem handles need fds): refuse."""
     if not any(name.startswith("cuda") for name in device_names):
         return
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
-    settings = {part.split(":", 1)[0].strip(): part.split(":", 1)[1].strip() for part in conf.split(",") if ":" in part}
-    if settings.get("expandable_segments", "").lower() == "true":
+    if expandable_segments_enabled(environ):
         raise StartError(
-            "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True; their memory cannot be shared through CUDA IPC "
-            "handles. Unset it (or set expandable_segments:False) for cgtreed."
+            "PYTORCH_CUDA_ALLOC_CONF enables expandable_segments: memory of expandable segments cannot be "
+            "shared with clients through CUDA IPC handles (they are cuMem handles that need file "
+            "descriptors). Unset it, or set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False, for cgtreed."
         )

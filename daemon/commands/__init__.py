@@ -49,6 +49,11 @@ class CommandContext:
     metrics: Any
     daemon_info: Callable[[], dict]
     next_buffer_id: Callable[[], int]
+    # Re-read the configuration file (the daemon's ``reload``); returns its ``ReloadOutcome``.
+    reload: Callable[[], Any] = field(default=lambda: None)
+    # Call right before and after a step that may take long (a first call that compiles, a
+    # capture): keeps systemd's watchdog fed without pinging on every replay.
+    keepalive: Callable[[], None] = field(default=lambda: None)
     extras: dict = field(default_factory=dict)
 
     def device(self, name: Any) -> "DeviceRuntime":

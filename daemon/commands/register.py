@@ -3,20 +3,25 @@ weight blobs named by content hash). Registering a graph the device already know
 no decode, no weight transfer.
 
 Request: ``{"device": str, "graph": str | None, "payload": int | None,
-"weights": {<hash>: int}}``. ``payload`` is the index of the data frame holding the encoded
+"weights": {<hash>: int}, "name": str | None}``. ``payload`` is the index of the data frame holding the encoded
 graph (``cgtree.payload.encode_graph``); it may be left out when ``graph`` (the payload hash)
 is already known on the device. ``weights`` maps weight hashes to data frames holding their
 blobs; send only those the daemon said it lacks. Each blob is re-hashed and must match its
 name. The payload is decoded with the operator allow-list (``aten``, ``prims``, ``operator``
-and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated.
+and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated. ``name`` is an
+optional label (printable, at most 64 characters; e.g. the model's class name) shown by
+``cgtreectl`` and in the logs; the first client to name a graph names it for everyone.
 
 Reply: ``{"graph": str, "registered": bool, "need_payload": bool,
-"missing_weights": [str], "new": bool, "weights_added": int, "inputs": int | None}``.
+"missing_weights": [str], "new": bool, "weights_added": int, "inputs": int | None,
+"mutated_inputs": [int] | None}``.
 ``registered`` false means the graph is not usable yet: send the request again with the
 payload (``need_payload``) and/or the listed weight blobs, in as many messages as
 ``max_message_bytes`` requires (blobs already received are kept for this session until the
 graph is complete or the session ends). ``new`` says this register decoded the
-graph; ``weights_added`` how many weights it put on the device.
+graph; ``weights_added`` how many weights it put on the device. ``mutated_inputs`` (once
+registered) lists the user inputs the graph writes in place: a client must not re-send such a
+submit blindly when the daemon died before answering it (it may have run).
 
 Errors: ``no_session``, ``unknown_device``, ``bad_request`` (frame index out of range, bad
 hash), ``payload_rejected`` (the payload does not decode, a weight does not match its hash,
@@ -25,7 +30,7 @@ or an operator outside the allow-list, named in the message).
 
 from __future__ import annotations
 
-from cgtree.daemon.graphs import check_graph_id
+from cgtree.daemon.graphs import check_graph_id, check_graph_name
 from cgtree.daemon.protocol import ProtocolError, Reply, field_of
 
 NAME = "register"
@@ -49,17 +54,19 @@ def execute(ctx, session, body, frames) -> Reply:
     blobs = {}
     for weight_hash, index in field_of(body, "weights", dict, {}).items():
         blobs[check_graph_id(weight_hash, "weight")] = _frame(frames, index, f"weight {weight_hash}")
+    name = check_graph_name(field_of(body, "name", str, None))
     staged = session.staged_weights.setdefault(runtime.name, {})
-    outcome = runtime.graphs.register(payload, claimed, blobs, staged)
+    outcome = runtime.graphs.register(payload, claimed, blobs, staged, name=name)
     registered = outcome.entry is not None
     if registered:
         key = (runtime.name, outcome.graph_id)
         if key not in session.graphs:
             session.graphs[key] = runtime.graphs.acquire(outcome.entry)
-    inputs = None
+    inputs = mutated_inputs = None
     if registered:
         specs = outcome.entry.input_specs
         inputs = len(specs) if specs is not None else None
+        mutated_inputs = list(outcome.entry.mutated_inputs)
     return Reply({
         "graph": outcome.graph_id,
         "registered": registered,
@@ -68,4 +75,5 @@ def execute(ctx, session, body, frames) -> Reply:
         "new": outcome.new,
         "weights_added": outcome.weights_added,
         "inputs": inputs,
+        "mutated_inputs": mutated_inputs,
     })

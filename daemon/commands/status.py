@@ -5,12 +5,18 @@ Request: ``{"session_only": bool}``: true restricts ``sessions`` to the caller's
 
 Reply::
 
-    {"daemon": {"pid", "version", "protocol", "endpoint", "uptime_s", "config_path",
-                "policy": {...}, "sessions": int},
+    {"daemon": {"pid", "version", "protocol", "endpoint", "state": "serving" | "stopping",
+                "uptime_s", "config_path", "policy": {...}, "log_level", "sessions": int,
+                "session_linger_s", "watchdog_s": float | None, "metrics_port": int | None,
+                "counters": {...}},
      "devices": [{"device", "backend", "graphs": int, "weights": {"count", "bytes"},
                   "sessions": int, "pool_bytes": int, "live_blocks": int,
                   "output_buffer_bytes": int, "allocated_bytes": int | None,
-                  "reserved_bytes": int | None}],
+                  "reserved_bytes": int | None,
+                  "registered": [{"graph", "name": str | None, "short_name", "weights": int,
+                                  "weight_bytes": int, "inputs": int | None,
+                                  "mutated_inputs": [int], "dynamic": bool,
+                                  "sessions": [int]}]}],
      "sessions": [{"id", "name", "pid", "state": "live" | "parked", "idle_s", "submits",
                    "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
@@ -22,7 +28,8 @@ Reply::
 ``tree`` is ``TreeManager.status()`` as the core reports it (nodes with id, graph, mode,
 children, replays; pool bytes; counters: warmups, recordings, replays, checkpoints, skips by
 reason). The backend is always named as it runs: ``cpu-replay`` is never reported as CUDA.
-``allocated_bytes`` / ``reserved_bytes`` are the daemon's CUDA caching allocator totals for the
+``registered`` lists the graphs decoded on the device and the ids of the sessions (live or
+parked) holding each. ``allocated_bytes`` / ``reserved_bytes`` are the daemon's CUDA caching allocator totals for the
 device (None on CPU): weights, pools, output buffers and workspaces together.
 
 Errors: none of its own.
@@ -55,6 +62,8 @@ def execute(ctx, session, body, frames) -> Reply:
             doc["live_blocks"] += tree["live_blocks"]
             doc["output_buffer_bytes"] += state.output_bytes()
         doc.update(runtime.memory_stats())
+        doc["registered"] = runtime.graphs.describe(lambda graph_id, device=runtime.name: sorted(
+            s.session_id for s in ctx.sessions.sessions.values() if (device, graph_id) in s.graphs))
         device_docs.append(doc)
     return Reply(wire_safe({"daemon": ctx.daemon_info(), "devices": device_docs, "sessions": session_docs}))
 

@@ -79,10 +79,14 @@ def execute(ctx, session, body, frames) -> Reply:
     if fn is None:
         fn = state.manager.cudagraphify(
             entry.fn, [*entry.weights, *inputs], static_input_idxs=range(len(entry.weights)),
-            name=entry.short_name, kind="inference", dynamic=entry.dynamic,
+            name=entry.display_name, kind="inference", dynamic=entry.dynamic,
         )
         state.functions[graph_id] = fn
+    # A warmup (maybe an inductor compile) or a capture can take long: feed systemd's watchdog
+    # on both sides of the call. Rate-limited, so replays send nothing.
+    ctx.keepalive()
     outputs = fn(*entry.weights, *inputs)
+    ctx.keepalive()
     del inputs
     execution = execution_dict(state.manager.last_execution)
     reply = encode_outputs(outputs, state, runtime, graph_id, ctx, to_host=outputs_to == "host")
