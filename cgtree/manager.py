@@ -38,7 +38,6 @@ from cgtree.liveness import (
     CAN_RAISE_ON_OVERWRITTEN_ACCESS,
     StorageRef,
     TensorGeometry,
-    free_owned,
     mark_overwritten,
     non_owning_storage,
     tensor_on,
@@ -524,7 +523,7 @@ class TreeManager:
                 mark_overwritten(tensor, message)
         for ref, owned in live:
             if owned and ref.alive():  # marking may already have released the last reference
-                free_owned(ref)
+                self.backend.release_stale(ref)
         outputs.clear()
 
     def _path_storage_positions(self) -> dict[int, tuple[int, int]]:

@@ -68,6 +68,11 @@ class Backend:
     def release_recording(self, recording: Recording) -> None:
         """Drop a recording's graph and buffers."""
 
+    def release_stale(self, ref) -> None:
+        """An allocator-owned output was invalidated while still referenced: give its block
+        back to the pool now (the stale tensor must not free it later). No-op where the
+        backend has no pool allocator to keep consistent (CPU replay)."""
+
     def pool_stats(self) -> dict:
         raise NotImplementedError
 

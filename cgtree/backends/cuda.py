@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from cgtree.backends.base import Backend, Recording, dense_buffer_like
-from cgtree.liveness import TensorGeometry, non_owning_storage, tensor_on
+from cgtree.liveness import TensorGeometry, free_owned, non_owning_storage, tensor_on
 
 _REQUIRED_BINDINGS = (
     "_cuda_getCheckpointState",
@@ -209,6 +209,9 @@ class CudaGraphBackend(Backend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def release_stale(self, ref) -> None:
+        free_owned(ref)
 
     def release_recording(self, recording: Recording) -> None:
         recording.graph = None
