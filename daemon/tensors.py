@@ -36,11 +36,13 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from cgtree.daemon.protocol import ProtocolError
+from cgtree.liveness import TensorGeometry as LayoutGeometry
+from cgtree.liveness import tensor_on
 
 # The allow-list of dtypes accepted on the wire; names are torch's own (str(dtype) minus "torch.").
 DTYPES: dict[str, torch.dtype] = {
@@ -297,9 +299,9 @@ def tensor_on_storage(storage: torch.UntypedStorage, geometry: TensorGeometry, l
     needed = byte_base + geometry.extent_bytes()
     if needed > storage.nbytes():
         raise ProtocolError("bad_tensor", f"{label}: the view needs {needed} bytes but its storage has {storage.nbytes()}")
-    tensor = torch.empty((0,), dtype=geometry.dtype, device=storage.device)
-    tensor.set_(storage, geometry.offset + byte_base // itemsize, geometry.shape, geometry.stride)
-    return tensor
+    placed = LayoutGeometry(geometry.dtype, geometry.shape, geometry.stride,
+                            geometry.offset + byte_base // itemsize, storage.device)
+    return tensor_on(storage, placed)  # one C++ call on CUDA: this runs on every submit
 
 
 def describe_cuda(tensor: torch.Tensor, ipc: dict) -> dict:
@@ -352,6 +354,7 @@ class OutputBuffer:
         self.storage = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
         self.ipc = export_cuda_storage(self.storage)
         self.generation = 0
+        self._views: Optional[list[torch.Tensor]] = None
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return len(tensors) == len(self.slots) and all(
@@ -365,10 +368,14 @@ class OutputBuffer:
         # passed back in): read those before any slot is overwritten.
         own = self.storage.data_ptr()
         tensors = [t.clone() if t.untyped_storage().data_ptr() == own else t for t in tensors]
+        if self._views is None:  # the slots never move: build their views once
+            self._views = [
+                tensor_on_storage(self.storage, TensorGeometry(slot.dtype, slot.shape, contiguous_stride(slot.shape), 0),
+                                  "output", byte_base=slot.byte_offset)
+                for slot in self.slots
+            ]
         descs = []
-        for slot, tensor in zip(self.slots, tensors):
-            geometry = TensorGeometry(slot.dtype, slot.shape, contiguous_stride(slot.shape), 0)
-            view = tensor_on_storage(self.storage, geometry, "output", byte_base=slot.byte_offset)
+        for slot, view, tensor in zip(self.slots, self._views, tensors):
             view.copy_(tensor)
             descs.append(self.describe(slot))
         return descs
