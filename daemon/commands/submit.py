@@ -71,7 +71,10 @@ def execute(ctx, session, body, frames) -> Reply:
         outputs_to = "device" if by_reference else "host"
     elif outputs_to not in ("device", "host"):
         raise ProtocolError("bad_request", f"\"outputs\" must be \"device\" or \"host\", got {outputs_to!r}")
-    inputs = [decode_input(desc, i, frames, state, runtime) for i, desc in enumerate(descs)]
+    # CUDA inputs may sit on any device this daemon serves: the tree manager of the graph's
+    # device then decides (inputs on two devices run without graphs: "multiple devices").
+    served_cuda = [rt.device.index for rt in ctx.devices.values() if rt.is_cuda]
+    inputs = [decode_input(desc, i, frames, state, runtime, served_cuda) for i, desc in enumerate(descs)]
     check_inputs(entry, inputs)
 
     started = time.perf_counter()
@@ -98,7 +101,7 @@ def execute(ctx, session, body, frames) -> Reply:
     return reply
 
 
-def decode_input(desc, index, frames, state, runtime):
+def decode_input(desc, index, frames, state, runtime, served_cuda=None):
     label = f"input {index}"
     if not isinstance(desc, dict):
         raise ProtocolError("bad_tensor", f"{label}: descriptor must be a map")
@@ -111,7 +114,7 @@ def decode_input(desc, index, frames, state, runtime):
     if kind == "cuda":
         if not runtime.is_cuda:
             raise ProtocolError("bad_tensor", f"{label}: a CUDA tensor, but the graph runs on {runtime.name}")
-        return tensor_from_cuda_desc(desc, state.ipc_imports, label, [runtime.device.index])
+        return tensor_from_cuda_desc(desc, state.ipc_imports, label, served_cuda or [runtime.device.index])
     if kind == "output":
         return tensor_from_output_desc(desc, state.buffers_by_id, label)
     if kind == "scalar":
