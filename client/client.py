@@ -26,6 +26,23 @@ Invariants:
   says it does not know a graph (daemon restart): ``no_session`` -> hello, ``unknown_graph``
   -> register, each retried once.
 - Not thread-safe across threads without its internal lock; not usable across ``fork``.
+
+Daemon restarts (systemd restarts cgtreed after a sticky CUDA error or a crash):
+- A request the daemon refused with ``unavailable`` (it was stopping) never ran: the client
+  waits for the next daemon (up to ``timeout_s``), says hello, re-registers, sends it again.
+- A request whose daemon went away before answering (its connection dropped: ZeroMQ socket
+  monitor, or the socket file vanished) may or may not have run. The client sends it once more
+  to the next daemon only when that is safe (``resend_after_interruption``): every command but
+  ``submit`` is idempotent, and so is ``submit`` of a graph that writes none of its inputs (the
+  daemon reports ``mutated_inputs`` at register). A submit of a graph that mutates its inputs
+  is not re-sent: ``RequestInterrupted`` (retryable) says so, and the caller decides; the next
+  call reconnects by itself. Never a wrong result: a re-sent submit reads the caller's inputs
+  as they are now, which a non-mutating graph left unchanged.
+- Only one re-send per call. Outputs of the old daemon are invalid after a restart (their
+  buffers are gone); passing one back in fails with a clear error.
+- A daemon that is simply absent when a call starts fails at once with ``DaemonUnavailable``;
+  one that stops answering fails after ``timeout_s`` with ``DaemonTimeout`` (not re-sent: the
+  request may still be running).
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
@@ -61,6 +79,11 @@ log = logging.getLogger("cgtree.client")
 DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
 POLL_SLICE_S = 1.0
+RECONNECT_POLL_S = 0.1  # how often a client waiting for a restarted daemon looks for it
+# Requests that may be sent again when the daemon died before answering: running them twice
+# (once on the old daemon, once on the new) ends in the same state. ``submit`` is decided per
+# graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
+IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", "release", "reset"})
 # Room for the envelope next to data frames when splitting uploads under max_message_bytes.
 ENVELOPE_ALLOWANCE = 64 * 1024
 CLIENT_NAME = "cgtree.client 0.1"
@@ -90,6 +113,18 @@ class DaemonTimeout(DaemonUnavailable, TimeoutError):
     """The daemon did not answer within the timeout."""
 
 
+class RequestInterrupted(DaemonUnavailable):
+    """The daemon went away while a request was in flight, and the client did not send it again
+    (a submit of a graph that writes its inputs may have run partly). Retryable: the next call
+    reconnects to the restarted daemon by itself; check the inputs first."""
+
+    retryable = True
+
+    def __init__(self, message: str, op: str = "") -> None:
+        super().__init__(message)
+        self.op = op
+
+
 class DaemonError(ClientError):
     """The daemon answered with an error reply: ``code`` (see ``ERROR_CODES``) and ``message``."""
 
@@ -115,6 +150,10 @@ class GraphHandle:
     device: str
     encoded: Any  # cgtree.payload.EncodedGraph
     num_inputs: Optional[int] = None
+    name: Optional[str] = None  # a label for cgtreectl and the daemon's logs (the model's class)
+    # User inputs the graph writes in place, as the daemon decoded it; None until registered
+    # (and then treated as "may mutate": such a submit is never re-sent after a restart).
+    mutated_inputs: Optional[tuple[int, ...]] = None
 
     @property
     def short_name(self) -> str:
@@ -194,6 +233,8 @@ class Client:
         self._ids = itertools.count(1)
         self._context = zmq.Context()
         self._socket: Optional[zmq.Socket] = None
+        self._monitor: Optional[zmq.Socket] = None  # the socket's DISCONNECTED events: the daemon went away
+        self._poller: Optional[zmq.Poller] = None
         # A stable routing id: a socket replaced after a timeout keeps the same session.
         self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(6).hex().encode()
         self._graphs_by_source: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -233,19 +274,17 @@ class Client:
                     pass
             self.session_id = None
             self._closed = True
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._reset_socket()  # the socket and its monitor: term() waits for every socket
             self._context.term()
 
     # ---------------------------------------------------------------------------- public API
 
     def ping(self) -> dict:
-        return self._call("ping", {})[0]
+        return self._with_recovery("ping", lambda: self._call("ping", {})[0])
 
     def status(self, session_only: bool = False) -> dict:
         """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md)."""
-        return self._call("status", {"session_only": bool(session_only)})[0]
+        return self._with_recovery("status", lambda: self._call("status", {"session_only": bool(session_only)})[0])
 
     def register(self, graph: Any, example_inputs: Sequence[Any] = (), *, device: Optional[str] = None) -> GraphHandle:
         """Lower (if needed), encode and register ``graph``; returns a handle for ``submit``.
@@ -255,7 +294,7 @@ class Client:
         device: the daemon device to run on; default: where the example inputs are.
         """
         if isinstance(graph, GraphHandle):
-            self._ensure_registered(graph)
+            self._with_recovery("register", lambda: self._ensure_registered(graph))
             return graph
         inputs = _as_input_list(example_inputs)
         device = _normalize_device(device) if device is not None else _device_of(inputs)
@@ -263,12 +302,12 @@ class Client:
         by_spec = self._cache_for(graph)
         if by_spec is not None and key in by_spec:
             handle = by_spec[key]
-            self._ensure_registered(handle)
+            self._with_recovery("register", lambda: self._ensure_registered(handle))
             return handle
         encoded = graph if _is_encoded(graph) else _lower_and_encode(graph, inputs)
         handle = self._graphs_by_id.get((device, encoded.graph_id)) or GraphHandle(
-            encoded.graph_id, device, encoded, len(encoded.input_specs))
-        self._ensure_registered(handle)
+            encoded.graph_id, device, encoded, len(encoded.input_specs), name=_graph_label(graph))
+        self._with_recovery("register", lambda: self._ensure_registered(handle))
         self._graphs_by_id[(device, handle.graph_id)] = handle
         if by_spec is not None:
             by_spec[key] = handle
@@ -283,20 +322,29 @@ class Client:
         inputs = _as_input_list(inputs)
         handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
         with self._lock:
-            descs, frames = self._encode_inputs(handle.device, inputs)
-            if handle.device.startswith("cuda") and torch.cuda.is_initialized():
-                # The daemon reads our memory as soon as the request arrives; it must be written.
-                # Also finishes our reads of the outputs this submit will overwrite. A client
-                # without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
-                torch.cuda.current_stream(torch.device(handle.device)).synchronize()
-            body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
-            reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
-            self.last_execution = reply.get("execution")
-            return tuple(self._decode_outputs(handle, reply, reply_frames))
+            mutates = None if handle.mutated_inputs is None else bool(handle.mutated_inputs)
+            return self._with_recovery("submit", lambda: self._submit_once(handle, inputs), mutates_inputs=mutates,
+                                       what=f"graph {handle.short_name}")
+
+    def _submit_once(self, handle: GraphHandle, inputs: list) -> tuple:
+        # Encoded on every attempt: after a restart the session, its registrations and its
+        # output buffers are new.
+        self._ensure_registered(handle)
+        descs, frames = self._encode_inputs(handle.device, inputs)
+        if handle.device.startswith("cuda") and torch.cuda.is_initialized():
+            # The daemon reads our memory as soon as the request arrives; it must be written.
+            # Also finishes our reads of the outputs this submit will overwrite. A client
+            # without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
+            torch.cuda.current_stream(torch.device(handle.device)).synchronize()
+        body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
+        reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
+        self.last_execution = reply.get("execution")
+        return tuple(self._decode_outputs(handle, reply, reply_frames))
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
         """The next submit starts a new generation of the trees (an iteration boundary)."""
-        self._session_call("mark_step", {"device": self._wire_device(_normalize_device(device)) if device else None})
+        self._with_recovery("mark_step", lambda: self._session_call(
+            "mark_step", {"device": self._wire_device(_normalize_device(device)) if device else None}))
 
     def release(self, graph: Optional[GraphHandle] = None, *, device: Optional[str] = None) -> int:
         """Give back the outputs of ``graph`` (or of every graph on ``device`` / everywhere).
@@ -310,14 +358,16 @@ class Client:
                 for key in [k for k in self._graph_buffer if k[0] == dev and (graph_id is None or k[1] == graph_id)]:
                     self._drop_graph_outputs(key, close_mapping=True)
                 if self.session_id is not None:
-                    released += self._session_call("release", {"device": self._wire_device(dev), "graph": graph_id})[0]["released"]
+                    body = {"device": self._wire_device(dev), "graph": graph_id}
+                    released += self._with_recovery("release", lambda: self._session_call("release", body))[0]["released"]
             return released
 
     def reset(self, device: Optional[str] = None) -> None:
         """Drop this session's trees (recordings, pool); registered graphs stay registered."""
         with self._lock:
             self._invalidate_all()
-            self._session_call("reset", {"device": self._wire_device(_normalize_device(device)) if device else None})
+            self._with_recovery("reset", lambda: self._session_call(
+                "reset", {"device": self._wire_device(_normalize_device(device)) if device else None}))
 
     # ------------------------------------------------------------------------ registration
 
@@ -337,7 +387,7 @@ class Client:
     def _register_payload(self, handle: GraphHandle) -> None:
         """Send the graph; then, in messages under the size limit, the weights the daemon lacks."""
         encoded = handle.encoded
-        base = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "payload": 0}
+        base = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
         reply, _ = self._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
         limit = (self.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
         for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
@@ -348,6 +398,8 @@ class Client:
             raise ClientError(f"graph {handle.short_name} was not registered: daemon still lacks {reply.get('missing_weights')}")
         if reply.get("graph") != handle.graph_id:
             raise ClientError(f"the daemon registered {reply.get('graph')} for graph {handle.graph_id}")
+        if reply.get("mutated_inputs") is not None:
+            handle.mutated_inputs = tuple(reply["mutated_inputs"])
         self._registered.add((handle.device, handle.graph_id))
 
     # ------------------------------------------------------------------------------ tensors
@@ -558,6 +610,7 @@ class Client:
                 if size > self.max_message_bytes:
                     raise DaemonError("too_large", f"the {op} request is {size} bytes; the daemon accepts at most {self.max_message_bytes}", op)
             sock = self._connect()
+            self._drain_disconnects()  # a drop before this send does not concern this request
             try:
                 sock.send_multipart([envelope, *frames], copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -565,15 +618,22 @@ class Client:
                 raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
             deadline = time.monotonic() + timeout
             while True:
-                # Wait in slices: a daemon that exits removes its socket file, and we say so at
-                # once instead of waiting out the whole timeout.
+                # Wait in slices: a daemon that exits removes its socket file, and one that dies
+                # drops the connection (socket monitor); either way we say so at once instead
+                # of waiting out the whole timeout.
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(min(remaining, POLL_SLICE_S) * 1000), zmq.POLLIN):
-                    if remaining > POLL_SLICE_S and self._socket_file_present():
+                ready = dict(self._poller.poll(int(max(0.0, min(remaining, POLL_SLICE_S)) * 1000))) if remaining > 0 else {}
+                if sock not in ready:
+                    if self._monitor in ready and self._drain_disconnects() and not sock.poll(0, zmq.POLLIN):
+                        self._reset_socket()
+                        raise RequestInterrupted(f"cgtreed at {self.endpoint} dropped the connection while {op!r} was in flight "
+                                                 "(the daemon died or restarted); it may or may not have run", op)
+                    if remaining > 0 and (self._monitor in ready or (remaining > POLL_SLICE_S and self._socket_file_present())):
                         continue
                     self._reset_socket()
                     if not self._socket_file_present():
-                        raise DaemonUnavailable(f"cgtreed at {self.endpoint} went away while {op!r} was pending (its socket file is gone)")
+                        raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
+                                                 "(its socket file is gone); it may or may not have run", op)
                     raise DaemonTimeout(
                         f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
                         "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
@@ -604,17 +664,106 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
             sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+            # Before connect: a DISCONNECTED event is how a daemon that died mid-request shows.
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(self.endpoint)
             self._socket = sock
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
         return self._socket
+
+    def _drain_disconnects(self) -> bool:
+        """Consume pending monitor events; whether any said the connection dropped."""
+        dropped = False
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            dropped = dropped or event.get("event") == zmq.EVENT_DISCONNECTED
+        return dropped
 
     def _reset_socket(self) -> None:
         if self._socket is not None:
+            try:
+                self._socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._socket = None
+        self._socket = self._monitor = self._poller = None
+
+    # ------------------------------------------------------------------------ daemon restarts
+
+    def _with_recovery(self, op: str, attempt: Any, *, mutates_inputs: Optional[bool] = False, what: str = "") -> Any:
+        """``attempt()``; if the daemon went away under it, wait for the next daemon and run it
+        once more when ``resend_after_interruption`` allows (see the module docstring)."""
+        try:
+            return attempt()
+        except RequestInterrupted as exc:
+            interrupted, may_have_run = exc, True
+        except DaemonError as exc:
+            if exc.code != "unavailable":
+                raise
+            interrupted, may_have_run = exc, False
+        subject = f"{op} of {what}" if what else op
+        if not resend_after_interruption(op, may_have_run=may_have_run, mutates_inputs=mutates_inputs):
+            self._reset_socket()
+            raise RequestInterrupted(
+                f"cgtreed went away while {subject} was in flight; not sent again because the graph writes its inputs "
+                f"(it may have run partly: check them before submitting again). The next call reconnects. ({interrupted})", op,
+            ) from interrupted
+        log.warning("cgtreed went away during %s (%s); waiting for it to come back, then sending it once more", subject, interrupted)
+        self._await_daemon(op, interrupted)
+        return attempt()
+
+    def _await_daemon(self, op: str, cause: BaseException) -> None:
+        """Wait (up to ``timeout_s``) until a daemon answers ping at the endpoint. A new daemon
+        (another pid) means a new session: forget ours, its registrations and its outputs."""
+        deadline = time.monotonic() + self.timeout_s
+        self._reset_socket()
+        while True:
+            if self._socket_file_present():
+                try:
+                    reply, _ = self._call("ping", {}, timeout_s=max(0.1, min(1.0, deadline - time.monotonic())))
+                    break
+                except (DaemonUnavailable, DaemonError):  # not there yet, or the old one still stopping
+                    self._reset_socket()
+            if time.monotonic() >= deadline:
+                raise DaemonUnavailable(
+                    f"cgtreed at {self.endpoint} did not come back within {self.timeout_s:g} s after {op!r} was interrupted") from cause
+            time.sleep(RECONNECT_POLL_S)
+        if reply.get("daemon_pid") != self.daemon_pid:
+            log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.daemon_pid, reply.get("daemon_pid"))
+            self._forget_session()
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Optional[bool]) -> bool:
+    """Whether a request whose daemon went away may be sent once more to the next daemon.
+
+    may_have_run: False when the daemon refused it (``unavailable``): it never ran, any request
+        may be re-sent. True when the connection dropped before the reply: it may have run.
+    mutates_inputs: for ``submit``: whether the graph writes any of its inputs; None (unknown)
+        counts as yes. Running a non-mutating inference graph twice gives the same outputs.
+    """
+    if not may_have_run:
+        return True
+    if op == "submit":
+        return mutates_inputs is False
+    return op in IDEMPOTENT_OPS
+
+
+def _graph_label(graph: Any) -> Optional[str]:
+    """A short label for the daemon's tables and logs: the model's class name."""
+    if _is_encoded(graph):
+        return None
+    name = type(graph).__name__
+    return name[:64] if name.isprintable() else None
 
 
 def _as_input_list(inputs: Any) -> list:

@@ -222,10 +222,11 @@ def cgtreed_gpu() -> Iterator[DaemonProcess]:
         daemon.kill()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def daemon_tools():
     """The helpers above, for tests that need them directly (``import conftest`` is ambiguous
-    when several test folders have a conftest.py)."""
+    when several test folders have a conftest.py). Session-scoped (it holds no state), so
+    module-scoped fixtures can start their own daemons with it."""
     import types
 
     return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,

@@ -1,5 +1,6 @@
-"""The daemon's lifecycle: graceful SIGTERM, SIGHUP reloads (bad files rejected), a second daemon
-on a served endpoint, and clients facing no daemon at all."""
+"""The daemon's lifecycle: graceful SIGTERM, a second daemon on a served endpoint, and clients
+facing no daemon at all. (SIGHUP reloads, sd_notify, metrics and stops with requests in flight:
+tests/ops/test_ops_*.py.)"""
 
 from __future__ import annotations
 
@@ -21,40 +22,6 @@ from cgtree.client import Client, DaemonTimeout, DaemonUnavailable
 def tiny_mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
-
-
-def wait_for_log(daemon, text: str, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if text in daemon.log():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_sighup_with_a_bad_file_keeps_serving_and_a_good_file_applies_to_new_recordings(daemon_factory):
-    daemon = daemon_factory()
-    model = tiny_mlp()
-    with Client(daemon.endpoint, timeout_s=30) as before:
-        before.submit(model, [torch.randn(2, 8)])
-        assert before.last_execution["mode"] == "warmup"
-
-        good = Path(daemon.config_path).read_text()
-        Path(daemon.config_path).write_text(good + "\n[policy]\nno_such_key = 1\n")
-        daemon.signal(signal.SIGHUP)
-        assert wait_for_log(daemon, "keeping the running configuration")
-        assert "policy.no_such_key" in daemon.log()  # the error names the key
-        before.submit(model, [torch.randn(2, 8)])  # still serving, same session
-        assert before.last_execution["mode"] == "recorded"
-
-        Path(daemon.config_path).write_text(good + "\n[policy]\nskip_warmup = true\n")
-        daemon.signal(signal.SIGHUP)
-        assert wait_for_log(daemon, "configuration reloaded")
-        with Client(daemon.endpoint, timeout_s=30) as after:
-            after.submit(model, [torch.randn(2, 8)])
-            assert after.last_execution["mode"] == "recorded"  # skip_warmup: the new policy
-            assert after.status()["daemon"]["policy"]["skip_warmup"] is True
-    assert daemon.alive()
 
 
 def test_a_second_daemon_on_a_served_endpoint_refuses_to_start(daemon_factory):
@@ -134,23 +101,3 @@ def test_sigterm_exits_0_removes_the_socket_and_a_client_survives_the_restart(da
         finally:
             client.close()
             restarted.kill()
-
-
-def test_metrics_count_submits_and_sessions_when_enabled(daemon_factory, daemon_tools):
-    import socket
-    import urllib.request
-
-    pytest.importorskip("prometheus_client")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    daemon = daemon_factory(daemon_tools.DEFAULT_TEST_CONFIG + f"metrics_port = {port}\n")
-    with Client(daemon.endpoint, timeout_s=30) as client:
-        for _ in range(3):
-            client.submit(tiny_mlp(), [torch.randn(2, 8)])
-        time.sleep(0.5)  # one housekeeping turn for the gauges
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert "cgtree_submits_total 3.0" in text
-    assert "cgtree_replays_total 1.0" in text and "cgtree_recordings_total 1.0" in text
-    assert "cgtree_sessions 1.0" in text
-    assert 'cgtree_pool_bytes{device="cpu"}' in text

@@ -234,10 +234,10 @@ def test_unreachable_ipc_endpoints_are_explained(tmp_path):
     assert runtime_dir.ipc_endpoint_problem("tcp://127.0.0.1:5555") is None
 
 
-def test_cgtreectl_without_a_daemon_exits_2_with_a_clear_message(tmp_path, capsys):
+def test_cgtreectl_without_a_daemon_exits_3_with_a_clear_message(tmp_path, capsys):
     from cgtree.daemon import ctl
 
-    assert ctl.main(["--endpoint", f"ipc://{tmp_path}/absent.sock", "status"]) == 2
+    assert ctl.main(["--endpoint", f"ipc://{tmp_path}/absent.sock", "status"]) == 3
     assert "does not exist" in capsys.readouterr().err
 
 
