@@ -10,6 +10,8 @@ from cgtree.client.client import (
     DaemonTimeout,
     DaemonUnavailable,
     GraphHandle,
+    RequestInterrupted,
 )
 
-__all__ = ["Client", "ClientError", "DaemonError", "DaemonTimeout", "DaemonUnavailable", "GraphHandle"]
+__all__ = ["Client", "ClientError", "DaemonError", "DaemonTimeout", "DaemonUnavailable", "GraphHandle",
+           "RequestInterrupted"]

@@ -173,6 +173,7 @@ class Daemon:
             self.start()
         except StartError as exc:
             log.error("cannot start: %s", exc)
+            notify.status(f"cannot start: {exc}"[:200])  # what `systemctl status` shows next to the failure
             self._close_socket()
             return EXIT_START_FAILED
         log.info("serving %s (pid %d, protocol %d)", self.endpoint, os.getpid(), PROTOCOL_VERSION)
