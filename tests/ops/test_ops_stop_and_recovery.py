@@ -153,10 +153,12 @@ def test_after_sigkill_a_running_client_finds_the_new_daemon_and_resends_only_sa
     model, mutating = tiny_mlp(), AddsOneInPlace()
     pure_client = Client(daemon.endpoint, timeout_s=30)
     mutating_client = Client(daemon.endpoint, timeout_s=30)
+    idle_client = Client(daemon.endpoint, timeout_s=30)  # nothing in flight during the kill
     restarted = None
     try:
         pure_handle = pure_client.register(model, [torch.randn(2, 8)])
         mutating_handle = mutating_client.register(mutating, [torch.randn(3)])
+        idle_handle = idle_client.register(mutating, [torch.randn(3)])
         assert pure_handle.mutated_inputs == () and mutating_handle.mutated_inputs == (0,)
         first_pid = pure_client.daemon_pid
 
@@ -186,9 +188,13 @@ def test_after_sigkill_a_running_client_finds_the_new_daemon_and_resends_only_sa
             torch.testing.assert_close(out, model(x))
         (out,) = mutating_client.submit(mutating_handle, [y.clone()])
         torch.testing.assert_close(out, (y + 1) * 2)
+        # The connection drop seen while idle is not taken for this request's: no false alarm.
+        (out,) = idle_client.submit(idle_handle, [y.clone()])
+        torch.testing.assert_close(out, (y + 1) * 2)
         assert pure_client.last_execution["mode"] == "replayed"
     finally:
         pure_client.close(timeout_s=0.5)
         mutating_client.close(timeout_s=0.5)
+        idle_client.close(timeout_s=0.5)
         if restarted is not None:
             restarted.kill()
