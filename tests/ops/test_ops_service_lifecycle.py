@@ -119,6 +119,8 @@ def test_notify_watchdog_reload_and_stop_as_systemd_sees_them(daemon_tools):
             with Client(daemon.endpoint, timeout_s=30) as other:
                 other.submit(model, [torch.randn(2, 8)])
                 assert other.last_execution["mode"] == "warmup"  # still the running policy
+            before.submit(model, [torch.randn(2, 8)])  # and the running session goes on
+            assert before.last_execution["mode"] == "recorded"
 
             # A good file: new policy for new recordings, and the log level changes at once.
             Path(daemon.config_path).write_text(good.replace('log_level = "INFO"', 'log_level = "DEBUG"')
@@ -128,10 +130,14 @@ def test_notify_watchdog_reload_and_stop_as_systemd_sees_them(daemon_tools):
             assert wait_for_log(daemon, r"SIGHUP: configuration reloaded .*changed: policy\.skip_warmup, daemon\.log_level")
             listener.wait_for(lambda t: t.startswith("READY=1\nSTATUS=serving"))
             assert any(t.startswith("RELOADING=1") for t in listener.texts()[count:])
+            before.submit(model, [torch.randn(5, 8)])  # a graph newly registered in the running session
+            assert before.last_execution["mode"] == "recorded"
             with Client(daemon.endpoint, timeout_s=30) as after:
                 after.submit(model, [torch.randn(2, 8)])  # a new session's tree: records on its first submit
                 assert after.last_execution["mode"] == "recorded"
                 assert after.status()["daemon"]["policy"]["skip_warmup"] is True
+            before.submit(model, [torch.randn(2, 8)])  # recorded before the reload: replays as before
+            assert before.last_execution["mode"] == "replayed"
             assert wait_for_log(daemon, r"DEBUG cgtree\.daemon\.server: request \d+: submit answered in [\d.]+ ms \[req=\d+ session=s\d+\]")
 
             # The reload command does the same without signal permission (cgtreectl reload).
