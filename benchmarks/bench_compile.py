@@ -231,8 +231,9 @@ def _manager_facts(device: torch.device) -> dict:
     if mgr is None:
         return {}
     last = mgr.last_execution
-    return {"backend": mgr.backend_name, "counters": dict(mgr.counters), "root_children": mgr.root_children(),
-            "last_execution_mode": None if last is None else last.mode.value}
+    # One manager per device: the counters cover every backend="cgtree" path of the run.
+    return {"backend": mgr.backend_name, "shared_manager_counters": dict(mgr.counters),
+            "root_children": mgr.root_children(), "last_execution_mode": None if last is None else last.mode.value}
 
 
 def setup_eager(ctx: Context) -> PreparedPath:

@@ -218,12 +218,6 @@ def _install_step_hook() -> None:
     torch.compiler.cudagraph_mark_step_begin = cudagraph_mark_step_begin
 
 
-def _dynamo_generation() -> int:
-    from torch._dynamo.mutation_guard import GenerationTracker
-
-    return GenerationTracker.generation
-
-
 # ---------------------------------------------------------------------------------------------
 # One AOT graph under a tree
 
@@ -249,7 +243,7 @@ class TreeGraph:
         self._boxed_call = True
         from torch._dynamo.mutation_guard import GenerationTracker
 
-        self._generation_source = GenerationTracker
+        self._generation_source = GenerationTracker  # held: one attribute read per call
 
     def _bind(self, inputs: Sequence[Any]) -> None:
         self.tree = _tree_for(self.device)

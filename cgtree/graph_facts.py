@@ -16,13 +16,14 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx
 from torch._ops import OpOverload
 
-from cgtree.user_frames import innermost_frame, located_call, parse_stack_trace
+from cgtree.user_frames import located_call, parse_stack_trace
 
 _INCOMPATIBLE_TAG_NAMES = ("dynamic_output_shape", "data_dependent_output", "cudagraph_unsafe")
 _INCOMPATIBLE_TAGS = tuple(getattr(torch.Tag, n) for n in _INCOMPATIBLE_TAG_NAMES if hasattr(torch.Tag, n))
@@ -159,12 +160,17 @@ def is_dynamic(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def first_user_frame(gm: torch.fx.GraphModule) -> Optional[tuple[str, int, str]]:
-    """(file, line, function) of the user code the graph's first traced op came from."""
+    """(file, line, function) of the user code the graph's first traced op came from: the
+    innermost frame outside torch (an ``nn.Linear`` is not where the user's code is)."""
     for node in gm.graph.nodes:
-        frame = innermost_frame(node.meta.get("stack_trace"))
-        if frame is not None:
-            return frame
+        frames = parse_stack_trace(node.meta.get("stack_trace"))
+        if frames:
+            outside_torch = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+            return (outside_torch or frames)[-1]
     return None
 
 

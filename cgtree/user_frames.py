@@ -79,11 +79,6 @@ def located_call(fn: Callable, frames: Sequence[tuple[str, int, str]]) -> Callab
     return call
 
 
-def innermost_frame(stack_trace: Optional[str]) -> Optional[tuple[str, int, str]]:
-    frames = parse_stack_trace(stack_trace)
-    return frames[-1] if frames else None
-
-
 def function_at(fn: Callable[..., Any], frame: tuple[str, int, str]) -> Callable[..., Any]:
     """``fn`` behind one frame at ``frame``: a plain function whose ``__code__`` names the
     user's file, line and function (what cgtree reports as a graphed function's origin)."""
