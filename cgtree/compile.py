@@ -506,29 +506,6 @@ def backend(compiler: str = "eager") -> Callable:
     return cgtree
 
 
-def _guard_free_owned_on_cpu() -> None:
-    """Workaround for a core issue (reported): on a CUDA build of torch, the manager's
-    ``free_owned`` hands CPU storages (live warmup outputs of the cpu-replay manager) to the
-    CUDA allocator's ``_free_And_Remove_DeleterFn``, which raises "Expected standard deleter".
-    Only CUDA storages have a pool block to give back; for others this is a no-op. Remove once
-    ``cgtree.manager`` guards the call itself."""
-    import cgtree.manager as manager_module
-
-    original = getattr(manager_module, "free_owned", None)
-    if original is None or getattr(original, "__cgtree_cpu_guard__", False):
-        return
-
-    @functools.wraps(original)
-    def free_owned(ref: Any) -> bool:
-        storage = ref.storage()
-        if storage is None or storage.device.type != "cuda":
-            return False
-        return original(ref)
-
-    free_owned.__cgtree_cpu_guard__ = True
-    manager_module.free_owned = free_owned
-
-
 def _install_dynamo_reset_hook() -> None:
     """``torch._dynamo.reset()`` closes cgtree's managers even when dynamo no longer lists the
     backend among its cached ones (it forgets them at each reset; PyTorch resets its own trees
@@ -567,4 +544,3 @@ def _register() -> None:
 
 _register()
 _install_dynamo_reset_hook()
-_guard_free_owned_on_cpu()
