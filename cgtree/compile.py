@@ -314,7 +314,7 @@ def tree_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, kind:
     if unsupported:
         # The manager's first-run inspector (a dispatch mode) cannot run higher-order ops yet.
         log.warning("cgtree: %s calls higher-order op(s) %s: it runs without CUDA graphs", name, ", ".join(unsupported))
-        return _boxed(runner)
+        return boxed(runner)
     return _under_tree(runner, device, static_input_idxs, kind, name, dynamic)
 
 
@@ -322,7 +322,7 @@ def _under_tree(runner: Callable, device: Optional[torch.device], static_input_i
                 kind: str, name: str, dynamic: bool) -> Callable:
     if device is None or device.type not in ("cuda", "cpu"):
         log.info("cgtree: %s has no cpu/cuda tensors (device %s): it runs without a tree", name, device)
-        return _boxed(runner)
+        return boxed(runner)
     return TreeGraph(runner, _normalize(device), static_input_idxs, kind, name, dynamic)
 
 
@@ -333,7 +333,10 @@ def needs_eager_runner(gm: torch.fx.GraphModule, static_input_idxs: Sequence[int
     return bool(graph_facts.incompatible_nodes(gm)) or bool(graph_facts.mutated_inputs(gm) - set(static_input_idxs))
 
 
-def _boxed(fn: Callable) -> Callable:
+def boxed(fn: Callable) -> Callable:
+    """``fn(*inputs)`` in AOT autograd's boxed calling convention: the callee takes the
+    argument list and empties it, so inputs can be freed as early as possible."""
+
     def run(args: list) -> Any:
         inputs = tuple(args)
         args.clear()

@@ -50,6 +50,7 @@ import torch
 import torch.fx
 
 from cgtree import graph_facts
+from cgtree.compile import boxed as _boxed
 
 __all__ = ["DaemonGraph", "backend"]
 
@@ -57,16 +58,6 @@ log = logging.getLogger("cgtree.client.compile")
 
 # A weight whose content changed this many times is passed with each submit from then on.
 MAX_WEIGHT_REFRESHES = 1
-
-
-def _boxed(fn: Callable) -> Callable:
-    def run(args: list) -> Any:
-        inputs = tuple(args)
-        args.clear()
-        return fn(*inputs)
-
-    run._boxed_call = True
-    return run
 
 
 class DaemonGraph:

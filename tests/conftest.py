@@ -22,6 +22,12 @@ from typing import Iterator, Optional
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 DAEMON_START_TIMEOUT_S = 60.0
 
 DEFAULT_TEST_CONFIG = """
@@ -231,3 +237,19 @@ def daemon_tools():
 
     return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,
                                  short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint)
+
+
+# Core, seed and compile tests run on the CPU replay backend always, and on cuda:0 too when a
+# GPU is present (those cases carry the ``gpu`` marker, so CI deselects them).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda:0",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param

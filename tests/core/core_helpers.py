@@ -1,9 +1,7 @@
 """Fixtures and helpers shared by the core tests.
 
-Test modules import the fixtures by name (``from core_helpers import device, make_manager``)
-instead of through a conftest.py: a second conftest module would shadow the daemon tests'
-``import conftest``. Every test runs on the CPU replay backend, and on cuda:0 too when a GPU
-is present (those cases carry the ``gpu`` marker, so CI deselects them).
+Test modules import ``make_manager`` by name (``from core_helpers import make_manager``); the
+parametrized ``device`` fixture it uses (cpu, and cuda:0 marked gpu) is in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -15,20 +13,6 @@ import torch
 
 from cgtree import Policy
 from cgtree.manager import TreeManager
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda:0",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-    ),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
-
 
 @pytest.fixture
 def make_manager(device):

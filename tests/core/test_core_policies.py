@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cgtree.errors import ManagerClosedError
-from core_helpers import device, make_manager  # noqa: F401 (fixtures)
+from core_helpers import make_manager  # noqa: F401 (fixture)
 
 SKIP_LOGGER = "cgtree.skips"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 
 import torch
-from core_helpers import device, live_blocks, make_manager  # noqa: F401 (fixtures)
+from core_helpers import live_blocks, make_manager  # noqa: F401 (fixture)
 
 
 def run_twice(fn, *args):

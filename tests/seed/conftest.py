@@ -19,20 +19,6 @@ import cgtree.compile as cgtree_compile
 
 SKIP_LOGGER = "cgtree.skips"
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda:0",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-    ),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> str:
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def fresh_backend():
     torch._dynamo.reset()
