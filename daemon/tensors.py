@@ -181,6 +181,7 @@ def cpu_frame_of(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     # numpy has no bfloat16; a byte view works for every dtype and still shares memory.
+    # (numpy is a declared dependency for exactly this: torch only exposes its buffer through it.)
     return memoryview(flat.view(torch.uint8).numpy())
 
 
