@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import shutil
 import subprocess
@@ -64,6 +63,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.gpt import GPTConfig, GPTStep, build_gpt, step_inputs  # noqa: E402
+from benchmarks.report import exit_status, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
 PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon")
@@ -557,20 +557,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = [p for p, row in report["results"]["paths"].items() if row["status"] in ("error", "incorrect")]
     missed = [t for t in report["results"]["targets"] if t["status"] == "fail"]
     report["ok"], report["failed_paths"] = not failed, failed
-    markdown = render_markdown(report)
-    for path in (args.json, args.md):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    args.md.write_text(markdown)
-    print(markdown)
-    print(f"wrote {args.json} and {args.md}", file=sys.stderr)
-    if failed:
-        print(f"FAILED paths: {', '.join(failed)}", file=sys.stderr)
-        return 2
-    if missed and args.fail_on_target:
-        print(f"missed {len(missed)} target(s)", file=sys.stderr)
-        return 3
-    return 0
+    write_reports(report, render_markdown(report), args.json, args.md)
+    return exit_status(failed, missed, args.fail_on_target)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.models import build_model, model_names  # noqa: E402
+from benchmarks.report import reset_torch_graph_state  # noqa: E402
 
 SECTIONS = ("latency", "memory", "coldstart")
 LATENCY_PATHS = ("eager", "reduce-overhead", "daemon-ipc", "daemon-cpu")
@@ -714,14 +715,7 @@ def bench_latency_model(name: str, args, device: torch.device, daemon: Daemon, s
         with contextlib.suppress(Exception):
             path.close()
     if device.type == "cuda":
-        with contextlib.suppress(Exception):
-            torch._dynamo.reset()
-        with contextlib.suppress(Exception):
-            from torch._inductor import cudagraph_trees
-
-            cudagraph_trees.reset_cudagraph_trees()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        reset_torch_graph_state()
 
     ratios = {}
     for mine in DAEMON_PATHS:

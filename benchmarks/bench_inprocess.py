@@ -75,6 +75,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.models import BenchModel, build_model, model_names  # noqa: E402
+from benchmarks.report import exit_status, reset_torch_graph_state, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
 PATHS = ("eager", "reduce-overhead", "torch-tree", "cuda-graph", "cgtree")
@@ -386,7 +387,7 @@ def bench_model(name: str, args, device: torch.device, sync) -> dict[str, Any]:
             prepared[path].close()
     prepared.clear()
     if device.type == "cuda":
-        _reset_torch_graph_state()
+        reset_torch_graph_state()
 
     return {
         "description": model.spec.description,
@@ -395,18 +396,6 @@ def bench_model(name: str, args, device: torch.device, sync) -> dict[str, Any]:
         "paths": {p: r.to_json() for p, r in results.items()},
         "ratios": compute_ratios(results),
     }
-
-
-def _reset_torch_graph_state() -> None:
-    """Drop compiled code and PyTorch's trees between models, so pools do not pile up."""
-    with contextlib.suppress(Exception):
-        torch._dynamo.reset()
-    with contextlib.suppress(Exception):
-        from torch._inductor import cudagraph_trees
-
-        cudagraph_trees.reset_cudagraph_trees()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 def compute_ratios(results: dict[str, PathResult]) -> dict[str, dict[str, float | None]]:
@@ -663,21 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     report["ok"] = not failed_paths
     report["failed_paths"] = failed_paths
 
-    markdown = render_markdown(report)
-    for path in (args.json, args.md):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    args.md.write_text(markdown)
-    print(markdown)
-    print(f"wrote {args.json} and {args.md}", file=sys.stderr)
-
-    if failed_paths:
-        print(f"FAILED paths: {', '.join(failed_paths)}", file=sys.stderr)
-        return 2
-    if missed and args.fail_on_target:
-        print(f"missed {len(missed)} target(s)", file=sys.stderr)
-        return 3
-    return 0
+    write_reports(report, render_markdown(report), args.json, args.md)
+    return exit_status(failed_paths, missed, args.fail_on_target)
 
 
 if __name__ == "__main__":

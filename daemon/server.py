@@ -491,7 +491,7 @@ class Daemon:
         plan = plan_reload(self.config, loaded)
         for key in plan.needs_restart:
             log.warning("%s: %s changed; it takes effect at the next restart", trigger, key)
-        old, self.config = self.config, plan.config
+        self.config = plan.config
         self.sessions.linger_s = self.config.daemon.session_linger_s
         if plan.policy_changed:
             for session in self.sessions.sessions.values():
