@@ -13,7 +13,16 @@ from cgtree.client.client import (
     GraphHandle,
     RequestInterrupted,
 )
-from cgtree.client.compile_backend import backend
 
 __all__ = ["Client", "ClientError", "DaemonError", "DaemonTimeout", "DaemonUnavailable", "GraphHandle",
            "RequestInterrupted", "backend"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the compile backend pulls in dynamo (~1.3 s), which a client that
+    # only submits never needs (its cold start is part of the product).
+    if name == "backend":
+        from cgtree.client.compile_backend import backend
+
+        return backend
+    raise AttributeError(f"module 'cgtree.client' has no attribute {name!r}")
