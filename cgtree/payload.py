@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import math
 import operator
 import re
@@ -379,6 +380,75 @@ def unpack_weight_blob(data: bytes, *, max_bytes: int = 1 << 40) -> WeightBlob:
     if type(blob_data) is not bytes:
         raise PayloadError(f"weight blob data: expected bin, got {type(blob_data).__name__}")
     return WeightBlob(dtype, _read_shape(shape, "weight blob shape"), blob_data)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoded graphs on disk (client side): lower once, register from the file in later processes
+
+
+ENCODED_FILE_FORMAT = "cgtree.encoded"
+
+
+def save_encoded(encoded: EncodedGraph, path) -> None:
+    """Write ``encoded`` (graph bytes, weight blobs, input specs) to ``path`` as one msgpack
+    document, so a later process can ``Client.register(load_encoded(path))`` without lowering
+    the model again (``torch.export`` costs seconds in a fresh process). The file holds data
+    only; ``load_encoded`` re-checks every hash."""
+    document = {
+        "format": ENCODED_FILE_FORMAT,
+        "version": FORMAT_VERSION,
+        "graph": encoded.graph_bytes,
+        "weight_hashes": list(encoded.weight_hashes),
+        "weights": [[h, pack_weight_blob(b)] for h, b in encoded.weights.items()],
+        "inputs": [[list(spec.shape), spec.dtype, spec.device] for spec in encoded.input_specs],
+    }
+    with open(path, "wb") as fh:
+        fh.write(msgpack.packb(document, use_bin_type=True))
+
+
+def load_encoded(path, *, max_bytes: int = 1 << 40) -> EncodedGraph:
+    """Read a ``save_encoded`` file; ``PayloadError`` if it is malformed or any hash is wrong."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise PayloadError(f"{path}: {size} bytes, larger than the limit of {max_bytes}")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:  # msgpack raises ValueError, StackError, ExtraData, ...
+        raise PayloadError(f"{path}: malformed msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != ENCODED_FILE_FORMAT:
+        raise PayloadError(f"{path}: not a {ENCODED_FILE_FORMAT} file")
+    if doc.get("version") != FORMAT_VERSION:
+        raise PayloadError(f"{path}: unsupported version {doc.get('version')!r} (this build reads {FORMAT_VERSION})")
+    graph_bytes, hashes, weights, inputs = (doc.get(k) for k in ("graph", "weight_hashes", "weights", "inputs"))
+    if type(graph_bytes) is not bytes or type(hashes) is not list or type(weights) is not list or type(inputs) is not list:
+        raise PayloadError(f"{path}: expected graph (bin), weight_hashes, weights and inputs (lists)")
+    blobs: dict[str, WeightBlob] = {}
+    for entry in weights:
+        if not (type(entry) is list and len(entry) == 2 and type(entry[0]) is str):
+            raise PayloadError(f"{path}: each weight must be [hash, blob]")
+        if type(entry[1]) is not bytes:
+            raise PayloadError(f"{path}: weight {entry[0]} must be a packed blob (bin)")
+        blob = unpack_weight_blob(entry[1], max_bytes=len(entry[1]))
+        actual = weight_hash(blob.dtype, blob.shape, blob.data)
+        if actual != entry[0]:
+            raise PayloadError(f"{path}: weight {entry[0]} does not match its data (hash {actual})")
+        blobs[entry[0]] = blob
+    if not all(type(h) is str and h in blobs for h in hashes):
+        raise PayloadError(f"{path}: weight_hashes name weights the file does not hold")
+    specs = []
+    for spec in inputs:
+        if not (type(spec) is list and len(spec) == 3 and type(spec[0]) is list):
+            raise PayloadError(f"{path}: each input spec must be [shape, dtype, device]")
+        specs.append(InputSpec(tuple(spec[0]), str(spec[1]), str(spec[2])))
+    return EncodedGraph(
+        graph_id=hashlib.sha256(graph_bytes).hexdigest(),
+        graph_bytes=graph_bytes,
+        weights=blobs,
+        weight_hashes=tuple(hashes),
+        input_specs=tuple(specs),
+    )
 
 
 # --------------------------------------------------------------------------------------------

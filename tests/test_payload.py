@@ -764,3 +764,35 @@ def test_struct_packed_header_sanity():
     # a fixmap header claiming 7 keys but holding none: truncated input
     with pytest.raises(PayloadError):
         decode_graph(struct.pack("B", 0x87))
+
+
+def test_an_encoded_graph_saved_to_disk_loads_back_identical_and_checks_its_hashes(tmp_path):
+    from cgtree.client.lowering import encode, lower
+    from cgtree.payload import load_encoded, save_encoded
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    encoded = encode(lower(model, [torch.randn(2, 8)]))
+    path = tmp_path / "model.cgtree"
+    save_encoded(encoded, path)
+    loaded = load_encoded(path)
+    assert loaded.graph_id == encoded.graph_id and loaded.graph_bytes == encoded.graph_bytes
+    assert loaded.weight_hashes == encoded.weight_hashes and loaded.input_specs == encoded.input_specs
+    assert {h: b.data for h, b in loaded.weights.items()} == {h: bytes(b.data) for h, b in encoded.weights.items()}
+
+    import msgpack
+
+    from cgtree.payload import WeightBlob, pack_weight_blob, unpack_weight_blob
+
+    doc = msgpack.unpackb(path.read_bytes(), raw=False)
+    weight_hash_, packed = doc["weights"][0]
+    blob = unpack_weight_blob(packed)
+    tampered = bytearray(blob.data)
+    tampered[0] ^= 0xFF
+    doc["weights"][0] = [weight_hash_, pack_weight_blob(WeightBlob(blob.dtype, blob.shape, bytes(tampered)))]
+    path.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    with pytest.raises(PayloadError, match="does not match its data"):
+        load_encoded(path)
+    path.write_bytes(b"\x93garbage")
+    with pytest.raises(PayloadError):
+        load_encoded(path)
