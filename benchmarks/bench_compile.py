@@ -63,7 +63,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.gpt import GPTConfig, GPTStep, build_gpt, step_inputs  # noqa: E402
-from benchmarks.report import exit_status, write_reports  # noqa: E402
+from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
 PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon")
@@ -440,12 +440,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _fmt(value: Optional[float], digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _fmt_ratio(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def render_markdown(report: dict) -> str:

@@ -91,7 +91,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.models import build_model, model_names  # noqa: E402
-from benchmarks.report import reset_torch_graph_state  # noqa: E402
+from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, reset_torch_graph_state  # noqa: E402
 
 SECTIONS = ("latency", "memory", "coldstart")
 LATENCY_PATHS = ("eager", "reduce-overhead", "daemon-ipc", "daemon-cpu")
@@ -1022,12 +1022,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _fmt(value: Optional[float], digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _fmt_ratio(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def _status(row: dict) -> str:

@@ -75,7 +75,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.models import BenchModel, build_model, model_names  # noqa: E402
-from benchmarks.report import exit_status, reset_torch_graph_state, write_reports  # noqa: E402
+from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, reset_torch_graph_state, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
 PATHS = ("eager", "reduce-overhead", "torch-tree", "cuda-graph", "cgtree")
@@ -489,12 +489,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def render_markdown(report: dict[str, Any]) -> str:

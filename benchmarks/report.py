@@ -1,6 +1,7 @@
-"""Shared tail of every benchmark script: reset graph state between models, write the JSON and
-markdown reports, and turn failures and missed targets into the documented exit status
-(0 ok, 2 a path failed or disagreed with eager, 3 a target missed under ``--fail-on-target``)."""
+"""Shared tail of every benchmark script: reset graph state between models, format table
+cells, write the JSON and markdown reports, and turn failures and missed targets into the
+documented exit status (0 ok, 2 a path failed or disagreed with eager, 3 a target missed
+under ``--fail-on-target``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A table cell: thousands separators, ``-`` for a missing value."""
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def reset_torch_graph_state() -> None:

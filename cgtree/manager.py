@@ -334,8 +334,10 @@ class TreeManager:
             if variant.cpu_inputs_to_move:
                 inputs = self._move_cpu_inputs(inputs, variant.cpu_inputs_to_move)
             node = variant.hot_root
-            if node is not None and node is self._current and self._can_replay_root_again(node, inputs):
-                return self._replay(node, inputs, end_path=True)
+            if node is not None and node is self._current:
+                new_generation = self._fast_root_replay(variant, node, inputs)
+                if new_generation is not None:
+                    return self._replay(node, inputs, invalidate_path=new_generation)
             return self._dispatch(variant, inputs)
         finally:
             if function.kind is FunctionKind.FORWARD:
@@ -380,19 +382,25 @@ class TreeManager:
                 self._checkpoint()
         return self._record(variant, inputs)
 
-    def _can_replay_root_again(self, node: RecordedNode, inputs: Sequence[Any]) -> bool:
+    def _fast_root_replay(self, variant: _Variant, node: RecordedNode, inputs: Sequence[Any]) -> Optional[bool]:
         """The steady state of inference loops, decided without the general dispatch: the
-        current path is this lone root, the call cannot extend it (no children), the path may
-        end, and the root's invariants hold. ``_dispatch`` would reach the same replay."""
-        return (
-            self._path_state is PathState.EXECUTION
-            and not node.children
-            and not node.variant_mutates
-            and len(self._roots[node.function_id]) == 1
-            and (self._can_start_new_generation() or not node.outputs.any_live())
-            and self._why_not_replayable(node, inputs) is None
-        )
-
+        current path is this variant's lone root, the call cannot extend it (no children), the
+        path may end, and the root's invariants hold; ``_dispatch`` would reach the same replay.
+        None when the general dispatch must decide; else whether a new generation starts (the
+        path's live outputs are then invalidated)."""
+        if (
+            self._path_state is not PathState.EXECUTION
+            or node.children
+            or variant.mutated_idxs
+            or len(self._roots[node.function_id]) != 1
+        ):
+            return None
+        new_generation = self._can_start_new_generation()
+        if not new_generation and node.outputs.any_live():
+            return None
+        if self._why_not_replayable(node, inputs) is not None:
+            return None
+        return new_generation
 
     def _find_replayable(self, candidates: dict, variant: _Variant, inputs: Sequence[Any]):
         """The first recorded node for this variant whose invariants hold, and else the last
@@ -745,12 +753,11 @@ class TreeManager:
             return "an output this graph may overwrite is still alive"
         return None
 
-    def _replay(self, node: RecordedNode, inputs: Sequence[Any], end_path: bool = False) -> Any:
+    def _replay(self, node: RecordedNode, inputs: Sequence[Any], invalidate_path: bool = False) -> Any:
         # Launch first: everything below is bookkeeping the GPU need not wait for.
         self.backend.replay(node.recording, inputs)
-        if end_path:  # the fast path: end the current path here, as _try_end_path would
-            if self._can_start_new_generation():
-                self._invalidate_path()
+        if invalidate_path:  # the fast path ends the current path here, as _try_end_path would
+            self._invalidate_path()
         self._current = node
         self._path_state = PathState.EXECUTION
         self._enter_generation()
@@ -760,12 +767,8 @@ class TreeManager:
         self.counters["replays"] += 1
         self.last_execution = node.replay_execution
         if node.parent is None:
-            self._variant_of(node).hot_root = node
+            node.variant.hot_root = node
         return _unflatten(flat, node.output_structure)
-
-    @staticmethod
-    def _variant_of(node: RecordedNode) -> _Variant:
-        return node.variant
 
     def _note_recorded_shape(self, variant: _Variant) -> None:
         if variant.has_recording:

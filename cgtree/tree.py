@@ -126,10 +126,6 @@ class RecordedNode(TreeNode):
         self.replay_execution: Any = None  # the Execution every replay reports (built once)
         self.variant: Any = None  # the manager's function variant this node records
 
-    @property
-    def variant_mutates(self) -> bool:
-        return bool(self.variant is not None and self.variant.mutated_idxs)
-
     def add_child(self, child: "RecordedNode") -> None:
         self.children.setdefault(child.function_id, []).append(child)
 
