@@ -95,6 +95,10 @@ class DaemonConfig:
     shutdown_timeout_s: SIGTERM/SIGINT finish in-flight work within this deadline, then exit.
     log_level / log_format: stdlib logging level and ``"text"`` (journald-friendly) or ``"json"``.
     metrics_port: 0 disables the Prometheus endpoint; otherwise it is bound on 127.0.0.1:port.
+    lanes: offer each session a submit lane (a unix seqpacket socket beside an ``ipc://``
+        endpoint) for small requests; ZeroMQ alone when false (``cgtree.daemon.lane`` says why).
+    spin_us: after answering a request the daemon polls without sleeping this long, so a
+        client's next request is picked up without a wake-up (0: always sleep in poll).
     """
 
     endpoint: str = ""
@@ -110,6 +114,8 @@ class DaemonConfig:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = 0
+    lanes: bool = True
+    spin_us: int = 100
 
     def __post_init__(self) -> None:
         _check_type("daemon.endpoint", self.endpoint, str)
@@ -147,6 +153,10 @@ class DaemonConfig:
         _check_int("daemon.metrics_port", self.metrics_port, minimum=0)
         if self.metrics_port > 65535:
             raise ConfigError(f"daemon.metrics_port must be at most 65535, got {self.metrics_port!r}")
+        _check_type("daemon.lanes", self.lanes, bool)
+        _check_int("daemon.spin_us", self.spin_us, minimum=0)
+        if self.spin_us > 1_000_000:
+            raise ConfigError(f"daemon.spin_us must be at most 1000000 (one second), got {self.spin_us!r}")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
@@ -80,6 +82,11 @@ DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
 POLL_SLICE_S = 1.0
 RECONNECT_POLL_S = 0.1  # how often a client waiting for a restarted daemon looks for it
+# Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
+DEFAULT_SPIN_US = 200
+LANE_RETRY_S = 5.0  # after a lane failed to attach, requests use ZeroMQ this long before retrying
+# Requests that never travel on the lane: hello binds the lane; bye ends the session with it.
+ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
 # Requests that may be sent again when the daemon died before answering: running them twice
 # (once on the old daemon, once on the new) ends in the same state. ``submit`` is decided per
 # graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
@@ -216,10 +223,14 @@ class Client:
     session: optional session name: a client restarting with the same name finds its
         recordings warm (the daemon parks a dead named session's trees for a while).
     timeout_s: how long any one call waits for the daemon before ``DaemonTimeout``.
+    lanes: use the session's submit lane when the daemon offers one (``cgtree.daemon.lane``):
+        requests up to 128 KiB travel on a unix seqpacket socket instead of ZeroMQ.
+    spin_us: how long to poll for a lane reply without sleeping (default ``$CGTREE_SPIN_US`` or
+        200): a reply that arrives within it costs no thread wake-up; 0 always sleeps.
     """
 
     def __init__(self, endpoint: Optional[str] = None, *, session: Optional[str] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, lanes: bool = True, spin_us: Optional[int] = None) -> None:
         self.endpoint = endpoint or os.environ.get("CGTREE_ENDPOINT") or default_endpoint()
         self.session_name = session
         self.timeout_s = float(timeout_s)
@@ -244,6 +255,11 @@ class Client:
         self._mappings: dict[int, _OutputMapping] = {}
         self._graph_buffer: dict[tuple[str, str], int] = {}
         self._uuid_map: Optional[dict[int, int]] = None
+        self._use_lanes = bool(lanes)
+        self._lane: Optional[ClientLane] = None
+        self._lane_offer: Optional[dict] = None  # {"path", "token"} from hello
+        self._lane_retry_at = 0.0
+        self.spin_s = (int(os.environ.get("CGTREE_SPIN_US", DEFAULT_SPIN_US)) if spin_us is None else int(spin_us)) * 1e-6
         self._closed = False
 
     # ------------------------------------------------------------------------ context manager
@@ -274,6 +290,7 @@ class Client:
                     pass
             self.session_id = None
             self._closed = True
+            self._close_lane()
             self._reset_socket()  # the socket and its monitor: term() waits for every socket
             self._context.term()
 
@@ -579,6 +596,8 @@ class Client:
 
     def _forget_session(self) -> None:
         self.session_id = None
+        self._close_lane()
+        self._lane_offer = None
         self._registered.clear()
         self._invalidate_all()  # a new daemon: the old buffers are gone
 
@@ -594,6 +613,9 @@ class Client:
         self._uuid_map = None
         self.devices = reply["devices"]
         self.max_message_bytes = reply["max_message_bytes"]
+        self._close_lane()
+        self._lane_offer = reply.get("lane") if self._use_lanes else None
+        self._lane_retry_at = 0.0
 
     def _call(self, op: str, body: dict, frames: Sequence[Any] = (), *, timeout_s: Optional[float] = None) -> tuple[dict, list]:
         """One request, one reply: (body, frames). Raises DaemonError for an error reply."""
@@ -609,46 +631,104 @@ class Client:
                 size = len(envelope) + sum(memoryview(f).nbytes for f in frames)
                 if size > self.max_message_bytes:
                     raise DaemonError("too_large", f"the {op} request is {size} bytes; the daemon accepts at most {self.max_message_bytes}", op)
-            sock = self._connect()
+            message = [envelope, *frames]
+            lane = self._lane_for(op, message)
+            if lane is not None:
+                reply = self._call_on_lane(lane, op, request_id, message, timeout)
+                if reply is not None:
+                    return reply
+            return self._call_on_zmq(op, request_id, message, timeout)
+
+    def _call_on_zmq(self, op: str, request_id: int, message: list, timeout: float, *, send: bool = True) -> tuple[dict, list]:
+        """Send ``message`` on the ZeroMQ socket (unless ``send`` is false: the reply of a lane
+        request was moved here) and wait for the reply carrying ``request_id``."""
+        sock = self._connect()
+        if send:
             if self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # ~2 us; draining blindly costs twice that
                 self._drain_disconnects()  # a drop before this send (daemon restarted while we idled) is not this request's
             try:
-                sock.send_multipart([envelope, *frames], copy=False, flags=zmq.NOBLOCK)
+                sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 self._reset_socket()
                 raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
-            deadline = time.monotonic() + timeout
-            while True:
-                # Wait in slices: a daemon that exits removes its socket file, and one that dies
-                # drops the connection (socket monitor); either way we say so at once instead
-                # of waiting out the whole timeout.
-                remaining = deadline - time.monotonic()
-                ready = dict(self._poller.poll(int(max(0.0, min(remaining, POLL_SLICE_S)) * 1000))) if remaining > 0 else {}
-                if sock not in ready:
-                    if self._monitor in ready and self._drain_disconnects() and not sock.poll(0, zmq.POLLIN):
-                        self._reset_socket()
-                        raise RequestInterrupted(f"cgtreed at {self.endpoint} dropped the connection while {op!r} was in flight "
-                                                 "(the daemon died or restarted); it may or may not have run", op)
-                    if remaining > 0 and (self._monitor in ready or (remaining > POLL_SLICE_S and self._socket_file_present())):
-                        continue
+        deadline = time.monotonic() + timeout
+        while True:
+            # Wait in slices: a daemon that exits removes its socket file, and one that dies
+            # drops the connection (socket monitor); either way we say so at once instead
+            # of waiting out the whole timeout.
+            remaining = deadline - time.monotonic()
+            ready = dict(self._poller.poll(int(max(0.0, min(remaining, POLL_SLICE_S)) * 1000))) if remaining > 0 else {}
+            if sock not in ready:
+                if self._monitor in ready and self._drain_disconnects() and not sock.poll(0, zmq.POLLIN):
                     self._reset_socket()
-                    if not self._socket_file_present():
-                        raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
-                                                 "(its socket file is gone); it may or may not have run", op)
-                    raise DaemonTimeout(
-                        f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
-                        "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
-                    )
-                message = sock.recv_multipart(copy=False)
-                try:
-                    reply_id, reply_body = decode_reply(message[0].buffer)
-                except ProtocolError as exc:
-                    if getattr(exc, "request_id", request_id) not in (request_id, None):
-                        continue  # a late error reply to an earlier request
-                    raise DaemonError(exc.code, exc.message, op) from None
-                if reply_id != request_id:
-                    continue  # a late reply to an earlier request: not ours
-                return reply_body, list(message[1:])
+                    raise RequestInterrupted(f"cgtreed at {self.endpoint} dropped the connection while {op!r} was in flight "
+                                             "(the daemon died or restarted); it may or may not have run", op)
+                if remaining > 0 and (self._monitor in ready or (remaining > POLL_SLICE_S and self._socket_file_present())):
+                    continue
+                self._reset_socket()
+                if not self._socket_file_present():
+                    raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
+                                             "(its socket file is gone); it may or may not have run", op)
+                raise DaemonTimeout(
+                    f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
+                    "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
+                )
+            reply = sock.recv_multipart(copy=False)
+            decoded = _decode_reply_for(reply, request_id, op)
+            if decoded is not None:
+                return decoded
+
+    # ---------------------------------------------------------------------------- the lane
+
+    def _lane_for(self, op: str, message: list) -> Optional[ClientLane]:
+        """The lane to send ``message`` on, attaching it first if needed; None: use ZeroMQ."""
+        if op in ZMQ_ONLY_OPS or self._lane_offer is None or self.session_id is None or not fits_lane(message):
+            return None
+        if self._lane is None:
+            if time.monotonic() < self._lane_retry_at:
+                return None
+            try:
+                self._lane = ClientLane.connect(self._lane_offer["path"], self._lane_offer["token"],
+                                                timeout_s=min(self.timeout_s, 5.0))
+            except (LaneError, KeyError, TypeError) as exc:
+                self._lane_retry_at = time.monotonic() + LANE_RETRY_S
+                log.info("submit lane not attached (%s); using ZeroMQ for %g s", exc, LANE_RETRY_S)
+                return None
+        return self._lane
+
+    def _call_on_lane(self, lane: ClientLane, op: str, request_id: int, message: list, timeout: float) -> Optional[tuple[dict, list]]:
+        """The reply of ``message`` sent on the lane; None when the lane could not take it (it
+        was not sent: the caller sends it over ZeroMQ)."""
+        try:
+            reply = lane.request(message, timeout, self.spin_s)
+        except LaneUnusable as exc:
+            log.info("%s; sending %s over ZeroMQ", exc, op)
+            self._close_lane()
+            return None
+        except LaneTimeout:
+            self._close_lane()  # a late reply must never be read as the next request's
+            raise DaemonTimeout(f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s (submit lane)") from None
+        except LaneClosed as exc:
+            self._close_lane()
+            raise RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
+                                     f"({exc}; the daemon died or restarted); it may or may not have run", op) from None
+        if reply is MOVED:  # too large for a datagram: the daemon sent it over ZeroMQ
+            return self._call_on_zmq(op, request_id, message, timeout, send=False)
+        decoded = _decode_reply_for(reply, request_id, op)
+        if decoded is None:
+            self._close_lane()
+            raise ClientError(f"the daemon answered {op!r} on the submit lane with another request's reply")
+        return decoded
+
+    def _close_lane(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+
+    @property
+    def lane_attached(self) -> bool:
+        """Whether requests currently travel on the submit lane (else ZeroMQ)."""
+        return self._lane is not None
 
     def _socket_file_present(self) -> bool:
         path = ipc_path(self.endpoint)
@@ -742,6 +822,25 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _decode_reply_for(message: list, request_id: int, op: str) -> Optional[tuple[dict, list]]:
+    """(body, data frames) of a reply to ``request_id``; None for a late reply to an earlier
+    request (not ours); raises ``DaemonError`` for an error reply to this one."""
+    try:
+        reply_id, reply_body = decode_reply(_frame_view(message[0]))
+    except ProtocolError as exc:
+        if getattr(exc, "request_id", request_id) not in (request_id, None):
+            return None  # a late error reply to an earlier request
+        raise DaemonError(exc.code, exc.message, op) from None
+    if reply_id != request_id:
+        return None
+    return reply_body, list(message[1:])
+
+
+def _frame_view(frame: Any) -> Any:
+    buffer = getattr(frame, "buffer", None)
+    return buffer if buffer is not None else frame
 
 
 def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Optional[bool]) -> bool:

@@ -22,7 +22,7 @@ from cgtree.config import Config
 
 __all__ = ["RESTART_ONLY", "ReloadPlan", "plan_reload", "changed_keys"]
 
-RESTART_ONLY = ("daemon.endpoint", "daemon.devices", "daemon.metrics_port")
+RESTART_ONLY = ("daemon.endpoint", "daemon.devices", "daemon.metrics_port", "daemon.lanes")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from cgtree.daemon import commands as command_registry
 from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
+from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
 from cgtree.daemon.logsetup import configure_logging, request_context
 from cgtree.daemon.metrics import MetricsUnavailableError, NullMetrics, make_metrics
 from cgtree.daemon.protocol import (
@@ -146,7 +147,10 @@ class Daemon:
         self.sessions = SessionRegistry(
             release_graph=self._release_graph, clock=clock,
             linger_s=session_linger_s if session_linger_s is not None else config.daemon.session_linger_s,
+            client_gone=self._close_session_lanes,
         )
+        self.lanes: Optional[LaneHub] = None  # submit lanes (cgtree.daemon.lane); None when off
+        self._spin_until = 0.0  # perf_counter() until which the loop polls without sleeping
         self.metrics: Any = NullMetrics()
         self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0, "reloads": 0, "reloads_rejected": 0}
         self.state = "starting"  # starting -> serving -> stopping
@@ -178,11 +182,11 @@ class Daemon:
             return EXIT_START_FAILED
         log.info("serving %s (pid %d, protocol %d)", self.endpoint, os.getpid(), PROTOCOL_VERSION)
         while self.exit_code is None and not self._stop_requested:
-            self.wait_for_events()
+            ready = self.wait_for_events()
             self.handle_signals()
             if self._stop_requested or self.exit_code is not None:
                 break
-            self.serve_pending()
+            self.serve_pending(ready)
             if self.clock() >= self._next_housekeeping:
                 self.housekeeping()
             self.watchdog.ping_if_due()
@@ -264,6 +268,22 @@ class Daemon:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._open_lanes()
+
+    def _open_lanes(self) -> None:
+        """The submit-lane listener beside an ipc:// socket file (config ``daemon.lanes``)."""
+        path = lane_path_for(self._socket_path)
+        if not self.config.daemon.lanes or path is None:
+            return
+        hub = LaneHub(path, find_session=self.sessions.by_lane_token,
+                      watch=lambda fd: self._poller.register(fd, zmq.POLLIN), unwatch=self._poller.unregister)
+        try:
+            hub.open()
+        except OSError as exc:  # the service still works over ZeroMQ alone
+            log.warning("no submit lanes (cannot listen on %s: %s); every request goes over ZeroMQ", path, exc)
+            return
+        self._poller.register(hub.listener.fileno(), zmq.POLLIN)
+        self.lanes = hub
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -303,20 +323,34 @@ class Daemon:
 
     # -------------------------------------------------------------------------------- the loop
 
-    def wait_for_events(self) -> None:
+    def wait_for_events(self) -> dict:
+        """What is ready (socket or fd -> events), after at most the time to the next chore.
+        Within ``daemon.spin_us`` of the last answer it polls without sleeping: a client that
+        sends its next request right away finds the daemon awake (no thread wake-up)."""
         wake_at = min(self._next_housekeeping, self.watchdog.next_due)
         timeout_s = min(max(0.0, wake_at - self.clock()), MAX_LOOP_WAIT_S)
         try:
-            ready = dict(self._poller.poll(timeout=timeout_s * 1000.0))
+            ready = self._poll_spinning()
+            if not ready:
+                ready = dict(self._poller.poll(timeout=timeout_s * 1000.0))
         except zmq.ZMQError as exc:  # EINTR is retried by pyzmq; anything else: next turn
             log.debug("poll: %s", exc)
-            return
+            return {}
         if self._wake_r.fileno() in ready:
             try:
                 while self._wake_r.recv(4096):
                     pass
             except (BlockingIOError, InterruptedError):
                 pass
+        return ready
+
+    def _poll_spinning(self) -> dict:
+        poll = self._poller.poll
+        while time.perf_counter() < self._spin_until:
+            ready = poll(0)
+            if ready:
+                return dict(ready)
+        return {}
 
     def handle_signals(self) -> None:
         while self._pending_signals:
@@ -327,7 +361,16 @@ class Daemon:
                 log.info("%s: stopping (a second signal forces exit)", signal.Signals(signum).name)
                 self._stop_requested = True
 
-    def serve_pending(self) -> None:
+    def serve_pending(self, ready: Optional[dict] = None) -> None:
+        """Answer what is queued: ZeroMQ requests, then new lanes and lane requests (``ready``
+        from ``wait_for_events`` says which lane fds to read; None: every lane)."""
+        self._serve_zmq()
+        if self.lanes is not None:
+            self._serve_lanes(ready)
+        if self.config.daemon.spin_us:
+            self._spin_until = time.perf_counter() + self.config.daemon.spin_us * 1e-6
+
+    def _serve_zmq(self) -> None:
         for _ in range(MAX_REQUESTS_PER_TURN):
             # A signal that arrived during the last request is seen before the next one: a stop
             # finishes the request in flight, not the queue behind it.
@@ -346,6 +389,50 @@ class Daemon:
             if self.exit_code is not None:
                 return
 
+    def _serve_lanes(self, ready: Optional[dict]) -> None:
+        hub = self.lanes
+        if ready is None or hub.listener.fileno() in ready:
+            hub.accept()
+        for fd, connection in list(hub.connections.items()):
+            if ready is not None and fd not in ready:
+                continue
+            if self._pending_signals or self.exit_code is not None:
+                return
+            for event in hub.read(connection, MAX_REQUESTS_PER_TURN):
+                if event.closed:
+                    hub.close(connection)
+                    if connection.session is not None and connection.session.client.alive() is False:
+                        self._next_housekeeping = 0.0  # a client died: reclaim its session now
+                elif event.refused is not None:
+                    log.info("lane handshake refused: %s", event.refused)
+                elif event.error is not None:
+                    self.counters["errors"] += 1
+                    hub.send(connection, [encode_error(None, "too_large" if "larger" in event.error else "bad_request",
+                                                       f"submit lane: {event.error}")])
+                elif event.frames is not None:
+                    self._answer_on_lane(connection, event.frames)
+                if self._pending_signals or self.exit_code is not None:
+                    return
+
+    def _answer_on_lane(self, connection: LaneConnection, frames: list) -> None:
+        session = connection.session
+        if session.state != "live" or session.identity is None:
+            # The session ended under the lane (normally its lanes close with it): say so, so
+            # the client says hello again, knowing the request did not run.
+            self.lanes.send(connection, [encode_error(_peek_request_id(frames[0]), "no_session", "the session of this lane has ended")])
+            self.lanes.close(connection)
+            return
+        reply = self.answer(session.identity, frames)
+        if fits_lane(reply):
+            self.lanes.send(connection, reply)
+        else:  # too large for a datagram: over ZeroMQ, and a notice on the lane
+            self._send([session.identity, *reply])
+            self.lanes.send(connection, MOVED)
+
+    def _close_session_lanes(self, session: Any) -> None:
+        if self.lanes is not None:
+            self.lanes.close_session_lanes(session)
+
     def handle_message(self, message: list) -> Optional[list]:
         """One multipart message -> the multipart reply (None: unanswerable, dropped)."""
         if len(message) < 2:
@@ -359,14 +446,18 @@ class Daemon:
         if len(body_frames) >= 2 and len(body_frames[0]) == 0:
             head.append(b"")
             body_frames = body_frames[1:]
+        return head + self.answer(identity, body_frames)
+
+    def answer(self, identity: bytes, body_frames: list) -> list:
+        """One request's frames (envelope, data) from ``identity`` -> the reply's frames."""
         self.counters["requests"] += 1
         session = self.sessions.get(identity)
         request, refusal = self._decode(body_frames)
         request_id = request.request_id if request is not None else getattr(refusal, "request_id", None)
         with request_context(request_id if request_id is not None else "?", session.label if session is not None else None):
             if refusal is not None:
-                return head + [self._refuse(request_id, "?", refusal)]
-            return head + self._dispatch(identity, session, request)
+                return [self._refuse(request_id, "?", refusal)]
+            return self._dispatch(identity, session, request)
 
     def _decode(self, body_frames: list) -> tuple[Optional[Request], Optional[ProtocolError]]:
         """The request, or the refusal (carrying ``request_id`` when the envelope had one)."""
@@ -376,7 +467,7 @@ class Daemon:
                 error = ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
                 error.request_id = _peek_request_id(body_frames[0])
                 raise error
-            return decode_request(body_frames[0].buffer, body_frames[1:]), None
+            return decode_request(_view(body_frames[0]), body_frames[1:]), None
         except ProtocolError as exc:
             return None, exc
 
@@ -435,6 +526,7 @@ class Daemon:
             sessions=self.sessions, metrics=self.metrics, daemon_info=self.info,
             next_buffer_id=lambda: next(self._buffer_ids),
             reload=lambda: self.reload(trigger="reload command"), keepalive=self.watchdog.keepalive,
+            lane_path=self.lanes.path if self.lanes is not None else None,
         )
 
     # --------------------------------------------------------------------------- housekeeping
@@ -546,7 +638,7 @@ class Daemon:
         return False
 
     def _refuse_queued(self, until: float) -> int:
-        refused = 0
+        refused = self._refuse_lane_requests()
         while self.clock() < until and self._socket is not None:
             try:
                 message = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -567,6 +659,19 @@ class Daemon:
             refused += 1
         return refused
 
+    def _refuse_lane_requests(self) -> int:
+        """Requests already queued on lanes get ``unavailable`` (never run: safe to re-send)."""
+        refused = 0
+        if self.lanes is None:
+            return 0
+        for connection in list(self.lanes.connections.values()):
+            for event in self.lanes.read(connection, MAX_REQUESTS_PER_TURN):
+                if event.frames is not None:
+                    request_id = _peek_request_id(event.frames[0])
+                    self.lanes.send(connection, [encode_error(request_id, "unavailable", "the daemon is stopping; retry after it restarts")])
+                    refused += 1
+        return refused
+
     def _arm_hard_deadline(self, seconds: float) -> threading.Timer:
         # The last resort when teardown hangs inside a C call (signals cannot run Python then).
         def expire() -> None:
@@ -580,6 +685,9 @@ class Daemon:
         return timer
 
     def _close_socket(self) -> None:
+        if self.lanes is not None:
+            self.lanes.shutdown()
+            self.lanes = None
         if self._socket is not None:
             try:
                 self._socket.close(linger=100)  # let the "unavailable" replies out
@@ -596,14 +704,15 @@ class Daemon:
         self._wake_r = self._wake_w = None
 
     def _unlink_socket_file(self) -> None:
-        # Only a file we bound: a daemon refused at start must not remove a live one's socket.
+        # Only files we bound: a daemon refused at start must not remove a live one's socket.
         if self._socket_path is not None and self._bound:
-            try:
-                os.unlink(self._socket_path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("could not remove %s: %s", self._socket_path, exc)
+            for path in (self._socket_path, lane_path_for(self._socket_path)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", path, exc)
 
     def _restore_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -647,9 +756,15 @@ def _peek_request_id(frame: Any) -> Any:
     if len(frame) > 64 * 1024:
         return None
     try:
-        return request_id_of(unpack(frame.bytes))
+        return request_id_of(unpack(_view(frame)))
     except Exception:
         return None
+
+
+def _view(frame: Any) -> memoryview:
+    """A frame's bytes without a copy: ZeroMQ frames and lane frames (memoryviews) alike."""
+    buffer = getattr(frame, "buffer", None)
+    return buffer if buffer is not None else memoryview(frame)
 
 
 def _endpoint_answers(context: zmq.Context, endpoint: str, timeout_ms: int = 500) -> bool:

@@ -24,14 +24,17 @@ Invariants:
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import psutil
 
+from cgtree.daemon.lane import TOKEN_BYTES as LANE_TOKEN_BYTES
 from cgtree.daemon.tensors import IpcImportCache, OutputBuffer
 
 log = logging.getLogger("cgtree.daemon.sessions")
@@ -159,6 +162,9 @@ class Session:
         self.graphs: dict[tuple[str, str], Any] = {}  # (device, graph id) -> GraphEntry (a reference held)
         self.staged_weights: dict[str, dict[str, Any]] = {}  # device -> weight hash -> tensor (uploads in progress)
         self.counters = {"requests": 0, "submits": 0, "errors": 0}
+        # Binds a submit lane to this session (cgtree.daemon.lane); a new one on adoption, so
+        # the dead client's token is worthless.
+        self.lane_token = os.urandom(LANE_TOKEN_BYTES)
 
     @property
     def label(self) -> str:
@@ -171,18 +177,28 @@ class Session:
 class SessionRegistry:
     """All sessions; lookup by routing id and by name; reaping by ``session_verdict``.
 
-    ``make_device`` builds a ``SessionDevice`` (the daemon supplies the tree-manager factory);
-    ``release_graph`` gives a graph reference back to the device's store.
+    ``release_graph`` gives a graph reference back to the device's store; ``client_gone`` is
+    called when a session stops being live (parked or closed), so transports bound to it (its
+    submit lane) are closed with it.
     """
 
     def __init__(self, *, release_graph: Callable[[str, Any], None], clock: Callable[[], float] = time.monotonic,
-                 linger_s: float = DEFAULT_SESSION_LINGER_S) -> None:
+                 linger_s: float = DEFAULT_SESSION_LINGER_S,
+                 client_gone: Callable[[Session], None] = lambda session: None) -> None:
         self._release_graph = release_graph
+        self._client_gone = client_gone
         self.clock = clock
         self.linger_s = linger_s
         self.by_identity: dict[bytes, Session] = {}
         self.by_name: dict[str, Session] = {}
         self.sessions: dict[int, Session] = {}
+
+    def by_lane_token(self, token: bytes) -> Optional[Session]:
+        """The live session whose lane token this is (a lane handshake), or None."""
+        for session in self.sessions.values():
+            if session.state == "live" and hmac.compare_digest(session.lane_token, token):
+                return session
+        return None
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -212,6 +228,7 @@ class SessionRegistry:
                 holder.client = client
                 holder.state = "live"
                 holder.parked_at = None
+                holder.lane_token = os.urandom(LANE_TOKEN_BYTES)
                 holder.touch(now)
                 self.by_identity[identity] = holder
                 log.info("session %s adopted by pid %d (parked trees kept warm)", holder.label, client.pid)
@@ -231,6 +248,7 @@ class SessionRegistry:
         session.identity = None
         session.state = "parked"
         session.parked_at = self.clock()
+        self._client_gone(session)
         for device_state in session.devices.values():
             device_state.drop_client_state(client_alive=False)
         log.info("session %s parked for %.0f s: %s", session.label, self.linger_s, reason)
@@ -244,6 +262,7 @@ class SessionRegistry:
         if session.name is not None and self.by_name.get(session.name) is session:
             del self.by_name[session.name]
         session.state = "closed"
+        self._client_gone(session)
         errors = []
         for device_state in session.devices.values():
             try:

@@ -25,7 +25,7 @@ import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from cgtree.daemon.protocol import ProtocolError, Reply
 
@@ -54,6 +54,8 @@ class CommandContext:
     # Call right before and after a step that may take long (a first call that compiles, a
     # capture): keeps systemd's watchdog fed without pinging on every replay.
     keepalive: Callable[[], None] = field(default=lambda: None)
+    # The submit lane's socket path (cgtree.daemon.lane); None when lanes are off.
+    lane_path: Optional[str] = None
     extras: dict = field(default_factory=dict)
 
     def device(self, name: Any) -> "DeviceRuntime":

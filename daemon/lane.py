@@ -1,0 +1,300 @@
+"""Submit lanes: one AF_UNIX ``SOCK_SEQPACKET`` connection per session beside the ZeroMQ
+socket, for the requests on the hot path.
+
+Why a second transport: ZeroMQ hands every message to an I/O thread on both sides, so a round
+trip wakes four threads besides the two that do the work. Measured side by side
+(``benchmarks/bench_transport.py``): a 200-byte round trip costs ~94 us p50 over ZeroMQ
+``ipc://`` and ~10 us over a unix seqpacket socket on a 2-core VM; the GPU host's figures are in
+``docs/PERFORMANCE.md``. The tiny model's whole budget is ~30 us above its own replay, so
+submits cannot go through ZeroMQ. ZeroMQ stays the control channel: ``hello``, large messages,
+and every client that does not attach a lane.
+
+Wire: one datagram is one message. Header: ``u32 n`` then ``n`` x ``u32`` frame lengths (little
+endian); then the ``n`` frames back to back. The frames are exactly a ZeroMQ message's (the
+envelope, then data frames), without the routing id: the lane is bound to one session.
+
+Handshake: the ``hello`` reply carries ``lane = {"path", "token"}``. The client connects and
+sends ``[LANE_MAGIC, token]``; the daemon answers ``[b"ok"]`` or ``[b"refused", reason]`` and
+closes. The token is 16 random bytes per session, new on every adoption; where the daemon can
+see the client's pid, ``SO_PEERCRED`` must also name the session's client.
+
+Invariants:
+- A datagram never exceeds ``LANE_MAX_BYTES``. A client sends larger requests over ZeroMQ. The
+  daemon sends a reply that does not fit over ZeroMQ, to the session's routing id, and puts a
+  zero-frame datagram (``MOVED``) on the lane so the waiting client looks there.
+- Frames handed out by ``read`` are private copies, never views of a reused receive buffer:
+  tensors built on them may outlive the next datagram.
+- The daemon never blocks on a lane: sockets are non-blocking and a reply that does not fit the
+  peer's queue is dropped and counted, as ZeroMQ replies are.
+- A lane whose peer closed (EOF, reset) is closed and unregistered at once; the session it
+  served is untouched (the session's liveness is the pid check's business).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+log = logging.getLogger("cgtree.daemon.lane")
+
+LANE_MAGIC = b"cgtree-lane-1"
+LANE_MAX_BYTES = 128 * 1024  # under Linux's default socket buffer (wmem_default 212992)
+LANE_MAX_FRAMES = 256
+TOKEN_BYTES = 16
+MAX_LANES = 4096
+MOVED: list = []  # the zero-frame datagram: "your reply went over ZeroMQ"
+
+_COUNT = struct.Struct("<I")
+
+
+class LaneFramingError(ValueError):
+    """A datagram whose header does not describe its contents."""
+
+
+def lane_path_for(ipc_socket_path: Optional[str]) -> Optional[str]:
+    """The lane's socket file beside the ZeroMQ socket file (None: not an ipc:// endpoint)."""
+    return None if ipc_socket_path is None else ipc_socket_path + ".lane"
+
+
+def frame_nbytes(frame: Any) -> int:
+    return memoryview(frame).nbytes
+
+
+def message_nbytes(frames: Iterable[Any]) -> int:
+    """Datagram size of ``frames``: header included."""
+    count, total = 0, 0
+    for frame in frames:
+        count += 1
+        total += frame_nbytes(frame)
+    return _COUNT.size * (1 + count) + total
+
+
+def fits_lane(frames: list) -> bool:
+    return len(frames) <= LANE_MAX_FRAMES and message_nbytes(frames) <= LANE_MAX_BYTES
+
+
+def header_of(frames: list) -> bytes:
+    lengths = [frame_nbytes(f) for f in frames]
+    return struct.pack(f"<I{len(lengths)}I", len(lengths), *lengths)
+
+
+def split_datagram(data: memoryview) -> list[memoryview]:
+    """The frames of one datagram (views of ``data``). Raises ``LaneFramingError``."""
+    if len(data) < _COUNT.size:
+        raise LaneFramingError(f"a {len(data)}-byte datagram has no frame count")
+    (count,) = _COUNT.unpack_from(data, 0)
+    if count > LANE_MAX_FRAMES:
+        raise LaneFramingError(f"{count} frames (at most {LANE_MAX_FRAMES})")
+    head = _COUNT.size * (1 + count)
+    if len(data) < head:
+        raise LaneFramingError(f"the header announces {count} frames but the datagram ends inside it")
+    lengths = struct.unpack_from(f"<{count}I", data, _COUNT.size)
+    if head + sum(lengths) != len(data):
+        raise LaneFramingError(f"frame lengths add up to {sum(lengths)} bytes but {len(data) - head} follow the header")
+    frames, cursor = [], head
+    for length in lengths:
+        frames.append(data[cursor:cursor + length])
+        cursor += length
+    return frames
+
+
+def send_frames(sock: socket.socket, frames: list, flags: int = 0) -> None:
+    """One datagram; raises OSError (EAGAIN when the peer's queue is full, EMSGSIZE, EPIPE...)."""
+    sock.sendmsg([header_of(frames), *frames], [], flags)
+
+
+def receive_datagram(sock: socket.socket, buffer: bytearray, flags: int = 0) -> Optional[bytearray]:
+    """The next datagram as a fresh bytearray; None at EOF. Raises ``LaneFramingError`` when
+    it was larger than ``buffer`` (the kernel truncated it), ``BlockingIOError`` when none is
+    queued on a non-blocking socket."""
+    nbytes, _, msg_flags, _ = sock.recvmsg_into([buffer], 0, flags)
+    if nbytes == 0 and not msg_flags & socket.MSG_TRUNC:
+        return None
+    if msg_flags & socket.MSG_TRUNC:
+        raise LaneFramingError(f"a datagram larger than {len(buffer)} bytes (lane limit)")
+    return bytearray(memoryview(buffer)[:nbytes])  # a private copy: see the invariants
+
+
+def peer_pid(sock: socket.socket) -> Optional[int]:
+    """The connecting process's pid (SO_PEERCRED), or None where the platform lacks it."""
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i")))
+        return pid
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon side
+
+
+@dataclass(eq=False)
+class LaneConnection:
+    """One accepted lane. ``session`` is None until the handshake bound it."""
+
+    sock: socket.socket
+    fd: int  # kept: a closed socket's fileno() is -1, and the poller knows it by this
+    pid: Optional[int]
+    session: Any = None
+    requests: int = 0
+
+
+@dataclass
+class LaneEvent:
+    """What ``LaneHub.read`` found: a request's frames, a finished handshake, or a close."""
+
+    connection: LaneConnection
+    frames: Optional[list] = None  # a request (session bound)
+    closed: bool = False
+    error: Optional[str] = None  # a request that cannot be read (too large, bad header)
+    refused: Optional[str] = None  # a handshake that was refused
+    attached: bool = False
+
+
+@dataclass
+class LaneHub:
+    """The daemon's lane listener and connections. The daemon's poller watches ``listener``
+    and every connection's fd; the hub does the socket work and says what happened.
+
+    find_session(token) -> the live session holding that lane token, or None.
+    watch(fd) / unwatch(fd): add a connection's fd to the daemon's poller / take it out.
+    """
+
+    path: str
+    find_session: Callable[[bytes], Any]
+    watch: Callable[[int], None] = lambda fd: None
+    unwatch: Callable[[int], None] = lambda fd: None
+    listener: Optional[socket.socket] = None
+    connections: dict = field(default_factory=dict)  # fd -> LaneConnection
+    dropped: int = 0
+    _buffer: bytearray = field(default_factory=lambda: bytearray(LANE_MAX_BYTES))
+
+    def open(self) -> None:
+        try:
+            os.unlink(self.path)  # ours: the ZeroMQ socket beside it was just bound by us
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+
+    def accept(self) -> list[LaneConnection]:
+        """Every pending connection (non-blocking); over ``MAX_LANES`` they are closed at once."""
+        accepted = []
+        while self.listener is not None:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("lane accept failed: %s", exc)
+                break
+            if len(self.connections) >= MAX_LANES:
+                sock.close()
+                self.dropped += 1
+                continue
+            sock.setblocking(False)
+            connection = LaneConnection(sock, sock.fileno(), peer_pid(sock))
+            self.connections[connection.fd] = connection
+            self.watch(connection.fd)
+            accepted.append(connection)
+        return accepted
+
+    def read(self, connection: LaneConnection, limit: int) -> list[LaneEvent]:
+        """Up to ``limit`` datagrams queued on ``connection``, as events, in order."""
+        events = []
+        while len(events) < limit:
+            try:
+                data = receive_datagram(connection.sock, self._buffer, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except LaneFramingError as exc:
+                events.append(LaneEvent(connection, error=str(exc)))
+                continue
+            except OSError:  # reset by a dying peer
+                data = None
+            if data is None:
+                events.append(LaneEvent(connection, closed=True))
+                break
+            try:
+                frames = split_datagram(memoryview(data))
+            except LaneFramingError as exc:
+                events.append(LaneEvent(connection, error=str(exc)))
+                continue
+            if connection.session is None:
+                events.append(self._handshake(connection, frames))
+                if connection.session is None:
+                    break  # refused: closed
+                continue
+            connection.requests += 1
+            events.append(LaneEvent(connection, frames=frames))
+        return events
+
+    def _handshake(self, connection: LaneConnection, frames: list) -> LaneEvent:
+        refusal = None
+        session = None
+        if len(frames) != 2 or bytes(frames[0]) != LANE_MAGIC or len(frames[1]) != TOKEN_BYTES:
+            refusal = "the first datagram on a lane must be [magic, token]"
+        else:
+            session = self.find_session(bytes(frames[1]))
+            if session is None:
+                refusal = "unknown or expired lane token: say hello again"
+            elif connection.pid is not None and session.client.create_time is not None and connection.pid != session.client.pid:
+                refusal = f"the connecting process (pid {connection.pid}) is not the session's client (pid {session.client.pid})"
+        if refusal is not None:
+            self.send(connection, [b"refused", refusal.encode()])
+            self.close(connection)
+            return LaneEvent(connection, refused=refusal)
+        for other in [c for c in self.connections.values() if c.session is session and c is not connection]:
+            self.close(other)  # one lane per session: the newest (a reconnecting client) wins
+        connection.session = session
+        self.send(connection, [b"ok"])
+        return LaneEvent(connection, attached=True)
+
+    def send(self, connection: LaneConnection, frames: list) -> bool:
+        """Send without blocking; False (counted) when the peer's queue is full or it is gone."""
+        try:
+            send_frames(connection.sock, frames, socket.MSG_DONTWAIT)
+            return True
+        except OSError as exc:
+            self.dropped += 1
+            log.info("a lane reply was dropped: %s", exc)
+            return False
+
+    def close(self, connection: LaneConnection) -> None:
+        if self.connections.pop(connection.fd, None) is not None:
+            self.unwatch(connection.fd)
+        try:
+            connection.sock.close()
+        except OSError:
+            pass
+
+    def close_session_lanes(self, session: Any) -> list[LaneConnection]:
+        closing = [c for c in self.connections.values() if c.session is session]
+        for connection in closing:
+            self.close(connection)
+        return closing
+
+    def shutdown(self) -> None:
+        for connection in list(self.connections.values()):
+            self.close(connection)
+        self.connections.clear()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s: %s", self.path, exc)
