@@ -165,6 +165,7 @@ def session_rows(document: dict) -> list[dict]:
         rows.append({
             "id": s.get("id"), "name": s.get("name"), "pid": s.get("pid"), "state": s.get("state"),
             "idle_s": s.get("idle_s"), "submits": s.get("submits", 0), "devices": sorted(devices),
+            "transport": "lane" if s.get("lane") else "zmq",
             "graphs": [g.get("graph") for g in s.get("graphs", [])],
             "nodes": sum(len(_nodes(state)) for state in devices.values()),
         })
@@ -176,9 +177,9 @@ def format_sessions(rows: Iterable[dict]) -> str:
     if not rows:
         return "no sessions"
     return "\n".join(table(
-        ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS"],
+        ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"],
         [[r.get("id"), r.get("name"), r.get("pid"), r.get("state"), _duration(r.get("idle_s")), r.get("devices", []),
-          len(r.get("graphs", [])), r.get("nodes", 0), r.get("submits", 0)] for r in rows],
+          len(r.get("graphs", [])), r.get("nodes", 0), r.get("submits", 0), r.get("transport", "zmq")] for r in rows],
     ))
 
 

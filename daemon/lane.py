@@ -163,7 +163,8 @@ class LaneHub:
     """The daemon's lane listener and connections. The daemon's poller watches ``listener``
     and every connection's fd; the hub does the socket work and says what happened.
 
-    find_session(token) -> the live session holding that lane token, or None.
+    find_session(token) -> the live session holding that lane token, or None. The hub keeps
+    that session's ``lane_open`` and ``counters["lane_requests"]`` up to date.
     watch(fd) / unwatch(fd): add a connection's fd to the daemon's poller / take it out.
     """
 
@@ -237,6 +238,7 @@ class LaneHub:
                     break  # refused: closed
                 continue
             connection.requests += 1
+            connection.session.counters["lane_requests"] += 1
             events.append(LaneEvent(connection, frames=frames))
         return events
 
@@ -258,6 +260,7 @@ class LaneHub:
         for other in [c for c in self.connections.values() if c.session is session and c is not connection]:
             self.close(other)  # one lane per session: the newest (a reconnecting client) wins
         connection.session = session
+        session.lane_open = True
         self.send(connection, [b"ok"])
         return LaneEvent(connection, attached=True)
 
@@ -274,6 +277,8 @@ class LaneHub:
     def close(self, connection: LaneConnection) -> None:
         if self.connections.pop(connection.fd, None) is not None:
             self.unwatch(connection.fd)
+            if connection.session is not None:
+                connection.session.lane_open = False
         try:
             connection.sock.close()
         except OSError:

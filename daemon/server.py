@@ -364,7 +364,8 @@ class Daemon:
     def serve_pending(self, ready: Optional[dict] = None) -> None:
         """Answer what is queued: ZeroMQ requests, then new lanes and lane requests (``ready``
         from ``wait_for_events`` says which lane fds to read; None: every lane)."""
-        self._serve_zmq()
+        if ready is None or self._socket in ready:
+            self._serve_zmq()
         if self.lanes is not None:
             self._serve_lanes(ready)
         if self.config.daemon.spin_us:
@@ -398,7 +399,9 @@ class Daemon:
                 continue
             if self._pending_signals or self.exit_code is not None:
                 return
-            for event in hub.read(connection, MAX_REQUESTS_PER_TURN):
+            # One datagram per ready lane and turn: a client has one request in flight, and a
+            # second read would only meet EAGAIN (an exception: microseconds on every submit).
+            for event in hub.read(connection, 1 if ready is not None else MAX_REQUESTS_PER_TURN):
                 if event.closed:
                     hub.close(connection)
                     if connection.session is not None and connection.session.client.alive() is False:
@@ -524,10 +527,15 @@ class Daemon:
         return CommandContext(
             identity=identity, request_id=request_id, config=self.config, devices=self.devices,
             sessions=self.sessions, metrics=self.metrics, daemon_info=self.info,
-            next_buffer_id=lambda: next(self._buffer_ids),
-            reload=lambda: self.reload(trigger="reload command"), keepalive=self.watchdog.keepalive,
+            next_buffer_id=self._next_buffer_id, reload=self._reload_command, keepalive=self.watchdog.keepalive,
             lane_path=self.lanes.path if self.lanes is not None else None,
         )
+
+    def _next_buffer_id(self) -> int:
+        return next(self._buffer_ids)
+
+    def _reload_command(self) -> ReloadOutcome:
+        return self.reload(trigger="reload command")
 
     # --------------------------------------------------------------------------- housekeeping
 
@@ -743,6 +751,8 @@ class Daemon:
             "session_linger_s": self.sessions.linger_s,
             "watchdog_s": self.watchdog.interval_s,
             "metrics_port": self.metrics.port,
+            "lane_path": self.lanes.path if self.lanes is not None else None,
+            "spin_us": self.config.daemon.spin_us,
             "counters": dict(self.counters),
         }
 

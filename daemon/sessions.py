@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from cgtree.daemon.input_memo import InputMemo
 from cgtree.daemon.lane import TOKEN_BYTES as LANE_TOKEN_BYTES
 from cgtree.daemon.tensors import IpcImportCache, OutputBuffer
 
@@ -106,6 +107,7 @@ class SessionDevice:
         self.output_buffers: dict[str, OutputBuffer] = {}  # graph id -> current output buffer
         self.buffers_by_id: dict[int, OutputBuffer] = {}
         self.ipc_imports = IpcImportCache(IPC_IMPORT_CACHE_SIZE)
+        self.input_memo = InputMemo()  # views over ipc_imports' storages: cleared with them
 
     def replace_output_buffer(self, graph_id: str, buffer: OutputBuffer) -> None:
         """A new buffer for the graph (its outputs changed shape); the old one is freed once the
@@ -136,6 +138,7 @@ class SessionDevice:
     def drop_client_state(self, *, client_alive: bool) -> None:
         """What parking drops: outputs the client could see and the client's opened handles."""
         self.release_outputs(client_alive=client_alive)
+        self.input_memo.forget()
         self.ipc_imports.close()
 
     def close(self, *, client_alive: bool) -> None:
@@ -161,10 +164,11 @@ class Session:
         self.devices: dict[str, SessionDevice] = {}
         self.graphs: dict[tuple[str, str], Any] = {}  # (device, graph id) -> GraphEntry (a reference held)
         self.staged_weights: dict[str, dict[str, Any]] = {}  # device -> weight hash -> tensor (uploads in progress)
-        self.counters = {"requests": 0, "submits": 0, "errors": 0}
+        self.counters = {"requests": 0, "submits": 0, "errors": 0, "lane_requests": 0}
         # Binds a submit lane to this session (cgtree.daemon.lane); a new one on adoption, so
         # the dead client's token is worthless.
         self.lane_token = os.urandom(LANE_TOKEN_BYTES)
+        self.lane_open = False  # kept by the daemon's LaneHub
 
     @property
     def label(self) -> str:

@@ -8,7 +8,7 @@ Reply::
     {"daemon": {"pid", "version", "protocol", "endpoint", "state": "serving" | "stopping",
                 "uptime_s", "config_path", "policy": {...}, "log_level", "sessions": int,
                 "session_linger_s", "watchdog_s": float | None, "metrics_port": int | None,
-                "counters": {...}},
+                "lane_path": str | None, "spin_us": int, "counters": {...}},
      "devices": [{"device", "backend", "graphs": int, "weights": {"count", "bytes"},
                   "sessions": int, "pool_bytes": int, "live_blocks": int,
                   "output_buffer_bytes": int, "allocated_bytes": int | None,
@@ -18,7 +18,7 @@ Reply::
                                   "mutated_inputs": [int], "dynamic": bool,
                                   "sessions": [int]}]}],
      "sessions": [{"id", "name", "pid", "state": "live" | "parked", "idle_s", "submits",
-                   "graphs": [{"device", "graph"}],
+                   "lane": bool, "lane_requests": int, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
                                "live_blocks": int, "pool_bytes": int, "counters": {...},
                                "output_buffers": int, "output_buffer_bytes": int,
@@ -114,6 +114,8 @@ def session_status(session, now: float) -> dict:
         "state": session.state,
         "idle_s": round(now - session.last_seen, 3),
         "submits": session.counters["submits"],
+        "lane": session.lane_open,  # requests travel on its submit lane (else ZeroMQ only)
+        "lane_requests": session.counters["lane_requests"],
         "graphs": [{"device": device, "graph": graph_id} for (device, graph_id) in sorted(session.graphs)],
         "devices": devices,
     }

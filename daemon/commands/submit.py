@@ -1,8 +1,11 @@
 """Run a registered graph on the caller's inputs through this session's tree: warm up,
 record or replay, and return the outputs.
 
-Request: ``{"device": str, "graph": str, "inputs": [descriptor], "outputs"?: "device" |
-"host"}``, CPU input bytes in the data frames. CPU inputs to a graph on a CUDA device are
+Request: ``{"device": str, "graph": str, "inputs": [descriptor] | bin, "outputs"?: "device" |
+"host"}``, CPU input bytes in the data frames. ``inputs`` may also be the msgpack encoding of
+the descriptor list, as bytes: when the same bytes come again for the same graph (a loop over
+the same CUDA buffers), the daemon reuses the inputs it decoded and checked the first time
+(``cgtree.daemon.input_memo``). CPU inputs to a graph on a CUDA device are
 uploaded by the daemon. ``outputs`` says where CUDA outputs go: ``device`` (an IPC-shared
 buffer, below) or ``host`` (CPU copies in reply frames). Left out, it is ``host`` when no
 input came as ``cuda`` or ``output`` (such a client may have no CUDA context at all: it
@@ -17,8 +20,10 @@ output buffer (normal memory outside the graph pool, exported once), host-synchr
 stream, then replies.
 
 Reply: ``{"execution": {"mode": "warmup" | "recorded" | "replayed" | "skipped", "node_id":
-int | None, "function": str, "skip_reason": str | None}, "outputs": [descriptor],
-"buffers": [{"id": int, "nbytes": int, "storage": IPC}]}``. CPU outputs are ``cpu``
+int | None, "function": str, "skip_reason": str | None, "daemon_us": float}, "outputs": [descriptor],
+"buffers": [{"id": int, "nbytes": int, "storage": IPC}]}``. ``daemon_us`` is the time
+the command took in the daemon, synchronization included (the rest of a round trip is the
+transport and the client). CPU outputs are ``cpu``
 descriptors over reply frames (copies: the client owns them). CUDA outputs are ``output``
 descriptors into a buffer listed in ``buffers``; they stay valid until this graph's next
 submit in this session (which overwrites the buffer and bumps its ``generation``) or until
@@ -37,7 +42,8 @@ import time
 import torch
 
 from cgtree.daemon.graphs import check_graph_id
-from cgtree.daemon.protocol import ProtocolError, Reply, field_of
+from cgtree.daemon.input_memo import memoizable
+from cgtree.daemon.protocol import ProtocolError, Reply, field_of, unpack
 from cgtree.daemon.tensors import (
     DTYPE_NAMES,
     OutputBuffer,
@@ -56,26 +62,32 @@ MAX_INPUTS = 4096
 
 
 def execute(ctx, session, body, frames) -> Reply:
+    received = time.perf_counter()
     runtime = ctx.device(field_of(body, "device", str))
     graph_id = check_graph_id(field_of(body, "graph", str))
     entry = session.graphs.get((runtime.name, graph_id))
     if entry is None:
         raise ProtocolError("unknown_graph", f"graph {graph_id} is not registered in this session on {runtime.name}: register it first")
-    descs = field_of(body, "inputs", list)
-    if len(descs) > MAX_INPUTS:
-        raise ProtocolError("bad_request", f"{len(descs)} inputs (at most {MAX_INPUTS})")
     state = ctx.session_device(session, runtime)
+    raw = field_of(body, "inputs", (list, bytes))
+    remembered = state.input_memo.get(graph_id, raw) if isinstance(raw, bytes) else None
+    if remembered is not None:
+        inputs, by_reference = remembered
+    else:
+        descs = _descriptor_list(raw)
+        # CUDA inputs may sit on any device this daemon serves: the tree manager of the graph's
+        # device then decides (inputs on two devices run without graphs: "multiple devices").
+        served_cuda = [rt.device.index for rt in ctx.devices.values() if rt.is_cuda]
+        inputs = [decode_input(desc, i, frames, state, runtime, served_cuda) for i, desc in enumerate(descs)]
+        check_inputs(entry, inputs)
+        by_reference = any(isinstance(d, dict) and d.get("kind") in ("cuda", "output") for d in descs)
+        if isinstance(raw, bytes) and memoizable(descs):
+            state.input_memo.put(graph_id, raw, (inputs, by_reference))
     outputs_to = body.get("outputs")
     if outputs_to is None:
-        by_reference = any(isinstance(d, dict) and d.get("kind") in ("cuda", "output") for d in descs)
         outputs_to = "device" if by_reference else "host"
     elif outputs_to not in ("device", "host"):
         raise ProtocolError("bad_request", f"\"outputs\" must be \"device\" or \"host\", got {outputs_to!r}")
-    # CUDA inputs may sit on any device this daemon serves: the tree manager of the graph's
-    # device then decides (inputs on two devices run without graphs: "multiple devices").
-    served_cuda = [rt.device.index for rt in ctx.devices.values() if rt.is_cuda]
-    inputs = [decode_input(desc, i, frames, state, runtime, served_cuda) for i, desc in enumerate(descs)]
-    check_inputs(entry, inputs)
 
     started = time.perf_counter()
     fn = state.functions.get(graph_id)
@@ -97,8 +109,22 @@ def execute(ctx, session, body, frames) -> Reply:
     runtime.synchronize()  # the client reads the outputs as soon as it has the reply
     session.counters["submits"] += 1
     ctx.metrics.observe_submit(time.perf_counter() - started, execution["mode"], execution["skip_reason"])
+    execution["daemon_us"] = round((time.perf_counter() - received) * 1e6, 1)
     reply.body["execution"] = execution
     return reply
+
+
+def _descriptor_list(raw) -> list:
+    if isinstance(raw, bytes):
+        try:
+            raw = unpack(raw)
+        except Exception as exc:
+            raise ProtocolError("bad_request", f"\"inputs\" bytes are not a msgpack descriptor list ({type(exc).__name__})") from None
+        if not isinstance(raw, list):
+            raise ProtocolError("bad_request", f"\"inputs\" bytes must encode a list, got {type(raw).__name__}")
+    if len(raw) > MAX_INPUTS:
+        raise ProtocolError("bad_request", f"{len(raw)} inputs (at most {MAX_INPUTS})")
+    return raw
 
 
 def decode_input(desc, index, frames, state, runtime, served_cuda=None):

@@ -281,3 +281,26 @@ def test_after_all_that_a_good_client_is_served_correctly(cgtreed):
         assert client.last_execution["mode"] == "replayed"
         assert client.status()["daemon"]["pid"] == cgtreed.proc.pid
     assert cgtreed.alive()
+
+
+def test_packed_input_descriptors_are_accepted_and_bad_packing_is_named(raw):
+    """``inputs`` may be the msgpack bytes of the descriptor list (what clients send for CUDA
+    buffers so the daemon can reuse its decoding); bytes that are not such a list are refused."""
+    hello(raw)
+    model, encoded = mlp_payload(seed=5)
+    graph = register_raw(raw, encoded)
+    x = torch.randn(2, 4)
+    desc = [{"kind": "cpu", "dtype": "float32", "shape": [2, 4], "frame": 0}]
+    packed = msgpack.packb(desc, use_bin_type=True)
+    for _ in range(2):  # cpu inputs are never remembered: each request decodes its own frame
+        envelope, frames = raw.request("submit", {"device": "cpu", "graph": graph, "inputs": packed}, x.numpy().tobytes())
+        out = envelope["body"]["outputs"][0]
+        result = torch.frombuffer(bytearray(frames[out["frame"]]), dtype=torch.float32).view(out["shape"])
+        with torch.no_grad():
+            torch.testing.assert_close(result, model(x))
+        assert envelope["body"]["execution"]["daemon_us"] > 0
+        x = torch.randn(2, 4)
+    for bad, words in ((b"\xc1", "msgpack"), (msgpack.packb({"a": 1}), "must encode a list")):
+        _, code, message = error_of(raw.request("submit", {"device": "cpu", "graph": graph, "inputs": bad}))
+        assert code == "bad_request" and words in message, message
+    assert hello(raw) > 0  # still serving

@@ -89,6 +89,30 @@ def test_cuda_outputs_equal_eager_through_ipc_inputs_and_outputs(gpu_daemon):
         assert tree["counters"]["replays"] == 3 and tree["output_buffers"] == 1
 
 
+def test_repeated_cuda_buffers_read_fresh_data_through_the_input_memo(gpu_daemon):
+    """The client packs the descriptors of a loop's CUDA buffers once and the daemon reuses its
+    decoded views: the data in the buffers must still be read anew on every call, and a buffer
+    freed and replaced (same address, new storage) must not be mistaken for the old one."""
+    from cgtree.client import Client
+
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
+        x = torch.randn(16, 64, device="cuda:0")
+        for step in range(6):
+            x.copy_(torch.randn(16, 64, device="cuda:0"))  # same buffer, new data
+            (out,) = client.submit(model, [x])
+            torch.testing.assert_close(out, model(x))
+        assert client.lane_attached
+        first_ptr = x.data_ptr()
+        del x, out
+        y = torch.randn(16, 64, device="cuda:0")  # quite likely the freed block, reused
+        (out,) = client.submit(model, [y])
+        torch.testing.assert_close(out, model(y))
+        assert client.last_execution["mode"] == "replayed", client.last_execution
+        assert client.last_execution["daemon_us"] > 0
+        print(f"reused address: {y.data_ptr() == first_ptr}")
+
+
 def test_conv_with_two_outputs_on_cuda_equals_eager(gpu_daemon):
     from cgtree.client import Client
 
