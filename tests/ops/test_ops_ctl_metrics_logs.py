@@ -110,14 +110,14 @@ def test_sessions_lists_id_name_pid_devices_graphs_idle_and_state(workload, caps
     code, out, _ = run_ctl(capsys, daemon, "sessions")
     assert code == 0
     header, row = out.splitlines()
-    assert header.split() == ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS"]
+    assert header.split() == ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"]
     fields = row.split()
     assert fields[:4] == [str(client.session_id), "ops", str(os.getpid()), "live"]
-    assert fields[5:] == ["[cpu]", "2", "1", "5"]
+    assert fields[5:] == ["[cpu]", "2", "1", "5", "lane"]
     code, out, _ = run_ctl(capsys, daemon, "sessions", "--json")
     (session,) = json.loads(out)["sessions"]
     assert session["id"] == client.session_id and session["devices"] == ["cpu"] and session["state"] == "live"
-    assert len(session["graphs"]) == 2 and session["idle_s"] >= 0
+    assert len(session["graphs"]) == 2 and session["idle_s"] >= 0 and session["transport"] == "lane"
 
 
 def test_reload_applies_a_good_file_and_rejects_a_bad_one_with_exit_1(workload, capsys):
