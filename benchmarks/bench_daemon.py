@@ -12,8 +12,11 @@ Sections (``--sections latency,memory,coldstart``):
    ``benchmarks/models.py``, beside ``eager`` and ``torch.compile(mode="reduce-overhead")``
    run in this process in the same run (interleaved rounds, as ``bench_inprocess.py`` does).
    Daemon rows: ``daemon-ipc`` (CUDA inputs shared by CUDA IPC, outputs mapped from the
-   daemon's output buffer) and ``daemon-cpu`` (CPU inputs sent inline in the message, the
-   daemon copies them to the GPU). A sync sample is ``client.submit(...)`` plus a
+   daemon's output buffer, requests on the session's submit lane), ``daemon-ipc-zmq`` (the
+   same with ``Client(lanes=False)``: every request over ZeroMQ, the transport side by side)
+   and ``daemon-cpu`` (CPU inputs sent inline in the message, the daemon copies them to the
+   GPU). Each daemon row also reports the daemon's own time per submit (``daemon_us`` from
+   the replies: the rest of the round trip is the transport and the client). A sync sample is ``client.submit(...)`` plus a
    ``torch.cuda.synchronize()`` in this process, for the same accounting as the in-process
    rows (submit is already synchronous: the daemon host-synchronizes before replying, so the
    extra synchronize finds an idle GPU). Targets: daemon-ipc sync p50 <= 1.0 x reduce-overhead
@@ -94,10 +97,11 @@ from benchmarks.models import build_model, model_names  # noqa: E402
 from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, reset_torch_graph_state  # noqa: E402
 
 SECTIONS = ("latency", "memory", "coldstart")
-LATENCY_PATHS = ("eager", "reduce-overhead", "daemon-ipc", "daemon-cpu")
-CUDA_ONLY_PATHS = frozenset({"reduce-overhead", "daemon-ipc"})
-DAEMON_PATHS = ("daemon-ipc", "daemon-cpu")
-PATH_INPUTS = {"eager": "device", "reduce-overhead": "device", "daemon-ipc": "CUDA IPC", "daemon-cpu": "CPU inline"}
+LATENCY_PATHS = ("eager", "reduce-overhead", "daemon-ipc", "daemon-ipc-zmq", "daemon-cpu")
+CUDA_ONLY_PATHS = frozenset({"reduce-overhead", "daemon-ipc", "daemon-ipc-zmq"})
+DAEMON_PATHS = ("daemon-ipc", "daemon-ipc-zmq", "daemon-cpu")
+PATH_INPUTS = {"eager": "device", "reduce-overhead": "device", "daemon-ipc": "CUDA IPC, lane",
+               "daemon-ipc-zmq": "CUDA IPC, ZeroMQ only", "daemon-cpu": "CPU inline, lane"}
 COLD_START_CALLS = 3
 # Relative error ||out - ref|| / ||ref|| allowed against eager (as bench_inprocess.py).
 MAX_REL_ERR = 1e-3
@@ -586,9 +590,9 @@ def _first_calls(invoke: Callable, inputs: tuple, sync: Callable) -> list[float]
 def setup_daemon_path(name: str, model: Any, device: torch.device, daemon: Daemon, seed: int, sync) -> LatencyPath:
     from cgtree.client import Client
 
-    client = Client(daemon.endpoint, timeout_s=120)
+    client = Client(daemon.endpoint, timeout_s=120, lanes=name != "daemon-ipc-zmq")
     started = time.perf_counter()
-    if name == "daemon-ipc":
+    if name in ("daemon-ipc", "daemon-ipc-zmq"):
         module, inputs, place = model.module, model.inputs, (lambda ins: ins)
     else:
         # Built on the CPU from the same seed: the same weights (so the daemon stores them once),
@@ -605,11 +609,19 @@ def setup_daemon_path(name: str, model: Any, device: torch.device, daemon: Daemo
         raise
     setup_ms = (time.perf_counter() - started) * 1e3
 
+    daemon_us: list[float] = []  # the daemon's own time per submit, from the replies
+
     def invoke(*activations: torch.Tensor) -> torch.Tensor:
-        return client.submit(handle, activations)[0]
+        out = client.submit(handle, activations)[0]
+        daemon_us.append(client.last_execution.get("daemon_us") or 0.0)
+        return out
 
     def describe() -> dict:
-        info: dict[str, Any] = {"last_execution": client.last_execution, "graph": handle.short_name}
+        info: dict[str, Any] = {"last_execution": client.last_execution, "graph": handle.short_name,
+                                "lane": client.lane_attached}
+        if daemon_us:
+            recent = sorted(daemon_us[-2000:])
+            info["daemon_us_p50"] = recent[len(recent) // 2]
         with contextlib.suppress(Exception):
             session = client.status(session_only=True)["sessions"][0]
             state = next(iter(session["devices"].values()))
@@ -1050,13 +1062,14 @@ def render_markdown(report: dict) -> str:
                 lines += [f"#### {name}: {_status(data)}", ""]
                 continue
             lines += [f"#### {name}: {data['description']}", "",
-                      "| path | inputs | sync p50 (us) | sync p99 (us) | async mean (us) | first 3 calls (ms) | max rel err | status |",
-                      "|---|---|---:|---:|---:|---:|---:|---|"]
+                      "| path | inputs | sync p50 (us) | sync p99 (us) | async mean (us) | in daemon p50 (us) | first 3 calls (ms) | max rel err | status |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---|"]
             for path, row in data["paths"].items():
                 sync = row["sync"] or {}
                 err = row["max_rel_err"]
                 lines.append(f"| {path} | {row['inputs']} | {_fmt(sync.get('p50_us'))} | {_fmt(sync.get('p99_us'))} | "
-                             f"{_fmt(row['async_mean_us'])} | {_fmt((row['cold_start_ms'] or {}).get('total'), 2)} | "
+                             f"{_fmt(row['async_mean_us'])} | {_fmt((row.get('details') or {}).get('daemon_us_p50'))} | "
+                             f"{_fmt((row['cold_start_ms'] or {}).get('total'), 2)} | "
                              f"{'-' if err is None else f'{err:.1e}'} | {_status(row)} |")
             lines += ["", "| ratio | sync p50 | sync p99 | async mean |", "|---|---:|---:|---:|"]
             for key, ratio in data["ratios"].items():

@@ -364,7 +364,15 @@ class Client:
         body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
         reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
         self.last_execution = reply.get("execution")
-        return tuple(self._decode_outputs(handle, reply, reply_frames))
+        outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        for written in reply.get("written_inputs") or ():
+            # A CPU input the graph wrote: the daemon wrote its copy; bring the change home.
+            index = written.get("input")
+            if not isinstance(index, int) or not 0 <= index < len(inputs) or not isinstance(inputs[index], torch.Tensor):
+                raise ClientError(f"the daemon wrote back input {index!r}, which this submit did not send as a tensor")
+            with torch.no_grad():
+                inputs[index].copy_(tensor_from_cpu_desc(written, reply_frames, f"written input {index}"))
+        return outputs
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
         """The next submit starts a new generation of the trees (an iteration boundary)."""

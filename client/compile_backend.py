@@ -29,6 +29,17 @@ Parameters reach the daemon as *weights uploaded once, by content hash*, not thr
   and any weight seen changing twice, travel with each submit instead (by CUDA IPC on CUDA,
   read in place, no copy on the client side).
 
+Mutated inputs on CUDA (KV caches written each step, any input the model writes): AOT hands
+over a functional graph that returns their new values, for its wrapper to copy back. For a
+CUDA graph, this backend moves the writes back into the graph (``copy_`` into the input) before
+lowering, so the daemon writes the client's buffer in place through its IPC mapping, as a
+static input of the recording (``cgtree.daemon.commands.submit``: inputs a graph writes), and
+the new values never travel: without it, every step of a 6-layer decoder with 256-position
+caches would copy 24 MiB of caches into the recording, 24 MiB of new caches out to the output
+buffer, and 24 MiB back into the caches. AOT's wrapper then gets the inputs themselves as the
+"new values" (its ``copy_`` of a tensor onto itself does nothing). On CPU the functional form is
+kept: CPU inputs reach the daemon as copies.
+
 Invariants:
 - Graph outputs are the daemon's: CUDA outputs are views of the session's output buffer and
   stay valid until the same graph's next submit (as graph-tree outputs stay valid until the
@@ -43,6 +54,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -64,9 +76,12 @@ class DaemonGraph:
     """One AOT inference graph served by the daemon; a boxed callable (``f(args_list)``)."""
 
     def __init__(self, client: Any, gm: torch.fx.GraphModule, device: str, static_input_idxs: Sequence[int],
-                 mutated_input_idxs: Sequence[int], name: str) -> None:
+                 mutated_input_idxs: Sequence[int], name: str, written_in_graph: Sequence[int] = ()) -> None:
         self.client = client
         self.gm = gm
+        # Inputs whose new values the graph writes itself (see the module docstring); AOT
+        # expects them first among the outputs, in this order.
+        self.written_in_graph = list(written_in_graph)
         self.device = device
         self.name = name
         self.weight_positions = sorted(set(static_input_idxs) - set(mutated_input_idxs))
@@ -126,7 +141,10 @@ class DaemonGraph:
             changed = self._changed_weights(inputs)
             if changed:
                 self._refresh(inputs, changed)
-        return list(self.client.submit(self.handle, [inputs[i] for i in self.user_positions]))
+        outputs = self.client.submit(self.handle, [inputs[i] for i in self.user_positions])
+        if self.written_in_graph:
+            return [*(inputs[i] for i in self.written_in_graph), *outputs]
+        return list(outputs)
 
 
 def _device_name(device: Optional[torch.device]) -> Optional[str]:
@@ -138,13 +156,41 @@ def _device_name(device: Optional[torch.device]) -> Optional[str]:
     return device.type
 
 
-def _aot_metadata() -> tuple[list[int], set[int]]:
-    """AOT's static input indices and the inputs whose data the graph mutates."""
+def _aot_metadata() -> tuple[list[int], set[int], Optional[list[int]]]:
+    """AOT's static input indices, the inputs whose data the graph mutates, and the inputs whose
+    new values lead the graph's outputs, in order (None when that layout is not the plain one:
+    metadata mutations, intermediate bases, or metadata this torch does not have)."""
     context = torch._guards.TracingContext.try_get()
     metadata = getattr(context, "fw_metadata", None)
     static = list(getattr(metadata, "static_input_indices", None) or [])
-    mutated = {i for i, info in enumerate(getattr(metadata, "input_info", None) or []) if getattr(info, "mutates_data", False)}
-    return static, mutated
+    infos = getattr(metadata, "input_info", None) or []
+    mutated = {i for i, info in enumerate(infos) if getattr(info, "mutates_data", False)}
+    leading = getattr(metadata, "mutated_inp_runtime_indices", None)
+    plain = (
+        leading is not None
+        and getattr(metadata, "num_intermediate_bases", 1) == 0
+        and not any(getattr(info, "mutates_metadata", True) for info in infos if info is not None and getattr(info, "mutates_data", False))
+        and set(leading) == mutated
+    )
+    return static, mutated, list(leading) if plain else None
+
+
+def mutations_into_graph(gm: torch.fx.GraphModule, leading: Sequence[int]) -> torch.fx.GraphModule:
+    """A copy of AOT's functional inference graph whose first ``len(leading)`` outputs (new values
+    of inputs ``leading``) are written into those inputs by ``aten.copy_`` at the end, and no
+    longer returned. The lowering keeps such trailing writes (its ``mutated_inputs``)."""
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    values = list(output.args[0])
+    if len(values) < len(leading) or max(leading, default=-1) >= len(placeholders):
+        raise ValueError("the graph's outputs do not start with its mutated inputs' new values")
+    with graph.inserting_before(output):
+        for position, value in zip(leading, values):
+            graph.call_function(torch.ops.aten.copy_.default, (placeholders[position], value))
+    output.args = (tuple(values[len(leading):]),)
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _graph_name(gm: torch.fx.GraphModule, kind: str) -> str:
@@ -157,13 +203,20 @@ def backend(client: Any) -> Callable:
     from torch._dynamo.backends.common import aot_autograd
 
     def inference_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        static, mutated = _aot_metadata()
+        static, mutated, leading = _aot_metadata()
         device = _device_name(graph_facts.device_of(gm, example_inputs))
         name = _graph_name(gm, "inference")
         if device is None:
             log.info("cgtree: graph %s has no cpu/cuda tensors: it runs in this process", name)
             return _boxed(gm.forward)
-        return DaemonGraph(client, gm, device, [i for i in static if i < len(example_inputs)], mutated, name)
+        written: list[int] = []
+        if device.startswith("cuda") and leading:
+            try:
+                gm, written = mutations_into_graph(gm, leading), leading
+            except ValueError as exc:  # keep the functional form: correct, only slower
+                log.info("cgtree: graph %s keeps its input writes outside the graph: %s", name, exc)
+        return DaemonGraph(client, gm, device, [i for i in static if i < len(example_inputs)], mutated, name,
+                           written_in_graph=written)
 
     def training_compiler(kind: str) -> Callable:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

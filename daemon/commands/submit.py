@@ -21,6 +21,7 @@ stream, then replies.
 
 Reply: ``{"execution": {"mode": "warmup" | "recorded" | "replayed" | "skipped", "node_id":
 int | None, "function": str, "skip_reason": str | None, "daemon_us": float}, "outputs": [descriptor],
+"written_inputs"?: [{"input": int, ...cpu descriptor}],
 "buffers": [{"id": int, "nbytes": int, "storage": IPC}]}``. ``daemon_us`` is the time
 the command took in the daemon, synchronization included (the rest of a round trip is the
 transport and the client). CPU outputs are ``cpu``
@@ -29,6 +30,13 @@ descriptors into a buffer listed in ``buffers``; they stay valid until this grap
 submit in this session (which overwrites the buffer and bumps its ``generation``) or until
 released. A buffer id that replaces an earlier one for the same graph means the old one is
 freed: close its mapping.
+
+Inputs the graph writes (``mutated_inputs`` at register) are written where the client sees
+them, as the graph would in the client's own process: ``cuda`` and ``output`` inputs in place
+(they are then static inputs of the recording: the graph writes the client's memory directly,
+and a different buffer at that position later is a re-recording); ``cpu`` inputs are copies,
+so their new contents come back in ``written_inputs`` (CPU descriptors over reply frames,
+``input`` naming the position) and the client copies them in.
 
 Errors: ``no_session``, ``unknown_device``, ``unknown_graph`` (not registered in this session
 on that device), ``bad_tensor`` (naming the input index: wrong dtype, shape, strides, size,
@@ -72,7 +80,7 @@ def execute(ctx, session, body, frames) -> Reply:
     raw = field_of(body, "inputs", (list, bytes))
     remembered = state.input_memo.get(graph_id, raw) if isinstance(raw, bytes) else None
     if remembered is not None:
-        inputs, by_reference = remembered
+        inputs, by_reference, in_place, write_back = remembered
     else:
         descs = _descriptor_list(raw)
         # CUDA inputs may sit on any device this daemon serves: the tree manager of the graph's
@@ -81,8 +89,9 @@ def execute(ctx, session, body, frames) -> Reply:
         inputs = [decode_input(desc, i, frames, state, runtime, served_cuda) for i, desc in enumerate(descs)]
         check_inputs(entry, inputs)
         by_reference = any(isinstance(d, dict) and d.get("kind") in ("cuda", "output") for d in descs)
+        in_place, write_back = mutation_plan(entry.mutated_inputs, [d.get("kind") for d in descs])
         if isinstance(raw, bytes) and memoizable(descs):
-            state.input_memo.put(graph_id, raw, (inputs, by_reference))
+            state.input_memo.put(graph_id, raw, (inputs, by_reference, in_place, write_back))
     outputs_to = body.get("outputs")
     if outputs_to is None:
         outputs_to = "device" if by_reference else "host"
@@ -90,21 +99,28 @@ def execute(ctx, session, body, frames) -> Reply:
         raise ProtocolError("bad_request", f"\"outputs\" must be \"device\" or \"host\", got {outputs_to!r}")
 
     started = time.perf_counter()
-    fn = state.functions.get(graph_id)
+    fn = state.functions.get((graph_id, in_place))
     if fn is None:
+        # Weights are static; so are the inputs the graph writes that live in the client's (or
+        # an output buffer's) memory: the graph writes them there, in place, as it would in
+        # the client's own process. Another buffer at that position later is a re-recording.
+        weights = len(entry.weights)
         fn = state.manager.cudagraphify(
-            entry.fn, [*entry.weights, *inputs], static_input_idxs=range(len(entry.weights)),
+            entry.fn, [*entry.weights, *inputs], static_input_idxs=[*range(weights), *(weights + i for i in in_place)],
             name=entry.display_name, kind="inference", dynamic=entry.dynamic,
         )
-        state.functions[graph_id] = fn
+        state.functions[(graph_id, in_place)] = fn
     # A warmup (maybe an inductor compile) or a capture can take long: feed systemd's watchdog
     # on both sides of the call. Rate-limited, so replays send nothing.
     ctx.keepalive()
     outputs = fn(*entry.weights, *inputs)
     ctx.keepalive()
+    written = [(i, inputs[i]) for i in write_back]
     del inputs
     execution = execution_dict(state.manager.last_execution)
     reply = encode_outputs(outputs, state, runtime, graph_id, ctx, to_host=outputs_to == "host")
+    if written:
+        reply.body["written_inputs"] = encode_written_inputs(written, reply.frames)
     del outputs  # the tree must see replay outputs dead: nothing of the pool is kept here
     runtime.synchronize()  # the client reads the outputs as soon as it has the reply
     session.counters["submits"] += 1
@@ -112,6 +128,26 @@ def execute(ctx, session, body, frames) -> Reply:
     execution["daemon_us"] = round((time.perf_counter() - received) * 1e6, 1)
     reply.body["execution"] = execution
     return reply
+
+
+def mutation_plan(mutated_inputs, kinds) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where a graph's writes to its inputs go, by how each input travelled (a pure decision):
+    ``in_place`` inputs are memory the client sees (``cuda``: its own, by IPC; ``output``: an
+    output buffer it maps), written directly; ``write_back`` inputs (``cpu``) are copies the
+    daemon made, whose new contents go back in the reply for the client to copy in."""
+    in_place = tuple(i for i in mutated_inputs if i < len(kinds) and kinds[i] in ("cuda", "output"))
+    write_back = tuple(i for i in mutated_inputs if i < len(kinds) and kinds[i] == "cpu")
+    return in_place, write_back
+
+
+def encode_written_inputs(written, frames: list) -> list:
+    """CPU copies of the inputs the graph wrote (``write_back``), appended to ``frames``."""
+    descs = []
+    for index, tensor in written:
+        copy = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        descs.append({"input": index, **describe_cpu(copy, len(frames))})
+        frames.append(cpu_frame_of(copy))
+    return descs
 
 
 def _descriptor_list(raw) -> list:

@@ -92,3 +92,42 @@ def test_graph_breaks_give_one_daemon_graph_each(client):
     for _ in range(3):
         torch.testing.assert_close(compiled(x), fn(x))
     assert client.last_execution["mode"] == "replayed"
+
+
+def test_mutations_into_graph_writes_the_inputs_and_drops_their_outputs():
+    """The CUDA daemon path moves AOT's copy-back of mutated inputs into the graph: the rewritten
+    graph writes the inputs itself and returns only the user's outputs (checked on CPU here)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from cgtree.client.compile_backend import _aot_metadata, mutations_into_graph
+
+    seen = {}
+
+    def inference(gm, example_inputs):
+        static, mutated, leading = _aot_metadata()
+        seen.update(gm=gm, mutated=mutated, leading=leading)
+
+        def run(*args):
+            seen["args"] = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            return gm(*args)
+
+        return run
+
+    model, reference = twins()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=inference, inference_compiler=inference,
+                                                         keep_inference_input_mutations=False))
+    x, pos = torch.randn(2, 8), torch.tensor([1])
+    with torch.no_grad():
+        compiled(x, pos)
+    assert seen["leading"] == sorted(seen["mutated"]) and len(seen["leading"]) == 1
+    (cache_position,) = seen["leading"]
+    rewritten = mutations_into_graph(seen["gm"], seen["leading"])
+    args = seen["args"]  # what AOT passed: weights, the cache (as it was before the call), x, pos
+    functional = seen["gm"](*[a.clone() for a in args])
+    with torch.no_grad():
+        written = rewritten(*args)
+    assert len(written) == len(functional) - 1  # the cache's new value is no longer an output
+    torch.testing.assert_close(args[cache_position], functional[0])  # ... it was written in place
+    torch.testing.assert_close(written[0], functional[1])
+    copies = [n for n in rewritten.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 1 and copies[0].args[0].op == "placeholder"

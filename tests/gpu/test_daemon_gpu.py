@@ -113,6 +113,34 @@ def test_repeated_cuda_buffers_read_fresh_data_through_the_input_memo(gpu_daemon
         print(f"reused address: {y.data_ptr() == first_ptr}")
 
 
+class Accumulate(torch.nn.Module):
+    def forward(self, total, x):
+        total.add_(x)
+        return total * 2
+
+
+def test_a_cuda_input_the_graph_writes_is_written_in_place_under_graphs(gpu_daemon):
+    """A written CUDA input is a static input of the recording: the replay writes the client's
+    own memory (no copies either way), and the calls still run as graphs."""
+    from cgtree.client import Client
+
+    total = torch.zeros(64, device="cuda:0")
+    ones = torch.ones(64, device="cuda:0")
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client:
+        handle = client.register(Accumulate(), [total.clone(), ones])
+        modes = []
+        for step in range(1, 6):
+            (out,) = client.submit(handle, [total, ones])
+            torch.testing.assert_close(total, torch.full((64,), float(step), device="cuda:0"))
+            torch.testing.assert_close(out, 2 * total)
+            modes.append(client.last_execution["mode"])
+        assert modes[-2:] == ["replayed", "replayed"], modes
+        other = torch.zeros(64, device="cuda:0")  # another buffer at the written position
+        (out,) = client.submit(handle, [other, ones])
+        torch.testing.assert_close(other, ones)
+        torch.testing.assert_close(total, torch.full((64,), 5.0, device="cuda:0"))
+
+
 def test_conv_with_two_outputs_on_cuda_equals_eager(gpu_daemon):
     from cgtree.client import Client
 
@@ -296,3 +324,39 @@ def test_a_client_without_cuda_sends_cpu_inputs_and_gets_cpu_outputs(gpu_daemon,
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["modes"] == ["warmup", "recorded", "replayed", "replayed"]
     assert report["cuda_initialized"] is False
+
+
+class CachedStep(torch.nn.Module):
+    """A decoder-like step: a cache buffer written in place at a position each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(64, 64)
+        self.register_buffer("cache", torch.zeros(8, 16, 64))
+
+    def forward(self, x, pos):
+        self.cache.index_copy_(1, pos, self.proj(x).unsqueeze(1))
+        return self.cache.sum(1)
+
+
+def test_compiled_kv_cache_writes_happen_in_the_clients_buffer(gpu_daemon):
+    """torch.compile(backend=cgtree.client.backend(client)) on CUDA: the cache write runs inside
+    the daemon's graph on the client's buffer (IPC, in place); only the step's output travels."""
+    from cgtree.client import Client, backend
+
+    model = CachedStep().eval().cuda()
+    reference = CachedStep().eval().cuda()
+    reference.load_state_dict(model.state_dict())
+    with Client(gpu_daemon.endpoint, timeout_s=120) as client, torch.no_grad():
+        compiled = torch.compile(model, backend=backend(client))
+        modes = []
+        for step in range(6):
+            x, pos = torch.randn(8, 64, device="cuda:0"), torch.tensor([step], device="cuda:0")
+            torch.testing.assert_close(compiled(x, pos), reference(x, pos))
+            torch.testing.assert_close(model.cache, reference.cache)
+            modes.append(client.last_execution["mode"])
+        assert modes[-2:] == ["replayed", "replayed"], modes
+        mine = client.status(session_only=True)["sessions"][0]["devices"]["cuda:0"]
+        # Only the [8, 64] output has a slot in the output buffer: the cache never travels back.
+        assert mine["output_buffer_bytes"] < model.cache.numel() * model.cache.element_size()
