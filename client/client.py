@@ -966,9 +966,10 @@ def _is_encoded(graph: Any) -> bool:
 
 
 def _lower_and_encode(graph: Any, inputs: list) -> Any:
-    from cgtree.client import lowering
+    # Plain nn.Modules go through the graph cache when one is enabled (cgtree.client.graph_cache).
+    from cgtree.client import graph_cache
 
-    return lowering.encode(lowering.lower(graph, inputs))
+    return graph_cache.lower_and_encode(graph, inputs)
 
 
 def _batches(missing: list, blobs: dict, limit: int) -> list[list]:
