@@ -58,3 +58,29 @@ def test_bench_daemon_cpu_smoke_run(tmp_path):
     # No CUDA here: latency targets are reported, not evaluated.
     assert {t["status"] for t in report["targets"]} == {"n/a"}
     assert "| daemon-cpu |" in md_path.read_text()
+
+
+def test_bench_daemon_cpu_coldstart_clients_register_from_the_graph_cache(tmp_path):
+    """The cold-start rows run the public API with CGTREE_GRAPH_CACHE: the registering client
+    lowers and writes the entry, the later clients hit it and register the same graph; the
+    uncached client lowers (make_fx)."""
+    json_path, md_path = tmp_path / "bench_daemon.json", tmp_path / "bench_daemon.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_daemon.py"), "--device", "cpu", "--quick",
+         "--sections", "coldstart", "--json", str(json_path), "--md", str(md_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = json.loads(json_path.read_text())["sections"]["coldstart"]["models"]["tiny"]["paths"]
+    expected = {"registering-client": "miss", "daemon-new-session": "hit", "daemon-new-session-uncached": "off",
+                "daemon-named-session": "hit"}
+    for key, outcome in expected.items():
+        row = rows[key]
+        assert row["status"] == "ok" and not row.get("note"), (key, row)
+        assert (row["lowering"]["route"], row["lowering"]["graph_cache"]) == ("make_fx", outcome), (key, row)
+        assert row["graph_id"] == rows["registering-client"]["graph_id"]
+        assert set(row["breakdown_ms"]) == {"client", "lower_encode", "hello_register", "submit"}
+    # A hit costs a fraction of lowering, whatever the machine.
+    assert rows["daemon-new-session"]["breakdown_ms"]["lower_encode"] < \
+        0.5 * rows["daemon-new-session-uncached"]["breakdown_ms"]["lower_encode"]
+    assert "daemon-new-session [make_fx, cache hit]" in md_path.read_text()
