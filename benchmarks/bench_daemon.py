@@ -37,12 +37,18 @@ Sections (``--sections latency,memory,coldstart``):
    fresh process: a client with a new unnamed session (the graph and weights are already on
    the device, but sessions have their own trees, so its first submit is a warmup), and a
    client that says hello with the parked session's name (adopted: its first submit replays).
+   Client processes do what a user does, ``client.register(model, [x])`` then
+   ``client.submit``, with ``CGTREE_GRAPH_CACHE`` pointing at a graph cache that starts empty:
+   the registering client lowers the model and writes the entry, the later ones register from
+   it without lowering (``cgtree.client.graph_cache``). One more new-session client runs
+   without the cache (``daemon-new-session-uncached``: it lowers, make_fx route). Each row says
+   the lowering route and the cache outcome.
    Against reduce-overhead's cold start in a fresh process (first three calls: compile,
    warmup, record; empty inductor cache). Reported per process: "first submit latency"
-   (``Client()`` creation to the first output ready, lowering and register included; for
-   reduce-overhead, the first call) and "process start to first result" (from just before
-   the process is spawned: Python, ``import torch``, CUDA init included). Target: daemon first
-   submit latency <= 0.1 x reduce-overhead's cold start (first three calls).
+   (``Client()`` creation to the first output ready, lowering or cache lookup and register
+   included; for reduce-overhead, the first call) and "process start to first result" (from
+   just before the process is spawned: Python, ``import torch``, CUDA init included). Target:
+   daemon first submit latency <= 0.1 x reduce-overhead's cold start (first three calls).
 
 Clients without CUDA: a client whose inputs are CPU tensors and that never created a CUDA
 context gets CPU copies of the outputs (the daemon uploads the inputs and copies the outputs
