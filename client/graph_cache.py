@@ -776,20 +776,22 @@ class _SourceRecorder:
         self.problem: Optional[str] = None
         self._seen: set[types.CodeType] = set()
         self._import_frame: Optional[types.FrameType] = None
-        self._installed = False
+        self._installed: Any = None
 
     def __enter__(self) -> "_SourceRecorder":
         if sys.getprofile() is not None:
             self.problem = "a profiler is active (the trace's source files cannot be recorded)"
             return self
-        sys.setprofile(self._hook)
-        self._installed = True
+        self._installed = self._hook  # one bound-method object, to recognise it afterwards
+        sys.setprofile(self._installed)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._installed:
+            if sys.getprofile() is not self._installed and self.problem is None:
+                self.problem = "something replaced the profile hook during the trace (source files unknown)"
             sys.setprofile(None)
-            self._installed = False
+            self._installed = None
 
     def _hook(self, frame: types.FrameType, event: str, arg: Any) -> None:
         if event != "call":

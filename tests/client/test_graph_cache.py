@@ -55,6 +55,13 @@ class UsesGlobal(nn.Module):
         return x + GLOBAL_TABLE
 
 
+class DropsProfiler(nn.Module):
+    def forward(self, x):
+        import sys
+        sys.setprofile(None)
+        return x + 1
+
+
 class Counts(nn.Module):
     def __init__(self):
         super().__init__()
@@ -332,6 +339,11 @@ def test_code_without_a_source_file_in_forward_is_not_cached(models, cache):
     module = type("Generated", (nn.Module,), {"forward": namespace["forward"], "__module__": models.__name__})()
     lower_and_encode(module, [torch.randn(3)], cache=cache)
     assert record().cache == "uncacheable" and "no source file" in record().detail
+
+
+def test_a_trace_that_removes_the_profile_hook_is_not_cached(models, cache):
+    lower_and_encode(models.DropsProfiler(), [torch.randn(3)], cache=cache)
+    assert record().cache == "uncacheable" and "profile hook" in record().detail
 
 
 def test_modules_lowered_by_export_are_not_cached(models, cache, monkeypatch):
