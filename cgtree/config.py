@@ -34,9 +34,10 @@ class Policy:
 
     skip_warmup: record a CUDA graph on a function's first call instead of running it eagerly
         once first. Saves one call, but the first call's allocations then come from capture.
-    support_input_mutation: a function that mutates an input still runs under graphs when that
-        input is static (parameter/buffer) or tree-managed (an output of an earlier graph on the
-        current path). Mutation of any other input always runs without graphs.
+    support_input_mutation: a function that mutates a tree-managed input (an output of an
+        earlier graph on the current path) still runs under graphs. Mutating a static input
+        (parameter, buffer, KV cache) always does, as in PyTorch; mutating any other input
+        always runs without graphs (the graph would write its private copy).
     skip_dynamic_graphs: functions declared dynamic (symbolic shapes) run without graphs.
     dynamic_shape_warn_limit: warn once when a function has been recorded at more than this
         many distinct input shapes (each shape costs a recording and pool memory).

@@ -453,17 +453,15 @@ class TreeManager:
         self.counters["skipped_calls"] += 1
         self.last_execution = Execution(ExecutionMode.SKIPPED, variant.function.name, None, str(reason))
 
-    def _in_place_idxs(self, variant: _Variant, inputs: Sequence[Any]) -> frozenset[int]:
-        """Static inputs plus tree-managed ones (outputs of the current path) in this call."""
+    def _managed_idxs(self, inputs: Sequence[Any]) -> frozenset[int]:
+        """Inputs that are tree-managed in this call (outputs of the current path)."""
         managed = self._path_storage_positions()
-        in_place = set(variant.function.static_input_idxs)
-        for idx, value in enumerate(inputs):
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in managed:
-                in_place.add(idx)
-        return frozenset(in_place)
+        return frozenset(idx for idx, value in enumerate(inputs)
+                         if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in managed)
 
     def _mutation_allowed(self, variant: _Variant, inputs: Sequence[Any]) -> bool:
-        return rules.mutation_allowed(self.policy, variant.mutated_idxs, self._in_place_idxs(variant, inputs))
+        return rules.mutation_allowed(self.policy, variant.mutated_idxs, variant.function.static_input_idxs,
+                                      self._managed_idxs(inputs))
 
     def _absorb_findings(self, variant: _Variant, inspector: Inspector, inputs: Sequence[Any]) -> Optional[SkipReason]:
         """Remember what the first run revealed; return the reason this call should count as skipped."""
@@ -476,7 +474,7 @@ class TreeManager:
         if findings.mutated_input_idxs:
             variant.mutated_idxs = frozenset(findings.mutated_input_idxs)
             variant.mutation_origin = "".join(findings.mutation_origins)
-            if not rules.mutation_allowed(self.policy, variant.mutated_idxs, self._in_place_idxs(variant, inputs)):
+            if not self._mutation_allowed(variant, inputs):
                 return rules.mutation_skip_reason(len(variant.mutated_idxs))
         return None
 
@@ -600,21 +598,20 @@ class TreeManager:
         parent = self._current
         assert parent is None or isinstance(parent, RecordedNode), "recording under a warmup node"
         path_positions = self._path_storage_positions()
-        in_place = set(variant.function.static_input_idxs)
-        for idx, value in enumerate(inputs):
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in path_positions:
-                in_place.add(idx)
+        managed = frozenset(idx for idx, value in enumerate(inputs)
+                            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in path_positions)
+        in_place = set(variant.function.static_input_idxs) | managed
         copied = tuple(i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and i not in in_place)
         expected_dead = self._dead_path_positions(parent)
 
         inspector = None
         if not variant.inspected:
-            in_place_frozen = frozenset(in_place)
+            static = variant.function.static_input_idxs
 
             def abort_if(kind: str, idx: Optional[int]) -> bool:
                 if kind == "incompatible":
                     return True
-                return not rules.mutation_allowed(self.policy, [idx], in_place_frozen)
+                return not rules.mutation_allowed(self.policy, [idx], static, managed)
 
             inspector = Inspector({}, abort_if=abort_if)
         try:

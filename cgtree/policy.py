@@ -90,20 +90,25 @@ def capture_size_skip_reason(policy: Policy, leading_size: Optional[int]) -> Opt
     return SkipReason(CAPTURE_SIZE, f" ({leading_size}; allowed: {allowed})")
 
 
-def mutation_allowed(policy: Policy, mutated_idxs: Iterable[int], in_place_idxs: frozenset[int]) -> bool:
+def mutation_allowed(policy: Policy, mutated_idxs: Iterable[int], static_idxs: frozenset[int],
+                     managed_idxs: frozenset[int] = frozenset()) -> bool:
     """Whether a call that mutates ``mutated_idxs`` may run under graphs.
 
-    ``in_place_idxs`` are the inputs used in place by the graph in this call: static inputs
-    and tree-managed inputs (outputs of earlier graphs on the current path). A graph mutating
-    a copied input would mutate its private buffer instead of the caller's tensor, so that is
-    never allowed; mutating in-place inputs is allowed only with ``support_input_mutation``.
+    ``static_idxs`` are the function's static inputs (parameters, buffers, KV caches: used in
+    place, addresses fixed); ``managed_idxs`` the inputs that are tree-managed in this call
+    (outputs of earlier graphs on the current path). A graph mutating a copied input would
+    mutate its private buffer instead of the caller's tensor: never allowed. Mutating a static
+    input is always allowed (PyTorch's trees do the same: a module's buffers written in place,
+    such as KV caches, stay under graphs). Mutating a tree-managed one needs
+    ``support_input_mutation``.
     """
-    mutated = list(mutated_idxs)
-    if not mutated:
-        return True
-    if not policy.support_input_mutation:
+    for idx in mutated_idxs:
+        if idx in static_idxs:
+            continue
+        if idx in managed_idxs and policy.support_input_mutation:
+            continue
         return False
-    return all(idx in in_place_idxs for idx in mutated)
+    return True
 
 
 def mutation_skip_reason(count: int) -> SkipReason:

@@ -62,14 +62,19 @@ def test_mutation_of_static_buffer_runs_under_graphs(make_manager, device):
     assert mgr.counters["replays"] == 1
 
 
-def test_mutation_of_static_buffer_skips_without_support(make_manager, device):
+def test_mutation_of_a_static_buffer_stays_under_graphs(make_manager, device):
+    """As in PyTorch's trees (seed test_mutation_on_inp, second half): a static input (a buffer,
+    a KV cache) written in place is used in place, so the write reaches it; no skip, whatever
+    ``support_input_mutation`` says (that flag is about tree-managed inputs)."""
     mgr = make_manager(support_input_mutation=False)
     buf = torch.ones([10], device=device)
-    f = mgr.cudagraphify(lambda b, x: b.add_(x), static_input_idxs=(0,), name="step")
-    for _ in range(3):
-        f(buf, torch.ones([10], device=device))
-    torch.testing.assert_close(buf, torch.full([10], 4.0, device=device))
-    assert mgr.counters["skips"] == 1 and mgr.root_children() == []
+    f = mgr.cudagraphify(lambda b, x: b.add_(x) * 2, static_input_idxs=(0,), name="step")
+    for step in range(2, 6):
+        out = f(buf, torch.ones([10], device=device))
+        torch.testing.assert_close(buf, torch.full([10], float(step), device=device))
+        torch.testing.assert_close(out, 2 * buf)
+    assert mgr.counters["skips"] == 0 and mgr.root_children() == [0]
+    assert mgr.last_execution.mode.value == "replayed"
 
 
 def mutation_fixture(mgr):

@@ -27,10 +27,14 @@ def test_device_rules_for_a_cpu_manager():
 
 def test_mutation_rules():
     allowed = rules.mutation_allowed
-    assert allowed(Policy(), [], frozenset())
-    assert not allowed(Policy(), [0], frozenset({0}))
-    assert allowed(Policy(support_input_mutation=True), [0], frozenset({0}))
-    assert not allowed(Policy(support_input_mutation=True), [0, 1], frozenset({0}))
+    none = frozenset()
+    assert allowed(Policy(), [], none)
+    assert allowed(Policy(), [0], frozenset({0}))  # a static input (a buffer, a KV cache)
+    assert not allowed(Policy(), [1], frozenset({0}))  # a copied input: never
+    assert not allowed(Policy(), [0], none, frozenset({0}))  # tree-managed: needs the flag
+    assert allowed(Policy(support_input_mutation=True), [0], none, frozenset({0}))
+    assert allowed(Policy(support_input_mutation=True), [0, 1], frozenset({1}), frozenset({0}))
+    assert not allowed(Policy(support_input_mutation=True), [0, 1], none, frozenset({0}))
 
 
 def test_generation_rules():
