@@ -625,19 +625,23 @@ def setup_daemon_path(name: str, model: Any, device: torch.device, daemon: Daemo
         raise
     setup_ms = (time.perf_counter() - started) * 1e3
 
-    daemon_us: list[float] = []  # the daemon's own time per submit, from the replies
+    # Per submit: the daemon's own time (from the replies) and the client's phases.
+    phases: dict[str, list[float]] = {"daemon_us": [], "prepare_us": [], "request_us": [], "outputs_us": []}
 
     def invoke(*activations: torch.Tensor) -> torch.Tensor:
         out = client.submit(handle, activations)[0]
-        daemon_us.append(client.last_execution.get("daemon_us") or 0.0)
+        phases["daemon_us"].append(client.last_execution.get("daemon_us") or 0.0)
+        for key, value in (client.last_timing or {}).items():
+            phases[key].append(value)
         return out
 
     def describe() -> dict:
         info: dict[str, Any] = {"last_execution": client.last_execution, "graph": handle.short_name,
                                 "lane": client.lane_attached}
-        if daemon_us:
-            recent = sorted(daemon_us[-2000:])
-            info["daemon_us_p50"] = recent[len(recent) // 2]
+        for key, values in phases.items():
+            if values:
+                recent = sorted(values[-2000:])
+                info[f"{key[:-3]}_us_p50"] = round(recent[len(recent) // 2], 1)
         with contextlib.suppress(Exception):
             session = client.status(session_only=True)["sessions"][0]
             state = next(iter(session["devices"].values()))
@@ -756,6 +760,11 @@ def bench_latency_model(name: str, args, device: torch.device, daemon: Daemon, s
         "paths": {p: r.to_json() for p, r in rows.items()},
         "ratios": ratios,
     }
+
+
+def _client_phases(details: dict) -> str:
+    values = [details.get(f"{key}_us_p50") for key in ("prepare", "request", "outputs")]
+    return "-" if all(v is None for v in values) else " / ".join(_fmt(v) for v in values)
 
 
 def _metric(row: LatencyRow, metric: str) -> Optional[float]:
@@ -1106,13 +1115,14 @@ def render_markdown(report: dict) -> str:
                 lines += [f"#### {name}: {_status(data)}", ""]
                 continue
             lines += [f"#### {name}: {data['description']}", "",
-                      "| path | inputs | sync p50 (us) | sync p99 (us) | async mean (us) | in daemon p50 (us) | first 3 calls (ms) | max rel err | status |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                      "| path | inputs | sync p50 (us) | sync p99 (us) | async mean (us) | in daemon p50 (us) | client: prepare / request / outputs p50 (us) | first 3 calls (ms) | max rel err | status |",
+                      "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
             for path, row in data["paths"].items():
                 sync = row["sync"] or {}
                 err = row["max_rel_err"]
                 lines.append(f"| {path} | {row['inputs']} | {_fmt(sync.get('p50_us'))} | {_fmt(sync.get('p99_us'))} | "
                              f"{_fmt(row['async_mean_us'])} | {_fmt((row.get('details') or {}).get('daemon_us_p50'))} | "
+                             f"{_client_phases(row.get('details') or {})} | "
                              f"{_fmt((row['cold_start_ms'] or {}).get('total'), 2)} | "
                              f"{'-' if err is None else f'{err:.1e}'} | {_status(row)} |")
             lines += ["", "| ratio | sync p50 | sync p99 | async mean |", "|---|---:|---:|---:|"]

@@ -241,6 +241,10 @@ class Client:
         self.devices: list[dict] = []
         self.max_message_bytes: Optional[int] = None
         self.last_execution: Optional[dict] = None
+        # Where the last submit's time went, in microseconds: "prepare_us" (inputs described,
+        # stream synchronized), "request_us" (sent until the reply came back: the daemon's own
+        # share is last_execution["daemon_us"]), "outputs_us" (outputs built).
+        self.last_timing: Optional[dict] = None
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
@@ -350,6 +354,7 @@ class Client:
     def _submit_once(self, handle: GraphHandle, inputs: list) -> tuple:
         # Encoded on every attempt: after a restart the session, its registrations and its
         # output buffers are new.
+        started = time.perf_counter()
         self._ensure_registered(handle)
         packed = self._packed_inputs(handle.device, inputs)
         if packed is not None:
@@ -362,7 +367,9 @@ class Client:
             # without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
             torch.cuda.current_stream(_torch_device(handle.device)).synchronize()
         body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
+        sent = time.perf_counter()
         reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
+        answered = time.perf_counter()
         self.last_execution = reply.get("execution")
         outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
         for written in reply.get("written_inputs") or ():
@@ -372,6 +379,8 @@ class Client:
                 raise ClientError(f"the daemon wrote back input {index!r}, which this submit did not send as a tensor")
             with torch.no_grad():
                 inputs[index].copy_(tensor_from_cpu_desc(written, reply_frames, f"written input {index}"))
+        self.last_timing = {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6,
+                            "outputs_us": (time.perf_counter() - answered) * 1e6}
         return outputs
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
