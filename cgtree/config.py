@@ -99,7 +99,8 @@ class DaemonConfig:
     lanes: offer each session a submit lane (a unix seqpacket socket beside an ``ipc://``
         endpoint) for small requests; ZeroMQ alone when false (``cgtree.daemon.lane`` says why).
     spin_us: after answering a request the daemon polls without sleeping this long, so a
-        client's next request is picked up without a wake-up (0: always sleep in poll).
+        client's next request is picked up without a wake-up (0: always sleep in poll). Only
+        when it serves a CUDA device: CPU replay backends need their cores for the work.
     """
 
     endpoint: str = ""
@@ -116,7 +117,7 @@ class DaemonConfig:
     log_format: str = "text"
     metrics_port: int = 0
     lanes: bool = True
-    spin_us: int = 100
+    spin_us: int = 500
 
     def __post_init__(self) -> None:
         _check_type("daemon.endpoint", self.endpoint, str)

@@ -391,7 +391,9 @@ class TreeManager:
         if (
             self._path_state is not PathState.EXECUTION
             or node.children
-            or variant.mutated_idxs
+            # Writes to static inputs (KV caches) are allowed whatever else holds; any other
+            # write needs the general dispatch's mutation check.
+            or not variant.mutated_idxs <= variant.function.static_input_idxs
             or len(self._roots[node.function_id]) != 1
         ):
             return None

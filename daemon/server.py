@@ -151,6 +151,7 @@ class Daemon:
         )
         self.lanes: Optional[LaneHub] = None  # submit lanes (cgtree.daemon.lane); None when off
         self._spin_until = 0.0  # perf_counter() until which the loop polls without sleeping
+        self._serves_cuda = False
         self.metrics: Any = NullMetrics()
         self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0, "reloads": 0, "reloads_rejected": 0}
         self.state = "starting"  # starting -> serving -> stopping
@@ -222,6 +223,7 @@ class Daemon:
             except Exception as exc:
                 raise StartError(f"device {name}: {exc}") from exc
             self.devices[name] = runtime
+            self._serves_cuda = self._serves_cuda or runtime.is_cuda
             # Say plainly what runs: a CPU replay backend is never presented as CUDA.
             log.info("device %s: backend %s%s", name, runtime.backend,
                      "" if runtime.backend == "cuda" else " (no CUDA graphs: functions are re-run into recorded buffers)")
@@ -368,7 +370,8 @@ class Daemon:
             self._serve_zmq()
         if self.lanes is not None:
             self._serve_lanes(ready)
-        if self.config.daemon.spin_us:
+        if self.config.daemon.spin_us and self._serves_cuda:
+            # CPU replay backends never spin: their own work needs the cores.
             self._spin_until = time.perf_counter() + self.config.daemon.spin_us * 1e-6
 
     def _serve_zmq(self) -> None:

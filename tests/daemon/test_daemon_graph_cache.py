@@ -63,3 +63,24 @@ def test_a_later_client_process_registers_from_the_graph_cache(cgtreed, client_s
     assert retrained["cache"] == "hit" and retrained["graph"] != first["graph"]
     for report in (first, second, retrained):
         assert report["max_err"] < 1e-5, report
+
+
+def test_client_graph_cache_argument_picks_the_directory(cgtreed, tmp_path):
+    """``Client(graph_cache=dir)``: the second client (a new Client, same process) registers
+    the module from the cache; ``graph_cache=False`` lowers again."""
+    import torch
+
+    from cgtree.client import Client
+    from cgtree.client import graph_cache as cache_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 6)
+    outcomes = []
+    for setting in (tmp_path / "cache", tmp_path / "cache", False):
+        with Client(cgtreed.endpoint, timeout_s=30, graph_cache=setting) as client:
+            out = client.submit(model, [x])[0]
+            outcomes.append(cache_module.last_lowering().cache)
+            with torch.no_grad():
+                torch.testing.assert_close(out, model(x))
+    assert outcomes[1] == "hit" and outcomes[2] == "off", outcomes

@@ -1,0 +1,30 @@
+"""The client's per-submit decisions: when to spin for a reply, and when a call's inputs are
+the very tensors of an earlier call (their packed descriptors are then reused)."""
+
+import torch
+
+from cgtree.client.client import _identity_marks, _same_inputs, spin_while_waiting
+
+
+def test_spin_only_for_a_daemon_that_serves_cuda():
+    assert spin_while_waiting(1e-3, [{"device": "cuda:0", "backend": "cuda"}]) == 1e-3
+    assert spin_while_waiting(1e-3, [{"device": "cpu", "backend": "cpu-replay"}]) == 0.0
+    assert spin_while_waiting(1e-3, []) == 0.0
+    assert spin_while_waiting(0.0, [{"backend": "cuda"}]) == 0.0
+
+
+def test_same_inputs_means_same_objects_address_and_geometry():
+    a, b = torch.zeros(4, 2), torch.ones(3)
+    marks = _identity_marks([a, b, 2])
+    assert _same_inputs(marks, [a, b, 2])
+    a.add_(1)  # new data in the same buffer: still the same input
+    assert _same_inputs(marks, [a, b, 2])
+    assert not _same_inputs(marks, [a.clone(), b, 2])  # another tensor
+    assert not _same_inputs(marks, [a, b, 3])
+    assert not _same_inputs(marks, [a, b, 2.0])  # a float is not the int it equals
+    a.resize_(16, 2)  # re-pointed: new storage, new geometry
+    assert not _same_inputs(marks, [a, b, 2])
+    c = torch.zeros(4, 2)
+    marks = _identity_marks([c])
+    c.set_(torch.zeros(8).untyped_storage(), 0, (4, 2), (2, 1))
+    assert not _same_inputs(marks, [c])
