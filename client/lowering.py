@@ -481,6 +481,7 @@ def _finish(graph: torch.fx.Graph, weights: list, weight_names: list, route: str
         )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     num_weights = len(weights)
+    _fold_copies_into_writes(graph)
     written, undeclared = _written_placeholders(graph, placeholders)
     written_weights = [weight_names[i] for i in sorted(written | undeclared) if i < num_weights]
     if written_weights:
@@ -512,6 +513,31 @@ def _finish(graph: torch.fx.Graph, weights: list, weight_names: list, route: str
         mutated_inputs=tuple(sorted(mutated)),
         route=route,
     )
+
+
+def _fold_copies_into_writes(graph: torch.fx.Graph) -> int:
+    """``copy_(input, copy(input, value))`` -> ``copy_(input, value)`` where the functional
+    ``copy`` feeds nothing else; returns how many were folded.
+
+    Functionalization writes an input back as a functional ``copy`` of the new value followed
+    by the trailing ``copy_``. Both forms write the same values (``copy_`` broadcasts and
+    converts itself), but the extra full-size copy hides the plain ``copy_(input,
+    index_put(input, ...))`` shape that inductor turns into an in-place ``index_put_``: with it,
+    every KV-cache write of a decoder step copied each whole cache twice more."""
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.copy_.default or len(node.args) < 2:
+            continue
+        target, source = node.args[0], node.args[1]
+        if (
+            isinstance(target, torch.fx.Node) and target.op == "placeholder"
+            and isinstance(source, torch.fx.Node) and source.target is torch.ops.aten.copy.default
+            and source.args and source.args[0] is target and len(source.users) == 1 and not source.kwargs
+        ):
+            node.args = (target, source.args[1], *node.args[2:])
+            graph.erase_node(source)
+            folded += 1
+    return folded
 
 
 # Operators whose schema does not declare a write they make: name -> (positions of the written

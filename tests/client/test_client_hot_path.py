@@ -28,3 +28,27 @@ def test_same_inputs_means_same_objects_address_and_geometry():
     marks = _identity_marks([c])
     c.set_(torch.zeros(8).untyped_storage(), 0, (4, 2), (2, 1))
     assert not _same_inputs(marks, [c])
+
+
+def test_a_written_input_is_written_straight_from_its_new_value():
+    """Lowering folds functionalization's extra full copy: the trailing write of a cache is
+    ``copy_(cache, index_put(cache, ...))``, the shape inductor reinplaces, and the values and
+    the write are unchanged."""
+    from cgtree.client import lowering
+
+    class Step(torch.nn.Module):
+        def forward(self, cache, x, pos):
+            cache.index_copy_(0, pos, x)
+            return cache.sum(0)
+
+    cache, x, pos = torch.zeros(5, 3), torch.randn(1, 3), torch.tensor([2])
+    lowered = lowering.lower(Step(), [cache.clone(), x, pos])
+    graph = lowered.graph_module.graph
+    assert lowered.mutated_inputs == (0,)
+    assert not [n for n in graph.nodes if n.target is torch.ops.aten.copy.default]
+    (write,) = [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert write.args[0].op == "placeholder" and write.args[1].target is not torch.ops.aten.copy.default
+    expected_cache = cache.clone().index_copy_(0, pos, x)
+    out = lowered.graph_module(*lowered.weights, cache, x, pos)
+    torch.testing.assert_close(cache, expected_cache)
+    torch.testing.assert_close(out[0], expected_cache.sum(0))
