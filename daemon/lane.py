@@ -3,7 +3,7 @@ socket, for the requests on the hot path.
 
 Why a second transport: ZeroMQ hands every message to an I/O thread on both sides, so a round
 trip wakes four threads besides the two that do the work. Measured side by side
-(``benchmarks/bench_transport.py``): a 200-byte round trip costs ~94 us p50 over ZeroMQ
+(``benchmarks/bench_transport.py``): a 200-byte round trip costs ~94-139 us p50 over ZeroMQ
 ``ipc://`` and ~10 us over a unix seqpacket socket on a 2-core VM; the GPU host's figures are in
 ``docs/PERFORMANCE.md``. The tiny model's whole budget is ~30 us above its own replay, so
 submits cannot go through ZeroMQ. ZeroMQ stays the control channel: ``hello``, large messages,

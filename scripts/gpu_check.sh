@@ -11,6 +11,7 @@
 #   gpu_tests.log          pytest's output
 #   bench_inprocess.json   benchmark numbers, environment, ratios, targets
 #   bench_inprocess.md     the same as markdown tables
+#   bench_transport.json   the bare round trip: ZeroMQ against submit lanes
 #   bench_daemon.json      the daemon benchmark: round trip, GPU memory of 8 clients, cold start
 #   bench_daemon.md        the same as markdown tables
 #
@@ -176,6 +177,12 @@ run_benchmarks() {
     esac
 }
 
+run_bench_transport() {
+    step "bench_transport (the bare round trip under every submit: ZeroMQ vs submit lanes)"
+    timeout -k 5 60 "${PY_RUN[@]}" benchmarks/bench_transport.py --json "$OUT_DIR/bench_transport.json" \
+        || fail "bench_transport"
+}
+
 run_bench_daemon() {
     # What is left of the whole script's budget, minus the kill grace and the summary.
     local left=$((TOTAL_BUDGET_S - (SECONDS - started) - 15))
@@ -216,7 +223,7 @@ main() {
     install_cgtree
     show_environment
     if [ "$run_tests" = 1 ]; then run_gpu_tests; fi
-    if [ "$run_bench" = 1 ]; then run_benchmarks; run_bench_daemon; fi
+    if [ "$run_bench" = 1 ]; then run_benchmarks; run_bench_transport; run_bench_daemon; fi
     summary
 }
 
