@@ -93,6 +93,18 @@ _GRAPH_KEYS = ("format", "version", "weights", "inputs", "dynamic", "nodes", "ou
 _NODE_KINDS = ("call_function",)
 
 
+# Operators whose schema does not declare a write they make: name -> (positions of the written
+# tensor arguments, position of the bool argument that turns the write on). native_batch_norm
+# and its backend variants update the running statistics in training mode. The decoder treats
+# these like ``Tensor(a!)`` arguments (a payload cannot write a shared weight through them), and
+# the client's lowering refuses them on weights before anything is sent.
+UNDECLARED_WRITES: dict[str, tuple[tuple[int, ...], int]] = {
+    "aten::native_batch_norm": ((3, 4), 5),
+    "aten::cudnn_batch_norm": ((3, 4), 5),
+    "aten::miopen_batch_norm": ((3, 4), 5),
+}
+
+
 class PayloadError(ValueError):
     """A graph payload or weight blob is invalid; the message says what and where."""
 
@@ -913,6 +925,18 @@ class _GraphDecoder:
             self.reach[fx_node] = reach
         self.env.append(fx_node)
 
+    def _written_arguments(self, op: OpOverload, bound: Mapping[str, Any]) -> list[str]:
+        """Names of the arguments ``op`` writes: ``Tensor(a!)`` ones, plus those of
+        ``UNDECLARED_WRITES`` when the call turns that write on (or may: not a literal False)."""
+        arguments = op._schema.arguments
+        names = [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
+        undeclared = UNDECLARED_WRITES.get(op._schema.name)
+        if undeclared is not None:
+            tensor_positions, switch = undeclared
+            if bound.get(arguments[switch].name) is not False:
+                names.extend(arguments[i].name for i in tensor_positions)
+        return names
+
     def _track_writes(self, op: OpOverload, bound: Mapping[str, Any], where: str) -> _Reach:
         """Reject writes to weights, record writes to inputs; return what the result may alias.
 
@@ -923,12 +947,13 @@ class _GraphDecoder:
         the only writes they hold are copies straight into user inputs, which stay exact.
         """
         result = _NO_REACH
+        written = self._written_arguments(op, bound)
         for argument in op._schema.arguments:
             if argument.name not in bound:
                 continue
             reach = self._reach_of(bound[argument.name])
             result = result.union(reach)
-            if argument.alias_info is None or not argument.alias_info.is_write:
+            if argument.name not in written:
                 continue
             if reach.weight:
                 raise PayloadError(

@@ -60,7 +60,7 @@ from torch._ops import OpOverload
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from cgtree.payload import EncodedGraph, InputSpec, PayloadError, encode_graph, input_spec_of
+from cgtree.payload import UNDECLARED_WRITES, EncodedGraph, InputSpec, PayloadError, encode_graph, input_spec_of
 
 __all__ = ["ROUTES", "LoweredGraph", "LoweringError", "encode", "lower"]
 
@@ -540,14 +540,9 @@ def _fold_copies_into_writes(graph: torch.fx.Graph) -> int:
     return folded
 
 
-# Operators whose schema does not declare a write they make: name -> (positions of the written
-# tensor arguments, position of the bool argument that turns the write on). native_batch_norm
-# and its backend variants update the running statistics in training mode.
-_UNDECLARED_WRITES = {
-    "aten::native_batch_norm": ((3, 4), 5),
-    "aten::cudnn_batch_norm": ((3, 4), 5),
-    "aten::miopen_batch_norm": ((3, 4), 5),
-}
+# Writes an operator's schema does not declare (batch norm's running statistics in training
+# mode): the payload codec's table, which the daemon's decoder enforces too.
+_UNDECLARED_WRITES = UNDECLARED_WRITES
 
 
 def _written_placeholders(graph: torch.fx.Graph, placeholders: list[torch.fx.Node]) -> tuple[set[int], set[int]]:

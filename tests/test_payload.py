@@ -796,3 +796,21 @@ def test_an_encoded_graph_saved_to_disk_loads_back_identical_and_checks_its_hash
     path.write_bytes(b"\x93garbage")
     with pytest.raises(PayloadError):
         load_encoded(path)
+
+
+def test_a_hidden_write_to_a_weight_is_rejected_by_the_decoder():
+    """native_batch_norm in training mode writes its running statistics without saying so in
+    its schema: a payload aiming it at shared weights is refused (the client's lowering refuses
+    it too, but the daemon must not rely on the client). In eval mode it reads them only."""
+    stats = [["%064x" % 1, "float32", [3]], ["%064x" % 2, "float32", [3]]]
+    inputs = [[[2, 3], "float32", "cpu"]]
+
+    def batch_norm(training):
+        nodes = [call("aten::native_batch_norm.default", [ref(2), None, None, ref(0), ref(1), training, 0.1, 1e-5]),
+                 call("operator::getitem", [ref(3), 0])]
+        return pack(document(nodes, [4], weights=stats, inputs=inputs))
+
+    with pytest.raises(PayloadError, match="may alias a weight"):
+        decode_graph(batch_norm(True))
+    decoded = decode_graph(batch_norm(False))
+    assert decoded.mutated_inputs == ()
