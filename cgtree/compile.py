@@ -38,7 +38,8 @@ Invariants:
   frames located at the user's lines (``cgtree.user_frames``), where the manager's inspector
   looks.
 - The default policy is ``Policy(support_input_mutation=True)``: like reduce-overhead, a graph
-  may update its own buffers (KV caches) and tree-managed inputs in place under graphs.
+  may update tree-managed inputs (outputs of earlier graphs) in place under graphs. Its own
+  buffers (KV caches) are static inputs, which any policy lets it write.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Wire: one datagram is one message. Header: ``u32 n`` then ``n`` x ``u32`` frame 
 endian); then the ``n`` frames back to back. The frames are exactly a ZeroMQ message's (the
 envelope, then data frames), without the routing id: the lane is bound to one session.
 
+Access: the lane's socket file gets the ZeroMQ socket file's mode (0600 by default; a systemd
+deployment that opens the ZeroMQ socket to a group opens the lane to it too).
+
 Handshake: the ``hello`` reply carries ``lane = {"path", "token"}``. The client connects and
 sends ``[LANE_MAGIC, token]``; the daemon answers ``[b"ok"]`` or ``[b"refused", reason]`` and
 closes. The token is 16 random bytes per session, new on every adoption; where the daemon can
@@ -170,6 +173,7 @@ class LaneHub:
 
     path: str
     find_session: Callable[[bytes], Any]
+    mode: int = 0o600  # the daemon passes its ZeroMQ socket file's: whoever may use one may use both
     watch: Callable[[int], None] = lambda fd: None
     unwatch: Callable[[int], None] = lambda fd: None
     listener: Optional[socket.socket] = None
@@ -184,7 +188,7 @@ class LaneHub:
             pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind(self.path)
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, self.mode)
         listener.listen(128)
         listener.setblocking(False)
         self.listener = listener

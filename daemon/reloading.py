@@ -5,7 +5,7 @@ Invariants:
 - The loaded configuration must have gone through the same command-line overrides as the
   running one (``--endpoint``, ``--devices``), so a key the command line fixes never shows
   up as "changed" on every reload.
-- Keys bound at start (``RESTART_ONLY``: the endpoint, the devices, the metrics port) keep
+- Keys bound at start (``RESTART_ONLY``: the endpoint, the devices, the metrics port, the lanes) keep
   their running values in the plan's configuration and are listed in ``needs_restart``:
   a reload never pretends to have applied them.
 - Policies apply to tree managers made from now on and to function variants existing

@@ -3,13 +3,18 @@ and keeps sessions, devices and configuration in order.
 
 Workflow (``run``):
 1. ``start()``: start every device (refusing expandable segments on CUDA), bind a ROUTER
-   socket on the endpoint (refusing one a live daemon serves), install signal handlers,
-   start the metrics endpoint, then tell systemd ``READY=1`` with a ``STATUS=`` line.
-2. The main loop: ``wait_for_events`` (the socket, the signal wake-up pipe, at most until the
-   next housekeeping or watchdog ping), ``handle_signals``, ``serve_pending`` (dispatch each
-   request to its command), ``housekeeping`` when due, ``WATCHDOG=1`` when due.
-3. ``stop()``: ``STOPPING=1``; stop intake (queued requests get ``unavailable``), close every
-   session (trees, pools, IPC handles), close the socket and remove its file; exit 0 within
+   socket on the endpoint (refusing one a live daemon serves) and, beside an ``ipc://`` socket
+   file, the submit-lane listener (``<socket>.lane``, same mode; ``cgtree.daemon.lane``),
+   install signal handlers, start the metrics endpoint, then tell systemd ``READY=1`` with a
+   ``STATUS=`` line.
+2. The main loop: ``wait_for_events`` (the socket, the lanes, the signal wake-up pipe, at most
+   until the next housekeeping or watchdog ping; polling without sleeping for
+   ``daemon.spin_us`` after an answer), ``handle_signals``, ``serve_pending`` (dispatch each
+   request, from ZeroMQ or a lane, to its command), ``housekeeping`` when due, ``WATCHDOG=1``
+   when due.
+3. ``stop()``: ``STOPPING=1``; stop intake (queued requests, lane ones included, get
+   ``unavailable``), close every session (trees, pools, IPC handles), close the socket and the
+   lanes and remove their files; exit 0 within
    ``shutdown_timeout_s``, non-zero when the deadline passed.
 
 Signals (gunicorn/uvicorn style):
@@ -277,7 +282,11 @@ class Daemon:
         path = lane_path_for(self._socket_path)
         if not self.config.daemon.lanes or path is None:
             return
-        hub = LaneHub(path, find_session=self.sessions.by_lane_token,
+        try:  # the same access as the ZeroMQ socket file (systemd deployments: a group)
+            mode = os.stat(self._socket_path).st_mode & 0o777
+        except OSError:
+            mode = 0o600
+        hub = LaneHub(path, find_session=self.sessions.by_lane_token, mode=mode,
                       watch=lambda fd: self._poller.register(fd, zmq.POLLIN), unwatch=self._poller.unregister)
         try:
             hub.open()

@@ -8,7 +8,7 @@ Reply: ``{"reloaded": true, "config_path": str, "changed": [str], "needs_restart
 ``changed`` lists the dotted keys whose values differ from the running configuration
 (``policy.skip_warmup``, ``daemon.log_level``); policies apply to recordings made from now on,
 the log level and format at once. ``needs_restart`` lists the changed keys that only a restart
-applies (``daemon.endpoint``, ``daemon.devices``, ``daemon.metrics_port``); they keep their
+applies (``daemon.endpoint``, ``daemon.devices``, ``daemon.metrics_port``, ``daemon.lanes``); they keep their
 running values until then.
 
 Errors: ``reload_failed`` (the file is invalid, with the key and value named, or unreadable,

@@ -166,3 +166,11 @@ def test_split_datagram_rejects_inconsistent_headers():
         split_datagram(memoryview(struct.pack("<I", 10_000)))
     with pytest.raises(LaneFramingError):
         split_datagram(memoryview(b"\x01"))
+
+
+def test_the_lane_socket_has_the_zeromq_sockets_access(cgtreed):
+    """Whoever may use the daemon's ZeroMQ socket may attach a lane (a group in systemd
+    deployments), and nobody else."""
+    with Client(cgtreed.endpoint, timeout_s=30) as client:
+        path = _lane_path(client)
+    assert os.stat(path).st_mode & 0o777 == os.stat(cgtreed.socket_path).st_mode & 0o777
