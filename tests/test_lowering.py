@@ -10,6 +10,7 @@ from torch import nn
 
 from cgtree.client.lowering import LoweredGraph, LoweringError, encode, lower
 from cgtree.payload import DecodedGraph, EncodedGraph, InputSpec, PayloadError, decode_graph, weight_to_tensor
+from lowering_models import MutatesInput, WithBuffer  # noqa: E402
 
 # torch.export itself emits a pytree FutureWarning in torch 2.13
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -31,24 +32,6 @@ def mlp(depth: int, width: int, seed: int = 0) -> nn.Module:
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.GELU()]
     return nn.Sequential(*layers)
-
-
-class WithBuffer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-        self.register_buffer("shift", torch.linspace(-1, 1, 16))
-        self.register_buffer("scale", torch.full((16,), 0.5), persistent=False)
-        self.offset = torch.tensor(3.0)  # a plain tensor attribute: a lifted constant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x)) * self.scale + self.shift + self.offset
-
-
-class MutatesInput(nn.Module):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y.add_(1)
-        return x * 2 + y
 
 
 class UsesCustomOp(nn.Module):

@@ -26,31 +26,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))  # appended: the bare cgtree/ folder must not shadow the package
 
 from benchmarks.models import build_model  # noqa: E402
+from lowering_models import MutatesInput, WithBuffer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-class WithBuffer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-        self.register_buffer("shift", torch.linspace(-1, 1, 16))
-        self.register_buffer("scale", torch.full((16,), 0.5), persistent=False)
-        self.offset = torch.tensor(3.0)  # a plain tensor attribute: a lifted constant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x)) * self.scale + self.shift + self.offset
 
 
 class MakesConstants(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + torch.arange(x.shape[-1], dtype=x.dtype) * torch.tensor([1.5])
-
-
-class MutatesInput(nn.Module):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y.add_(1)
-        return x * 2 + y
 
 
 class CountsCalls(nn.Module):
