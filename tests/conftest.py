@@ -236,6 +236,7 @@ def daemon_tools():
     import types
 
     return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,
+                                 GPU_TEST_CONFIG=GPU_TEST_CONFIG, GPU_TEST_ENV=GPU_TEST_ENV,
                                  short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint)
 
 

@@ -16,13 +16,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-GPU_CONFIG = """
-[daemon]
-max_message_bytes = 67108864
-reap_interval_s = 0.2
-shutdown_timeout_s = 20.0
-"""
-GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
 
 
 @pytest.fixture(scope="module")
@@ -286,10 +279,10 @@ def test_a_stale_ipc_handle_is_refused_and_the_daemon_keeps_serving(gpu_daemon):
     assert gpu_daemon.alive()
 
 
-def test_sigterm_with_gpu_sessions_exits_0(daemon_factory):
+def test_sigterm_with_gpu_sessions_exits_0(daemon_factory, daemon_tools):
     from cgtree.client import Client
 
-    daemon = daemon_factory(GPU_CONFIG, devices="cuda:0", extra_env=GPU_ENV)
+    daemon = daemon_factory(daemon_tools.GPU_TEST_CONFIG, devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV)
     client = Client(daemon.endpoint, timeout_s=60)
     client.submit(mlp(), [torch.randn(16, 64, device="cuda:0")])
     daemon.signal(signal.SIGTERM)

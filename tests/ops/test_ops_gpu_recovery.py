@@ -23,13 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-GPU_CONFIG = """
-[daemon]
-max_message_bytes = 67108864
-reap_interval_s = 0.2
-shutdown_timeout_s = 20.0
-"""
-GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
 
 
 def mlp() -> torch.nn.Module:
@@ -37,9 +30,9 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval().to("cuda:0")
 
 
-def test_cgtreed_refuses_expandable_segments_on_a_cuda_device(tmp_path):
+def test_cgtreed_refuses_expandable_segments_on_a_cuda_device(tmp_path, daemon_tools):
     config = tmp_path / "config.toml"
-    config.write_text(GPU_CONFIG)
+    config.write_text(daemon_tools.GPU_TEST_CONFIG)
     result = subprocess.run(
         [sys.executable, "-m", "cgtree.daemon.main", "--config", str(config), "--devices", "cuda:0",
          "--endpoint", f"ipc://{tmp_path}/s"],
@@ -53,7 +46,7 @@ def test_cgtreed_refuses_expandable_segments_on_a_cuda_device(tmp_path):
 
 def test_a_cuda_client_survives_a_sigkilled_daemon(daemon_tools):
     workdir = daemon_tools.short_tmpdir()
-    daemon = daemon_tools.DaemonProcess(workdir, GPU_CONFIG, devices="cuda:0", extra_env=GPU_ENV).start()
+    daemon = daemon_tools.DaemonProcess(workdir, daemon_tools.GPU_TEST_CONFIG, devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV).start()
     restarted = None
     model = mlp()
     client = Client(daemon.endpoint, timeout_s=60)
@@ -74,7 +67,7 @@ def test_a_cuda_client_survives_a_sigkilled_daemon(daemon_tools):
         daemon.signal(signal.SIGKILL)
         daemon.wait(timeout_s=30)
         restarted = daemon_tools.DaemonProcess(workdir, Path(daemon.config_path).read_text(), devices="cuda:0",
-                                               extra_env=GPU_ENV).start()
+                                               extra_env=daemon_tools.GPU_TEST_ENV).start()
         thread.join(60)
         assert not thread.is_alive() and "out" in result
         (out,) = result["out"]
