@@ -63,6 +63,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
 from cgtree.daemon.lane import fits_lane
+from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request, pack
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
@@ -170,6 +171,16 @@ class GraphHandle:
 
 
 @dataclass
+class _Plan:
+    """A prepared submit the daemon offered (``cgtree.daemon.plans``), and its outputs' layout."""
+
+    plan_id: int
+    buffer_id: int
+    slots: list  # per output: (geometry, byte offset, bytes) in the buffer
+    function: str
+
+
+@dataclass
 class _OutputMapping:
     """One daemon output buffer opened in this process (CUDA IPC), and what was built on it."""
 
@@ -268,6 +279,7 @@ class Client:
         self._uuid_map: Optional[dict[int, int]] = None
         self._packed: dict[tuple, tuple[bytes, list]] = {}  # see _packed_inputs
         self._packed_by_identity: dict[tuple, tuple[bytes, list]] = {}  # the same, by tensor identity
+        self._plans: dict[tuple, _Plan] = {}  # (device, graph id, packed inputs) -> prepared submit
         self._wire_names: dict[str, str] = {}
         self._use_lanes = bool(lanes)
         self._graph_cache = graph_cache
@@ -365,6 +377,12 @@ class Client:
         started = time.perf_counter()
         self._ensure_registered(handle)
         packed = self._packed_inputs(handle.device, inputs)
+        plan = self._plans.get((handle.device, handle.graph_id, packed)) if packed is not None else None
+        if plan is not None:
+            outputs = self._submit_planned(handle, plan, started)
+            if outputs is not None:
+                return outputs
+            self._plans.pop((handle.device, handle.graph_id, packed), None)
         if packed is not None:
             descs, frames = packed, []
         else:
@@ -380,6 +398,8 @@ class Client:
         answered = time.perf_counter()
         self.last_execution = reply.get("execution")
         outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        if packed is not None and isinstance(reply.get("plan"), int):
+            self._remember_plan(handle, packed, reply)
         for written in reply.get("written_inputs") or ():
             # A CPU input the graph wrote: the daemon wrote its copy; bring the change home.
             index = written.get("input")
@@ -387,6 +407,70 @@ class Client:
                 raise ClientError(f"the daemon wrote back input {index!r}, which this submit did not send as a tensor")
             with torch.no_grad():
                 inputs[index].copy_(tensor_from_cpu_desc(written, reply_frames, f"written input {index}"))
+        self.last_timing = {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6,
+                            "outputs_us": (time.perf_counter() - answered) * 1e6}
+        return outputs
+
+    # ------------------------------------------------------------------------ prepared submits
+
+    def _remember_plan(self, handle: GraphHandle, packed: bytes, reply: dict) -> None:
+        """Keep the plan a submit reply offered (``cgtree.daemon.plans``) with its outputs' layout."""
+        buffer_id = self._graph_buffer.get((handle.device, handle.graph_id))
+        mapping = self._mappings.get(buffer_id) if buffer_id is not None else None
+        if mapping is None or self._lane_offer is None:
+            return
+        slots = [_output_slot(desc, mapping, f"output {i}") for i, desc in enumerate(reply.get("outputs") or [])]
+        if len(self._plans) >= PACKED_INPUTS_KEPT:
+            self._plans.clear()
+        execution = reply.get("execution") or {}
+        self._plans[(handle.device, handle.graph_id, packed)] = _Plan(reply["plan"], buffer_id, slots, execution.get("function", ""))
+
+    def _submit_planned(self, handle: GraphHandle, plan: "_Plan", started: float) -> Optional[tuple]:
+        """The submit as a plan run on the lane; None when it must go the general way (no lane,
+        the plan expired, the session is gone: the general path deals with each)."""
+        lane = self._lane_for("submit", [b""])
+        mapping = self._mappings.get(plan.buffer_id)
+        if lane is None or mapping is None:
+            return None
+        if handle.device.startswith("cuda") and torch.cuda.is_initialized():
+            torch.cuda.current_stream(_torch_device(handle.device)).synchronize()  # as in _submit_once
+        request_id = next(self._ids)
+        message = [pack_plan_request(request_id, plan.plan_id)]
+        sent = time.perf_counter()
+        raw = self._lane_exchange(lane, "submit", message, self.timeout_s)
+        if raw is None:
+            return None
+        answered = time.perf_counter()
+        fast = parse_plan_reply(raw[0]) if raw is not MOVED and len(raw) == 1 else None
+        if fast is None:
+            # The general reply (a recording, a skip, new outputs), or a refusal.
+            try:
+                if raw is MOVED:
+                    reply, reply_frames = self._call_on_zmq("submit", request_id, message, self.timeout_s, send=False)
+                else:
+                    decoded = _decode_reply_for(raw, request_id, "submit")
+                    if decoded is None:
+                        self._close_lane()
+                        raise ClientError("the daemon answered a plan run with another request's reply")
+                    reply, reply_frames = decoded
+            except DaemonError as exc:
+                if exc.code in ("plan_expired", "no_session", "unknown_graph"):
+                    return None
+                raise
+            self.last_execution = reply.get("execution")
+            outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        else:
+            reply_id, generation, node_id, daemon_us = fast
+            if reply_id != request_id:
+                self._close_lane()
+                raise ClientError("the daemon answered a plan run with another request's reply")
+            key = (handle.device, handle.graph_id)
+            self._drop_graph_outputs(key, close_mapping=False)  # the previous submit's outputs are stale now
+            mapping.generation = generation
+            outputs = tuple(self._view_at(mapping, slot) for slot in plan.slots)
+            mapping.handed_out.extend(weakref.ref(t) for t in outputs)
+            self.last_execution = {"mode": "replayed", "node_id": node_id, "function": plan.function,
+                                   "skip_reason": None, "daemon_us": daemon_us, "plan": plan.plan_id}
         self.last_timing = {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6,
                             "outputs_us": (time.perf_counter() - answered) * 1e6}
         return outputs
@@ -614,13 +698,13 @@ class Client:
         return mapping
 
     def _view_of(self, mapping: _OutputMapping, desc: dict, label: str) -> torch.Tensor:
-        geometry = parse_geometry(desc, label, need_stride=True)
-        nbytes = geometry.extent_bytes()
-        start = mapping.base_ptr + int(desc["byte_offset"])
-        if int(desc["byte_offset"]) + nbytes > mapping.nbytes:
-            raise ClientError(f"{label}: outside its output buffer")
+        return self._view_at(mapping, _output_slot(desc, mapping, label))
+
+    @staticmethod
+    def _view_at(mapping: _OutputMapping, slot: tuple) -> torch.Tensor:
+        geometry, byte_offset, nbytes = slot
         # A fresh non-owning storage per submit: marking it stale later touches only these tensors.
-        storage = torch._C._construct_storage_from_data_pointer(start, mapping.device, max(nbytes, 1))
+        storage = torch._C._construct_storage_from_data_pointer(mapping.base_ptr + byte_offset, mapping.device, max(nbytes, 1))
         tensor = torch.empty((0,), dtype=geometry.dtype, device=mapping.device)
         return tensor.set_(storage, geometry.offset, geometry.shape, geometry.stride)
 
@@ -645,6 +729,7 @@ class Client:
             mapping.storage = None  # closes the IPC mapping; the daemon's block leaves limbo
 
     def _invalidate_all(self) -> None:
+        self._plans.clear()  # each names an output buffer
         for key in list(self._graph_buffer):
             self._drop_graph_outputs(key, close_mapping=True)
         self._mappings.clear()
@@ -782,8 +867,22 @@ class Client:
     def _call_on_lane(self, lane: ClientLane, op: str, request_id: int, message: list, timeout: float) -> Optional[tuple[dict, list]]:
         """The reply of ``message`` sent on the lane; None when the lane could not take it (it
         was not sent: the caller sends it over ZeroMQ)."""
+        reply = self._lane_exchange(lane, op, message, timeout)
+        if reply is None:
+            return None
+        if reply is MOVED:  # too large for a datagram: the daemon sent it over ZeroMQ
+            return self._call_on_zmq(op, request_id, message, timeout, send=False)
+        decoded = _decode_reply_for(reply, request_id, op)
+        if decoded is None:
+            self._close_lane()
+            raise ClientError(f"the daemon answered {op!r} on the submit lane with another request's reply")
+        return decoded
+
+    def _lane_exchange(self, lane: ClientLane, op: str, message: list, timeout: float) -> Any:
+        """The raw reply frames of ``message`` on the lane, ``MOVED``, or None when the lane
+        could not take it (nothing was sent). A dead or silent daemon raises as ``_call`` does."""
         try:
-            reply = lane.request(message, timeout, self._spin_now)
+            return lane.request(message, timeout, self._spin_now)
         except LaneUnusable as exc:
             log.info("%s; sending %s over ZeroMQ", exc, op)
             self._close_lane()
@@ -795,13 +894,6 @@ class Client:
             self._close_lane()
             raise RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
                                      f"({exc}; the daemon died or restarted); it may or may not have run", op) from None
-        if reply is MOVED:  # too large for a datagram: the daemon sent it over ZeroMQ
-            return self._call_on_zmq(op, request_id, message, timeout, send=False)
-        decoded = _decode_reply_for(reply, request_id, op)
-        if decoded is None:
-            self._close_lane()
-            raise ClientError(f"the daemon answered {op!r} on the submit lane with another request's reply")
-        return decoded
 
     def _close_lane(self) -> None:
         if self._lane is not None:
@@ -905,6 +997,16 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _output_slot(desc: dict, mapping: _OutputMapping, label: str) -> tuple:
+    """(geometry, byte offset, bytes) of an ``output`` descriptor, checked against its buffer."""
+    geometry = parse_geometry(desc, label, need_stride=True)
+    nbytes = geometry.extent_bytes()
+    byte_offset = desc.get("byte_offset")
+    if not isinstance(byte_offset, int) or byte_offset < 0 or byte_offset + nbytes > mapping.nbytes:
+        raise ClientError(f"{label}: outside its output buffer")
+    return geometry, byte_offset, nbytes
 
 
 def spin_while_waiting(spin_s: float, devices: list) -> float:

@@ -62,6 +62,7 @@ from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
 from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
+from cgtree.daemon.plans import is_plan_request, parse_plan_request, run_plan
 from cgtree.daemon.logsetup import configure_logging, request_context
 from cgtree.daemon.metrics import MetricsUnavailableError, NullMetrics, make_metrics
 from cgtree.daemon.protocol import (
@@ -437,7 +438,10 @@ class Daemon:
             self.lanes.send(connection, [encode_error(_peek_request_id(frames[0]), "no_session", "the session of this lane has ended")])
             self.lanes.close(connection)
             return
-        reply = self.answer(session.identity, frames)
+        if is_plan_request(frames):
+            reply = self.answer_plan(session, frames[0])
+        else:
+            reply = self.answer(session.identity, frames)
         if fits_lane(reply):
             self.lanes.send(connection, reply)
         else:  # too large for a datagram: over ZeroMQ, and a notice on the lane
@@ -474,6 +478,26 @@ class Daemon:
                 return [self._refuse(request_id, "?", refusal)]
             return self._dispatch(identity, session, request)
 
+    def answer_plan(self, session: Any, frame: Any) -> list:
+        """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames."""
+        self.counters["requests"] += 1
+        request_id, plan_id = parse_plan_request(frame)
+        session.touch(self.clock())
+        session.counters["requests"] += 1
+        with request_context(request_id, session.label):
+            return self._guarded(request_id, "submit (plan)", lambda: run_plan(
+                self._context_for(session.identity, request_id), session, request_id, plan_id,
+                finish_general=lambda state, runtime, graph_id, outputs, received: self._general_plan_reply(
+                    request_id, session, state, runtime, graph_id, outputs, received)))
+
+    def _general_plan_reply(self, request_id: Any, session: Any, state: Any, runtime: Any, graph_id: str,
+                            outputs: list, received: float) -> list:
+        from cgtree.daemon.commands import submit
+
+        reply = submit.finish(self._context_for(session.identity, request_id), session, state, runtime, graph_id,
+                              outputs, received, to_host=False)
+        return [encode_reply(request_id, reply.body), *reply.frames]
+
     def _decode(self, body_frames: list) -> tuple[Optional[Request], Optional[ProtocolError]]:
         """The request, or the refusal (carrying ``request_id`` when the envelope had one)."""
         size = sum(len(frame) for frame in body_frames)
@@ -489,8 +513,8 @@ class Daemon:
     def _dispatch(self, identity: bytes, session: Any, request: Request) -> list:
         """Run the request's command: [reply envelope, *data frames], or [error envelope]."""
         request_id, op = request.request_id, request.op
-        started = time.perf_counter()
-        try:
+
+        def run() -> list:
             command = command_registry.COMMANDS.get(op)
             if command is None:
                 raise ProtocolError("unknown_op", f"no command {op!r} (known: {', '.join(sorted(command_registry.COMMANDS))})")
@@ -499,10 +523,19 @@ class Daemon:
             if session is not None:
                 session.touch(self.clock())
                 session.counters["requests"] += 1
-            log.debug("request %s: %s", request_id, op)
             reply = command.execute(self._context_for(identity, request_id), session, request.body, request.frames)
-            log.debug("request %s: %s answered in %.3f ms", request_id, op, (time.perf_counter() - started) * 1e3)
             return [encode_reply(request_id, reply.body), *reply.frames]
+
+        return self._guarded(request_id, op, run)
+
+    def _guarded(self, request_id: Any, op: str, run: Callable[[], list]) -> list:
+        """``run()``'s reply frames; a refusal, a CUDA error or a bug becomes its error reply."""
+        started = time.perf_counter()
+        try:
+            log.debug("request %s: %s", request_id, op)
+            frames = run()
+            log.debug("request %s: %s answered in %.3f ms", request_id, op, (time.perf_counter() - started) * 1e3)
+            return frames
         except ProtocolError as exc:
             return [self._refuse(request_id, op, exc)]
         except Exception as exc:

@@ -36,6 +36,7 @@ import psutil
 
 from cgtree.daemon.input_memo import InputMemo
 from cgtree.daemon.lane import TOKEN_BYTES as LANE_TOKEN_BYTES
+from cgtree.daemon.plans import PlanBook
 from cgtree.daemon.tensors import IpcImportCache, OutputBuffer
 
 log = logging.getLogger("cgtree.daemon.sessions")
@@ -108,6 +109,7 @@ class SessionDevice:
         self.buffers_by_id: dict[int, OutputBuffer] = {}
         self.ipc_imports = IpcImportCache(IPC_IMPORT_CACHE_SIZE)
         self.input_memo = InputMemo()  # views over ipc_imports' storages: cleared with them
+        self.plans = PlanBook()  # prepared submits over the memo's views and output_buffers
 
     def replace_output_buffer(self, graph_id: str, buffer: OutputBuffer) -> None:
         """A new buffer for the graph (its outputs changed shape); the old one is freed once the
@@ -121,6 +123,7 @@ class SessionDevice:
     def release_outputs(self, graph_id: Optional[str] = None, *, client_alive: bool = True) -> int:
         """Free the output buffers of one graph (or all); returns how many were freed."""
         ids = [graph_id] if graph_id is not None else list(self.output_buffers)
+        self.plans.forget()  # each stands for a submit into one of these buffers
         freed = 0
         for gid in ids:
             buffer = self.output_buffers.pop(gid, None)
@@ -138,6 +141,7 @@ class SessionDevice:
     def drop_client_state(self, *, client_alive: bool) -> None:
         """What parking drops: outputs the client could see and the client's opened handles."""
         self.release_outputs(client_alive=client_alive)
+        self.plans.forget()
         self.input_memo.forget()
         self.ipc_imports.close()
 

@@ -364,6 +364,11 @@ class OutputBuffer:
 
     def fill(self, tensors: list[torch.Tensor]) -> list[dict]:
         """Copy ``tensors`` in (on the current stream); returns their ``output`` descriptors."""
+        self.copy_in(tensors)
+        return [self.describe(slot) for slot in self.slots]
+
+    def copy_in(self, tensors: list[torch.Tensor]) -> None:
+        """Copy ``tensors`` into their slots (on the current stream), a new generation."""
         self.generation += 1
         # An output may alias an input that was itself a view of this buffer (an earlier output
         # passed back in): read those before any slot is overwritten.
@@ -375,11 +380,8 @@ class OutputBuffer:
                                   "output", byte_base=slot.byte_offset)
                 for slot in self.slots
             ]
-        descs = []
-        for slot, view, tensor in zip(self.slots, self._views, tensors):
+        for view, tensor in zip(self._views, tensors):
             view.copy_(tensor)
-            descs.append(self.describe(slot))
-        return descs
 
     def describe(self, slot: OutputSlot) -> dict:
         return {"kind": "output", "dtype": dtype_name(slot.dtype), "shape": list(slot.shape),

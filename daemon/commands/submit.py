@@ -21,7 +21,7 @@ stream, then replies.
 
 Reply: ``{"execution": {"mode": "warmup" | "recorded" | "replayed" | "skipped", "node_id":
 int | None, "function": str, "skip_reason": str | None, "daemon_us": float}, "outputs": [descriptor],
-"written_inputs"?: [{"input": int, ...cpu descriptor}],
+"written_inputs"?: [{"input": int, ...cpu descriptor}], "plan"?: int,
 "buffers": [{"id": int, "nbytes": int, "storage": IPC}]}``. ``daemon_us`` is the time
 the command took in the daemon, synchronization included (the rest of a round trip is the
 transport and the client). CPU outputs are ``cpu``
@@ -30,6 +30,11 @@ descriptors into a buffer listed in ``buffers``; they stay valid until this grap
 submit in this session (which overwrites the buffer and bumps its ``generation``) or until
 released. A buffer id that replaces an earlier one for the same graph means the old one is
 freed: close its mapping.
+
+``plan`` (offered when the inputs came packed and were remembered, and every output went to
+the output buffer) names a prepared submit: ``PLAN_REQUEST(request id, plan)`` on the lane runs
+this same submit again without an envelope (``cgtree.daemon.plans``; error ``plan_expired``
+when it no longer applies).
 
 Inputs the graph writes (``mutated_inputs`` at register) are written where the client sees
 them, as the graph would in the client's own process: ``cuda`` and ``output`` inputs in place
@@ -98,8 +103,8 @@ def execute(ctx, session, body, frames) -> Reply:
     elif outputs_to not in ("device", "host"):
         raise ProtocolError("bad_request", f"\"outputs\" must be \"device\" or \"host\", got {outputs_to!r}")
 
-    started = time.perf_counter()
-    fn = state.functions.get((graph_id, in_place))
+    function_key = (graph_id, in_place)
+    fn = state.functions.get(function_key)
     if fn is None:
         # Weights are static; so are the inputs the graph writes that live in the client's (or
         # an output buffer's) memory: the graph writes them there, in place, as it would in
@@ -109,25 +114,47 @@ def execute(ctx, session, body, frames) -> Reply:
             entry.fn, [*entry.weights, *inputs], static_input_idxs=[*range(weights), *(weights + i for i in in_place)],
             name=entry.display_name, kind="inference", dynamic=entry.dynamic,
         )
-        state.functions[(graph_id, in_place)] = fn
+        state.functions[function_key] = fn
     # A warmup (maybe an inductor compile) or a capture can take long: feed systemd's watchdog
     # on both sides of the call. Rate-limited, so replays send nothing.
     ctx.keepalive()
     outputs = fn(*entry.weights, *inputs)
     ctx.keepalive()
     written = [(i, inputs[i]) for i in write_back]
-    del inputs
+    reply = finish(ctx, session, state, runtime, graph_id, outputs, received, to_host=outputs_to == "host", written=written)
+    del outputs
+    if isinstance(raw, bytes) and not written and plannable(reply, state, graph_id):
+        remembered = state.input_memo.get(graph_id, raw)
+        if remembered is not None and remembered[0] is inputs:
+            plan = state.plans.offer(graph_id, raw, function_key, fn, entry.weights, inputs, state.output_buffers[graph_id])
+            reply.body["plan"] = plan.plan_id
+    return reply
+
+
+def finish(ctx, session, state, runtime, graph_id, outputs, received: float, *, to_host: bool, written=()) -> Reply:
+    """The end of every submit: outputs to the output buffer (or host copies), inputs written
+    back, a host synchronize, the counters, the execution report."""
     execution = execution_dict(state.manager.last_execution)
-    reply = encode_outputs(outputs, state, runtime, graph_id, ctx, to_host=outputs_to == "host")
+    reply = encode_outputs(outputs, state, runtime, graph_id, ctx, to_host=to_host)
     if written:
         reply.body["written_inputs"] = encode_written_inputs(written, reply.frames)
     del outputs  # the tree must see replay outputs dead: nothing of the pool is kept here
     runtime.synchronize()  # the client reads the outputs as soon as it has the reply
     session.counters["submits"] += 1
-    ctx.metrics.observe_submit(time.perf_counter() - started, execution["mode"], execution["skip_reason"])
-    execution["daemon_us"] = round((time.perf_counter() - received) * 1e6, 1)
+    elapsed = time.perf_counter() - received
+    ctx.metrics.observe_submit(elapsed, execution["mode"], execution["skip_reason"])
+    execution["daemon_us"] = round(elapsed * 1e6, 1)
     reply.body["execution"] = execution
     return reply
+
+
+def plannable(reply: Reply, state, graph_id: str) -> bool:
+    """Whether a later identical submit can be a plan run (``cgtree.daemon.plans``): every
+    output went to this graph's output buffer, nothing else travels in the reply."""
+    buffer = state.output_buffers.get(graph_id)
+    descs = reply.body.get("outputs") or []
+    return (buffer is not None and not reply.frames and bool(descs)
+            and all(d.get("kind") == "output" and d.get("buffer") == buffer.buffer_id for d in descs))
 
 
 def mutation_plan(mutated_inputs, kinds) -> tuple[tuple[int, ...], tuple[int, ...]]:

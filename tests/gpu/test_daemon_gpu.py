@@ -353,3 +353,42 @@ def test_compiled_kv_cache_writes_happen_in_the_clients_buffer(gpu_daemon):
         mine = client.status(session_only=True)["sessions"][0]["devices"]["cuda:0"]
         # Only the [8, 64] output has a slot in the output buffer: the cache never travels back.
         assert mine["output_buffer_bytes"] < model.cache.numel() * model.cache.element_size()
+
+
+def test_a_steady_submit_loop_runs_as_plans_and_stays_correct(gpu_daemon):
+    """Prepared submits (cgtree.daemon.plans): the same graph on the same CUDA buffers goes as a
+    plan run after the first submits; data read anew each time, the previous outputs marked
+    overwritten, and releasing the outputs expires the plan (the loop goes on the general way)."""
+    from cgtree.client import Client
+    from cgtree.client.client import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
+
+    model = mlp()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
+        x = torch.randn(16, 64, device="cuda:0")
+        plans = []
+        for _ in range(8):
+            x.copy_(torch.randn(16, 64, device="cuda:0"))
+            (out,) = client.submit(model, [x])
+            torch.testing.assert_close(out, model(x))
+            plans.append(client.last_execution.get("plan"))
+        assert plans[-1] is not None and len(set(plans[-4:])) == 1, plans
+        assert client.last_execution["mode"] == "replayed" and client.last_execution["daemon_us"] > 0
+        previous = out
+        x.copy_(torch.randn(16, 64, device="cuda:0"))
+        (out,) = client.submit(model, [x])
+        torch.testing.assert_close(out, model(x))
+        if CAN_RAISE_ON_OVERWRITTEN_OUTPUT:
+            with pytest.raises(RuntimeError, match="overwritten"):
+                previous.sum().item()
+        client.release()
+        (out,) = client.submit(model, [x])
+        torch.testing.assert_close(out, model(x))
+        assert client.last_execution.get("plan") is None  # the general way, a new buffer
+        for _ in range(3):
+            (out,) = client.submit(model, [x])
+        torch.testing.assert_close(out, model(x))
+        assert client.last_execution.get("plan") is not None and client.last_execution["plan"] != plans[-1]
+        client.reset()  # trees dropped: the plan expires, the graph warms up and records again
+        (out,) = client.submit(model, [x])
+        torch.testing.assert_close(out, model(x))
+        assert client.last_execution["mode"] == "warmup"
