@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 
 import torch
 
@@ -38,6 +39,9 @@ def test_requests_are_served_while_the_daemon_spins(monkeypatch):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(code=daemon.run()), daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(workdir, "s")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the daemon binds in its thread
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4).eval()
     x = torch.randn(2, 4)
