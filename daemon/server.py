@@ -427,9 +427,13 @@ class Daemon:
         hub = self.lanes
         if ready is None or hub.listener.fileno() in ready:
             hub.accept()
-        for fd, connection in list(hub.connections.items()):
-            if ready is not None and fd not in ready:
-                continue
+        # Only the lanes with something to read (the poll said which): a turn costs the same
+        # with one session or a thousand.
+        connections = list(hub.connections.values()) if ready is None else \
+            [c for c in map(hub.connections.get, ready) if c is not None]
+        for connection in connections:
+            if hub.connections.get(connection.fd) is not connection:
+                continue  # closed earlier in this turn (a newer lane of its session replaced it)
             if self._pending_signals or self.exit_code is not None:
                 return
             # One datagram per ready lane and turn: a client has one request in flight, and a

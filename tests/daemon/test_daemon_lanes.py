@@ -174,3 +174,23 @@ def test_the_lane_socket_has_the_zeromq_sockets_access(cgtreed):
     with Client(cgtreed.endpoint, timeout_s=30) as client:
         path = _lane_path(client)
     assert os.stat(path).st_mode & 0o777 == os.stat(cgtreed.socket_path).st_mode & 0o777
+
+
+def test_many_sessions_each_on_its_own_lane_are_all_answered(cgtreed):
+    """The loop reads only the lanes the poll named: with several attached, each request is
+    answered on its own lane, to its own session."""
+    model = _model()
+    clients = [Client(cgtreed.endpoint, timeout_s=30) for _ in range(8)]
+    try:
+        for round_ in range(3):
+            for i, client in enumerate(clients):
+                x = torch.full((2, 8), float(i + round_))
+                (out,) = client.submit(model, [x])
+                with torch.no_grad():
+                    torch.testing.assert_close(out, model(x))
+        assert all(client.lane_attached for client in clients)
+        sessions = {client.session_id for client in clients}
+        assert len(sessions) == len(clients)
+    finally:
+        for client in clients:
+            client.close()
