@@ -77,6 +77,8 @@ from cgtree.daemon.tensors import (
     parse_ipc,
     tensor_from_cpu_desc,
 )
+from cgtree.liveness import TensorGeometry as TensorLayout
+from cgtree.liveness import non_owning_storage, tensor_on
 
 log = logging.getLogger("cgtree.client")
 
@@ -176,7 +178,7 @@ class _Plan:
 
     plan_id: int
     buffer_id: int
-    slots: list  # per output: (geometry, byte offset, bytes) in the buffer
+    slots: list  # per output: (layout, byte offset, bytes) in the buffer
     function: str
 
 
@@ -702,11 +704,10 @@ class Client:
 
     @staticmethod
     def _view_at(mapping: _OutputMapping, slot: tuple) -> torch.Tensor:
-        geometry, byte_offset, nbytes = slot
-        # A fresh non-owning storage per submit: marking it stale later touches only these tensors.
-        storage = torch._C._construct_storage_from_data_pointer(mapping.base_ptr + byte_offset, mapping.device, max(nbytes, 1))
-        tensor = torch.empty((0,), dtype=geometry.dtype, device=mapping.device)
-        return tensor.set_(storage, geometry.offset, geometry.shape, geometry.stride)
+        layout, byte_offset, nbytes = slot
+        # A fresh non-owning storage per submit: marking it stale later touches only these
+        # tensors. One C++ call builds the tensor on CUDA (an empty tensor + set_ costs ~13 us).
+        return tensor_on(non_owning_storage(mapping.base_ptr + byte_offset, max(nbytes, 1), mapping.device), layout)
 
     def _drop_graph_outputs(self, key: tuple[str, str], *, close_mapping: bool) -> None:
         buffer_id = self._graph_buffer.get(key)
@@ -1000,13 +1001,14 @@ class Client:
 
 
 def _output_slot(desc: dict, mapping: _OutputMapping, label: str) -> tuple:
-    """(geometry, byte offset, bytes) of an ``output`` descriptor, checked against its buffer."""
+    """(layout, byte offset, bytes) of an ``output`` descriptor, checked against its buffer."""
     geometry = parse_geometry(desc, label, need_stride=True)
     nbytes = geometry.extent_bytes()
     byte_offset = desc.get("byte_offset")
     if not isinstance(byte_offset, int) or byte_offset < 0 or byte_offset + nbytes > mapping.nbytes:
         raise ClientError(f"{label}: outside its output buffer")
-    return geometry, byte_offset, nbytes
+    layout = TensorLayout(geometry.dtype, geometry.shape, geometry.stride, geometry.offset, mapping.device)
+    return layout, byte_offset, nbytes
 
 
 def spin_while_waiting(spin_s: float, devices: list) -> float:
