@@ -64,7 +64,7 @@ from zmq.utils.monitor import recv_monitor_message
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
 from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
-from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request, pack
+from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request, frame_view, pack
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
     is_cuda_malloc_ipc_handle,
@@ -389,11 +389,7 @@ class Client:
             descs, frames = packed, []
         else:
             descs, frames = self._encode_inputs(handle.device, inputs)
-        if handle.device.startswith("cuda") and torch.cuda.is_initialized():
-            # The daemon reads our memory as soon as the request arrives; it must be written.
-            # Also finishes our reads of the outputs this submit will overwrite. A client
-            # without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
-            torch.cuda.current_stream(_torch_device(handle.device)).synchronize()
+        _settle_stream(handle.device)
         body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
         sent = time.perf_counter()
         reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
@@ -434,8 +430,7 @@ class Client:
         mapping = self._mappings.get(plan.buffer_id)
         if lane is None or mapping is None:
             return None
-        if handle.device.startswith("cuda") and torch.cuda.is_initialized():
-            torch.cuda.current_stream(_torch_device(handle.device)).synchronize()  # as in _submit_once
+        _settle_stream(handle.device)
         request_id = next(self._ids)
         message = [pack_plan_request(request_id, plan.plan_id)]
         sent = time.perf_counter()
@@ -1000,6 +995,14 @@ class Client:
 # ---------------------------------------------------------------------------------- helpers
 
 
+def _settle_stream(device: str) -> None:
+    """Before a submit is sent: the daemon reads our memory as soon as the request arrives, so
+    it must be written; this also finishes our reads of the outputs the submit overwrites. A
+    client without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for."""
+    if device.startswith("cuda") and torch.cuda.is_initialized():
+        torch.cuda.current_stream(_torch_device(device)).synchronize()
+
+
 def _output_slot(desc: dict, mapping: _OutputMapping, label: str) -> tuple:
     """(layout, byte offset, bytes) of an ``output`` descriptor, checked against its buffer."""
     geometry = parse_geometry(desc, label, need_stride=True)
@@ -1047,7 +1050,7 @@ def _decode_reply_for(message: list, request_id: int, op: str) -> Optional[tuple
     """(body, data frames) of a reply to ``request_id``; None for a late reply to an earlier
     request (not ours); raises ``DaemonError`` for an error reply to this one."""
     try:
-        reply_id, reply_body = decode_reply(_frame_view(message[0]))
+        reply_id, reply_body = decode_reply(frame_view(message[0]))
     except ProtocolError as exc:
         if getattr(exc, "request_id", request_id) not in (request_id, None):
             return None  # a late error reply to an earlier request
@@ -1055,11 +1058,6 @@ def _decode_reply_for(message: list, request_id: int, op: str) -> Optional[tuple
     if reply_id != request_id:
         return None
     return reply_body, list(message[1:])
-
-
-def _frame_view(frame: Any) -> Any:
-    buffer = getattr(frame, "buffer", None)
-    return buffer if buffer is not None else frame
 
 
 def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Optional[bool]) -> bool:

@@ -146,7 +146,6 @@ class LaneConnection:
     fd: int  # kept: a closed socket's fileno() is -1, and the poller knows it by this
     pid: Optional[int]
     session: Any = None
-    requests: int = 0
 
 
 @dataclass
@@ -241,7 +240,6 @@ class LaneHub:
                 if connection.session is None:
                     break  # refused: closed
                 continue
-            connection.requests += 1
             connection.session.counters["lane_requests"] += 1
             events.append(LaneEvent(connection, frames=frames))
         return events

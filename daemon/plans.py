@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+
 from cgtree.daemon.protocol import ProtocolError
 
 PLAN_REQUEST_MAGIC = b"\xc1PQ1"
@@ -154,6 +156,4 @@ def run_plan(ctx: Any, session: Any, request_id: int, plan_id: int, *, finish_ge
 
 
 def _all_on(tensors: list, device: Any) -> bool:
-    import torch
-
     return all(isinstance(t, torch.Tensor) and t.device == device for t in tensors)

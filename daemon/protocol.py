@@ -104,6 +104,13 @@ def unpack(data: Any) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
 
 
+def frame_view(frame: Any) -> memoryview:
+    """A frame's bytes without a copy: ZeroMQ frames (``.buffer``) and plain buffers (lane
+    frames, bytes) alike."""
+    buffer = getattr(frame, "buffer", None)
+    return buffer if buffer is not None else memoryview(frame)
+
+
 def encode_request(request_id: int | str, op: str, body: dict) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "body": body})
 

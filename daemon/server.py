@@ -73,6 +73,7 @@ from cgtree.daemon.protocol import (
     decode_request,
     encode_error,
     encode_reply,
+    frame_view,
     request_id_of,
     unpack,
 )
@@ -530,7 +531,7 @@ class Daemon:
                 error = ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
                 error.request_id = _peek_request_id(body_frames[0])
                 raise error
-            return decode_request(_view(body_frames[0]), body_frames[1:]), None
+            return decode_request(frame_view(body_frames[0]), body_frames[1:]), None
         except ProtocolError as exc:
             return None, exc
 
@@ -835,15 +836,9 @@ def _peek_request_id(frame: Any) -> Any:
     if len(frame) > 64 * 1024:
         return None
     try:
-        return request_id_of(unpack(_view(frame)))
+        return request_id_of(unpack(frame_view(frame)))
     except Exception:
         return None
-
-
-def _view(frame: Any) -> memoryview:
-    """A frame's bytes without a copy: ZeroMQ frames and lane frames (memoryviews) alike."""
-    buffer = getattr(frame, "buffer", None)
-    return buffer if buffer is not None else memoryview(frame)
 
 
 def _endpoint_answers(context: zmq.Context, endpoint: str, timeout_ms: int = 500) -> bool:

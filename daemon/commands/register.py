@@ -31,7 +31,7 @@ or an operator outside the allow-list, named in the message).
 from __future__ import annotations
 
 from cgtree.daemon.graphs import check_graph_id, check_graph_name
-from cgtree.daemon.protocol import ProtocolError, Reply, field_of
+from cgtree.daemon.protocol import ProtocolError, Reply, field_of, frame_view
 
 NAME = "register"
 NEEDS_SESSION = True
@@ -40,8 +40,7 @@ NEEDS_SESSION = True
 def _frame(frames, index, what):
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(frames):
         raise ProtocolError("bad_request", f"{what}: frame {index!r} does not exist (message has {len(frames)} data frames)")
-    frame = frames[index]
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return frame_view(frames[index])
 
 
 def execute(ctx, session, body, frames) -> Reply:

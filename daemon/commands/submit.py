@@ -87,6 +87,7 @@ def execute(ctx, session, body, frames) -> Reply:
     if remembered is not None:
         inputs, by_reference, in_place, write_back = remembered
     else:
+        remembered = None
         descs = _descriptor_list(raw)
         # CUDA inputs may sit on any device this daemon serves: the tree manager of the graph's
         # device then decides (inputs on two devices run without graphs: "multiple devices").
@@ -96,7 +97,8 @@ def execute(ctx, session, body, frames) -> Reply:
         by_reference = any(isinstance(d, dict) and d.get("kind") in ("cuda", "output") for d in descs)
         in_place, write_back = mutation_plan(entry.mutated_inputs, [d.get("kind") for d in descs])
         if isinstance(raw, bytes) and memoizable(descs):
-            state.input_memo.put(graph_id, raw, (inputs, by_reference, in_place, write_back))
+            remembered = (inputs, by_reference, in_place, write_back)
+            state.input_memo.put(graph_id, raw, remembered)
     outputs_to = body.get("outputs")
     if outputs_to is None:
         outputs_to = "device" if by_reference else "host"
@@ -123,11 +125,10 @@ def execute(ctx, session, body, frames) -> Reply:
     written = [(i, inputs[i]) for i in write_back]
     reply = finish(ctx, session, state, runtime, graph_id, outputs, received, to_host=outputs_to == "host", written=written)
     del outputs
-    if isinstance(raw, bytes) and not written and plannable(reply, state, graph_id):
-        remembered = state.input_memo.get(graph_id, raw)
-        if remembered is not None and remembered[0] is inputs:
-            plan = state.plans.offer(graph_id, raw, function_key, fn, entry.weights, inputs, state.output_buffers[graph_id])
-            reply.body["plan"] = plan.plan_id
+    # A plan stands for this submit only when its inputs are the memo's (packed, remembered).
+    if remembered is not None and not written and plannable(reply, state, graph_id):
+        plan = state.plans.offer(graph_id, raw, function_key, fn, entry.weights, inputs, state.output_buffers[graph_id])
+        reply.body["plan"] = plan.plan_id
     return reply
 
 
