@@ -4,23 +4,37 @@ lane, instead of an envelope the daemon decodes, checks and dispatches every tim
 A submit whose inputs came packed and were remembered (``cgtree.daemon.input_memo``), whose
 outputs all went to the graph's output buffer and that wrote no CPU input is offered a plan:
 ``"plan": <id>`` in its reply. ``PLAN_REQUEST(request id, plan id)`` on the lane then runs the
-same graphed function on the same input views into the same output buffer. When that call
-replays and its outputs fit the buffer's slots, the answer is ``PLAN_REPLY(request id, buffer
-generation, node id, daemon_us)``: the client already knows the outputs' layout from the reply
-that offered the plan. Anything else (a warmup, a recording, a skip, outputs of another shape)
-is answered with the full submit reply, as the general path would. A plan that no longer
-stands for that submit is answered with the error ``plan_expired``; the client then submits
-the general way, which may offer a new plan.
+same graph on the same input views into the same output buffer. When that call replays and its
+outputs fit the buffer's slots, the answer is ``PLAN_REPLY(request id, buffer generation, node
+id, daemon_us)``: the client already knows the outputs' layout from the reply that offered the
+plan. Anything else (a warmup, a recording, a skip, outputs of another shape) is answered with
+the full submit reply, as the general path would. A plan that no longer stands for that submit
+is answered with the error ``plan_expired``; the client then submits the general way, which
+may offer a new plan.
+
+In-place recordings. A plan's inputs are fixed views (the client's CUDA buffers, mapped once)
+and its outputs go to a fixed buffer, so after ``DIRECT_AFTER_RUNS`` runs a plan gets a
+recording of its own in the session's tree: the graph with every input static (read where the
+client keeps it, no copy into recording buffers) and the copies into the output buffer captured
+at its end. A run is then one replay and a host synchronize; the general way costs an input
+copy, the replay, and a copy per output, each a kernel launch from Python. The recording is a
+root of its own (named ``<graph> [plan]``; warmups, recordings and replays count as any
+other's). Its key is every address, geometry and scalar it baked in, so a plan made again
+later over the same memory finds it; at most ``MAX_DIRECT_RECORDINGS`` per session device
+(recordings cannot be dropped one by one), after which plans run the general way.
 
 Why: on the H200 host a steady-state submit of a tiny graph spent ~75 us outside the command
 itself, in envelope encode/decode, dispatch and descriptor handling on both sides
-(docs/PERFORMANCE.md section 6); a plan skips all of it.
+(docs/PERFORMANCE.md section 6); a plan skips all of it. The in-place recording then saves the
+copies: ~25 us of the daemon's ~60 us on the tiny model (section 8).
 
 Invariants:
 - A plan run is exactly the submit it stands for. It holds the function, weights, input views
   and output buffer of that submit; it is valid while the session still maps the same function
   for the graph and the same output buffer (checked on every run by identity), and it is
   forgotten with the session's client-visible state (parking, releasing outputs, closing).
+- An in-place recording reads and writes only memory its plan holds references to (the views
+  keep the client's mappings open, the plan keeps the buffer), at the addresses its key names.
 - Wire formats are fixed-size structs whose 4-byte magic starts with 0xc1, a byte msgpack never
   uses: a plan datagram can never be read as an envelope, nor an envelope as a plan.
 - Plan ids are daemon-unique and looked up only in the requesting session: no session can run
@@ -46,8 +60,22 @@ PLAN_REQUEST = struct.Struct("<4sqQ")
 # magic, request id, output buffer generation, node id (-1: none), daemon_us
 PLAN_REPLY = struct.Struct("<4sqQqd")
 MAX_PLANS_PER_DEVICE = 64
+# Plan runs the general way before a plan gets its in-place recording: a loop, not a one-off.
+DIRECT_AFTER_RUNS = 2
+MAX_DIRECT_RECORDINGS = 8
+# In-place runs that did not replay (warmup, recording) before the plan goes back for good.
+MAX_DIRECT_MISSES = 4
 
 _plan_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PlanServices:
+    """What a plan run needs of the daemon, resolved once (no per-request context)."""
+
+    devices: dict  # device name -> DeviceRuntime
+    keepalive: Callable[[], None]
+    metrics: Any
 
 
 def is_plan_request(frames: list) -> bool:
@@ -83,19 +111,25 @@ class SubmitPlan:
     plan_id: int
     graph_id: str
     function_key: tuple  # the session device's key of ``fn`` (graph id, in-place inputs)
-    fn: Callable
+    fn: Callable  # the session's GraphedFunction for the graph
     weights: list
     inputs: list
     buffer: Any  # the OutputBuffer the outputs go to
+    runs: int = 0
+    direct: Optional[Callable] = None  # the in-place recording's GraphedFunction, once made
+    direct_args: tuple = ()
+    direct_refused: bool = False  # no in-place recording for this plan (cap, capture failure...)
+    direct_misses: int = 0
 
 
 class PlanBook:
     """One session device's plans: by id, and by (graph id, packed inputs) so that the same
-    submit is offered the same plan again."""
+    submit is offered the same plan again; and its in-place recordings, which outlive plans."""
 
     def __init__(self) -> None:
         self.by_id: dict[int, SubmitPlan] = {}
         self._by_submit: dict[tuple[str, bytes], int] = {}
+        self.direct: dict[tuple, Callable] = {}  # direct_key -> GraphedFunction
 
     def offer(self, graph_id: str, packed: bytes, function_key: tuple, fn: Callable, weights: list, inputs: list,
               buffer: Any) -> SubmitPlan:
@@ -110,6 +144,7 @@ class PlanBook:
         return plan
 
     def forget(self) -> None:
+        """Forget the plans (the in-place recordings stay: the tree keeps them anyway)."""
         self.by_id.clear()
         self._by_submit.clear()
 
@@ -131,15 +166,37 @@ def find_plan(session: Any, plan_id: int) -> tuple[Any, SubmitPlan]:
     raise ProtocolError("plan_expired", f"plan {plan_id} is not (or no longer) one of this session's: submit normally")
 
 
-def run_plan(ctx: Any, session: Any, request_id: int, plan_id: int, *, finish_general: Callable) -> list:
+def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int, *, finish_general: Callable) -> list:
     """Run a plan: ``[PLAN_REPLY]`` when it replayed into the same slots, else the frames of the
     general submit reply (``finish_general(state, runtime, graph_id, outputs, received)``)."""
     received = time.perf_counter()
     state, plan = find_plan(session, plan_id)
-    runtime = ctx.devices[state.device]
-    ctx.keepalive()
+    runtime = services.devices[state.device]
+    plan.runs += 1
+    if plan.direct is None and not plan.direct_refused and plan.runs > DIRECT_AFTER_RUNS and runtime.is_cuda:
+        attach_direct(state, plan)
+    if plan.direct is not None:
+        services.keepalive()
+        try:
+            plan.direct(*plan.direct_args)
+        except DirectPlanMismatch:
+            plan.direct, plan.direct_refused = None, True  # and this call the general way, below
+        else:
+            services.keepalive()
+            execution = state.manager.last_execution
+            mode = getattr(getattr(execution, "mode", None), "value", None)
+            if mode == "replayed":
+                plan.buffer.generation += 1  # the replay wrote the buffer
+                return _reply_replayed(services, session, runtime, plan, request_id, execution, received)
+            plan.direct_misses += 1
+            if mode not in ("warmup", "recorded") or plan.direct_misses > MAX_DIRECT_MISSES:
+                plan.direct, plan.direct_refused = None, True  # ran without graphs: the general way from now on
+            # The outputs are in the buffer already; the general reply describes them (and says
+            # what happened: a warmup or a recording of the in-place graph).
+            return finish_general(state, runtime, plan.graph_id, list(plan.buffer.views()), received)
+    services.keepalive()
     outputs = plan.fn(*plan.weights, *plan.inputs)
-    ctx.keepalive()
+    services.keepalive()
     execution = state.manager.last_execution
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     del outputs
@@ -148,11 +205,72 @@ def run_plan(ctx: Any, session: Any, request_id: int, plan_id: int, *, finish_ge
         return finish_general(state, runtime, plan.graph_id, flat, received)
     plan.buffer.copy_in(flat)
     del flat  # the tree must see replay outputs dead: nothing of the pool is kept here
+    return _reply_replayed(services, session, runtime, plan, request_id, execution, received)
+
+
+def _reply_replayed(services: PlanServices, session: Any, runtime: Any, plan: SubmitPlan, request_id: int,
+                    execution: Any, received: float) -> list:
     runtime.synchronize()  # the client reads the outputs as soon as it has the reply
     session.counters["submits"] += 1
     daemon_us = (time.perf_counter() - received) * 1e6
-    ctx.metrics.observe_submit(daemon_us * 1e-6, mode, None)
+    services.metrics.observe_submit(daemon_us * 1e-6, "replayed", None)
     return [pack_plan_reply(request_id, plan.buffer.generation, getattr(execution, "node_id", None), round(daemon_us, 1))]
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place recordings
+
+
+class DirectPlanMismatch(RuntimeError):
+    """The graph's outputs no longer fit the plan's output buffer (raised inside the recorded
+    function, so the tree never records such a call)."""
+
+
+def attach_direct(state: Any, plan: SubmitPlan) -> None:
+    """Give ``plan`` its in-place recording: found by key, made if under the cap, else refused."""
+    views = plan.buffer.views()
+    args = (*plan.weights, *plan.inputs, *views)
+    key = (plan.function_key, plan.buffer.buffer_id, tuple(_baked(value) for value in args))
+    direct = state.plans.direct.get(key)
+    if direct is None:
+        if len(state.plans.direct) >= MAX_DIRECT_RECORDINGS:
+            plan.direct_refused = True
+            return
+        graphed = plan.fn
+        direct = state.manager.cudagraphify(
+            writing_into(graphed.fn, len(args) - len(views)), args, static_input_idxs=range(len(args)),
+            name=f"{graphed.name} [plan]", kind="inference",
+        )
+        state.plans.direct[key] = direct
+    plan.direct, plan.direct_args = direct, args
+
+
+def writing_into(fn: Callable, n_args: int) -> Callable:
+    """``fn`` over the first ``n_args`` arguments, its outputs copied into the remaining ones
+    (the output buffer's slot views); returns nothing, so the tree keeps no output alive."""
+
+    def run_into_buffer(*args: Any) -> tuple:
+        outputs = fn(*args[:n_args])
+        flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        views = args[n_args:]
+        if len(flat) != len(views) or not all(
+            isinstance(value, torch.Tensor) and value.shape == view.shape and value.dtype == view.dtype
+            for value, view in zip(flat, views)
+        ):
+            raise DirectPlanMismatch("the graph's outputs do not fit the plan's output buffer")
+        for view, value in zip(views, flat):
+            view.copy_(value)
+        return ()
+
+    return run_into_buffer
+
+
+def _baked(value: Any) -> tuple:
+    """What a recording bakes in about one argument: a tensor's address and geometry, a
+    number's value."""
+    if isinstance(value, torch.Tensor):
+        return (value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value.device)
+    return (type(value), value)
 
 
 def _all_on(tensors: list, device: Any) -> bool:

@@ -52,6 +52,7 @@ import signal
 import socket
 import threading
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 import zmq
@@ -63,7 +64,7 @@ from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
 from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
-from cgtree.daemon.plans import is_plan_request, parse_plan_request, run_plan
+from cgtree.daemon.plans import PlanServices, is_plan_request, parse_plan_request, run_plan
 from cgtree.daemon.logsetup import configure_logging, request_context
 from cgtree.daemon.metrics import MetricsUnavailableError, NullMetrics, make_metrics
 from cgtree.daemon.protocol import (
@@ -165,6 +166,7 @@ class Daemon:
         self.state = "starting"  # starting -> serving -> stopping
         self.exit_code: Optional[int] = None  # set when the loop must end (sticky CUDA error)
         self.watchdog = Watchdog(notify.watchdog_interval_s(), clock=clock)
+        self._plan_services: Optional[PlanServices] = None  # built on the first plan run
         self.status_reporter = StatusReporter()
         self._buffer_ids = itertools.count(1)
         self._pending_signals: list[int] = []
@@ -504,23 +506,33 @@ class Daemon:
             return self._dispatch(identity, session, request)
 
     def answer_plan(self, session: Any, frame: Any) -> list:
-        """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames."""
+        """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames.
+        The hot path of a submit loop: no per-request context object or closures; errors are
+        answered as ``_guarded`` answers them."""
         self.counters["requests"] += 1
         request_id, plan_id = parse_plan_request(frame)
         session.touch(self.clock())
         session.counters["requests"] += 1
+        if self._plan_services is None:
+            self._plan_services = PlanServices(self.devices, self.watchdog.keepalive, self.metrics)
         with request_context(request_id, session.label):
-            return self._guarded(request_id, "submit (plan)", lambda: run_plan(
-                self._context_for(session.identity, request_id), session, request_id, plan_id,
-                finish_general=lambda state, runtime, graph_id, outputs, received: self._general_plan_reply(
-                    request_id, session, state, runtime, graph_id, outputs, received)))
+            try:
+                return run_plan(self._plan_services, session, request_id, plan_id,
+                                finish_general=partial(self._general_plan_reply, request_id, plan_id, session))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes its error reply
+                return [self._error_reply(request_id, "submit (plan)", exc)]
 
-    def _general_plan_reply(self, request_id: Any, session: Any, state: Any, runtime: Any, graph_id: str,
+    def _general_plan_reply(self, request_id: Any, plan_id: int, session: Any, state: Any, runtime: Any, graph_id: str,
                             outputs: list, received: float) -> list:
+        """The full submit reply to a plan run that did not replay into the same slots; it names
+        the plan again while the plan still stands (the same output buffer)."""
         from cgtree.daemon.commands import submit
 
         reply = submit.finish(self._context_for(session.identity, request_id), session, state, runtime, graph_id,
                               outputs, received, to_host=False)
+        plan = state.plans.by_id.get(plan_id)
+        if plan is not None and submit.plannable(reply, state, graph_id) and state.output_buffers.get(graph_id) is plan.buffer:
+            reply.body["plan"] = plan_id
         return [encode_reply(request_id, reply.body), *reply.frames]
 
     def _decode(self, body_frames: list) -> tuple[Optional[Request], Optional[ProtocolError]]:
@@ -561,15 +573,19 @@ class Daemon:
             frames = run()
             log.debug("request %s: %s answered in %.3f ms", request_id, op, (time.perf_counter() - started) * 1e3)
             return frames
-        except ProtocolError as exc:
-            return [self._refuse(request_id, op, exc)]
-        except Exception as exc:
-            self.counters["errors"] += 1
-            if looks_like_cuda_error(exc):
-                return [self.on_cuda_error(request_id, exc)]
-            self.counters["internal_errors"] += 1
-            log.exception("request %s failed with an internal error (op %s)", request_id, op)
-            return [encode_error(request_id, "internal", f"{type(exc).__name__}: {exc} (request {request_id!r}; see the daemon log)")]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes its error reply
+            return [self._error_reply(request_id, op, exc)]
+
+    def _error_reply(self, request_id: Any, op: str, exc: Exception) -> bytes:
+        """The error reply for ``exc`` raised while serving a request (counted and logged)."""
+        if isinstance(exc, ProtocolError):
+            return self._refuse(request_id, op, exc)
+        self.counters["errors"] += 1
+        if looks_like_cuda_error(exc):
+            return self.on_cuda_error(request_id, exc)
+        self.counters["internal_errors"] += 1
+        log.error("request %s failed with an internal error (op %s)", request_id, op, exc_info=exc)
+        return encode_error(request_id, "internal", f"{type(exc).__name__}: {exc} (request {request_id!r}; see the daemon log)")
 
     def _refuse(self, request_id: Any, op: str, exc: ProtocolError) -> bytes:
         self.counters["errors"] += 1

@@ -374,14 +374,18 @@ class OutputBuffer:
         # passed back in): read those before any slot is overwritten.
         own = self.storage.data_ptr()
         tensors = [t.clone() if t.untyped_storage().data_ptr() == own else t for t in tensors]
-        if self._views is None:  # the slots never move: build their views once
+        for view, tensor in zip(self.views(), tensors):
+            view.copy_(tensor)
+
+    def views(self) -> list[torch.Tensor]:
+        """A tensor over each slot (built once: the slots never move while the buffer lives)."""
+        if self._views is None:
             self._views = [
                 tensor_on_storage(self.storage, TensorGeometry(slot.dtype, slot.shape, contiguous_stride(slot.shape), 0),
                                   "output", byte_base=slot.byte_offset)
                 for slot in self.slots
             ]
-        for view, tensor in zip(self._views, tensors):
-            view.copy_(tensor)
+        return self._views
 
     def describe(self, slot: OutputSlot) -> dict:
         return {"kind": "output", "dtype": dtype_name(slot.dtype), "shape": list(slot.shape),

@@ -1,27 +1,37 @@
-"""Prepared submits (``cgtree.daemon.plans``): the wire formats, the plan book, expiry, and a
-plan request on a real lane of a CPU daemon (plans themselves need CUDA outputs: tests/gpu)."""
+"""Prepared submits (``cgtree.daemon.plans``): the wire formats, the plan book, expiry, a plan
+request on a real lane of a CPU daemon, and plan runs with their in-place recordings on the CPU
+backend's tree manager (plans through a daemon need CUDA outputs: tests/gpu)."""
 
 from __future__ import annotations
 
+import collections
 import socket
 import types
 
 import msgpack
 import pytest
+import torch
 
 from cgtree.client import Client
 from cgtree.daemon.lane import LANE_MAGIC, LANE_MAX_BYTES, receive_datagram, send_frames, split_datagram
+from cgtree.daemon.metrics import NullMetrics
 from cgtree.daemon.plans import (
     PLAN_REQUEST,
+    DirectPlanMismatch,
     PlanBook,
+    PlanServices,
+    attach_direct,
     find_plan,
     is_plan_request,
     pack_plan_reply,
     pack_plan_request,
     parse_plan_reply,
     parse_plan_request,
+    run_plan,
+    writing_into,
 )
 from cgtree.daemon.protocol import ProtocolError
+from cgtree.manager import TreeManager
 
 
 def test_wire_formats_round_trip_and_never_look_like_msgpack():
@@ -74,3 +84,98 @@ def test_a_plan_request_for_an_unknown_plan_gets_plan_expired(cgtreed):
         sock.close()
         assert client.ping()["daemon_pid"] > 0
     assert PLAN_REQUEST.size == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place recordings, on the CPU backend's tree manager (its replays re-run the function into
+# the recorded buffers: the decisions and the data flow are the ones CUDA replays follow).
+
+
+class _Buffer:
+    """The part of OutputBuffer a plan uses, over CPU tensors."""
+
+    def __init__(self, buffer_id: int, *shapes: tuple) -> None:
+        self.buffer_id, self.generation = buffer_id, 0
+        self._views = [torch.full(shape, float("nan")) for shape in shapes]
+
+    def views(self) -> list:
+        return self._views
+
+    def fits(self, tensors: list) -> bool:
+        return [tuple(t.shape) for t in tensors] == [tuple(v.shape) for v in self._views]
+
+    def copy_in(self, tensors: list) -> None:
+        self.generation += 1
+        for view, tensor in zip(self._views, tensors):
+            view.copy_(tensor)
+
+
+def _plan_setup(buffer_id: int = 1):
+    manager = TreeManager("cpu")
+    weight, x = torch.randn(8, 8), torch.randn(4, 8)
+    fn = manager.cudagraphify(lambda w, v: (torch.relu(v @ w),), [weight, x], static_input_idxs=[0], name="g")
+    for _ in range(3):  # the submits before the plan: warmup, recording, replay
+        fn(weight, x)
+    buffer = _Buffer(buffer_id, (4, 8))
+    state = types.SimpleNamespace(device="dev", manager=manager, plans=PlanBook(), functions={("g", ()): fn},
+                                  output_buffers={"g": buffer})
+    session = types.SimpleNamespace(devices={"dev": state}, counters=collections.Counter())
+    runtime = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), synchronize=lambda: None)
+    services = PlanServices({"dev": runtime}, lambda: None, NullMetrics())
+    plan = state.plans.offer("g", b"packed", ("g", ()), fn, [weight], [x], buffer)
+    return manager, state, session, services, plan, weight, x
+
+
+def test_a_plan_loop_moves_to_its_in_place_recording_and_reads_fresh_data():
+    manager, state, session, services, plan, weight, x = _plan_setup()
+    general = []
+
+    def finish_general(state_, runtime, graph_id, outputs, received):
+        general.append(manager.last_execution.mode.value)
+        state_.output_buffers[graph_id].copy_in(outputs)
+        return ["general"]
+
+    kinds = []
+    for request_id in range(1, 9):
+        x.copy_(torch.randn(4, 8))  # the client writes its buffer between runs
+        frames = run_plan(services, session, request_id, plan.plan_id, finish_general=finish_general)
+        fast = parse_plan_reply(frames[0]) if frames != ["general"] else None
+        kinds.append("fast" if fast else "general")
+        if fast:
+            assert fast[0] == request_id and fast[1] == plan.buffer.generation
+        torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))
+    # Two runs the general way (copies), then the in-place recording warms up and records
+    # (full replies saying so), then every run is one replay of it.
+    assert kinds == ["fast", "fast", "general", "general", "fast", "fast", "fast", "fast"], kinds
+    assert general == ["warmup", "recorded"]
+    assert plan.direct is not None and len(state.plans.direct) == 1
+    names = {node["function"]: node for node in manager.status()["nodes"]}
+    assert names["g [plan]"]["replays"] == 4
+    assert plan.buffer.generation >= 8  # every run is a new generation of the buffer
+
+
+def test_in_place_recordings_are_found_again_and_capped(monkeypatch):
+    manager, state, session, services, plan, weight, x = _plan_setup()
+    attach_direct(state, plan)
+    first = plan.direct
+    assert first is not None
+    again = state.plans.offer("g", b"packed-again", ("g", ()), plan.fn, [weight], [x], plan.buffer)
+    attach_direct(state, again)
+    assert again.direct is first  # the same memory: the same recording
+    monkeypatch.setattr("cgtree.daemon.plans.MAX_DIRECT_RECORDINGS", 1)
+    other = state.plans.offer("g", b"other", ("g", ()), plan.fn, [weight], [torch.randn(4, 8)], plan.buffer)
+    attach_direct(state, other)
+    assert other.direct is None and other.direct_refused  # over the cap: the general way
+
+
+def test_writing_into_copies_each_output_and_refuses_outputs_that_do_not_fit():
+    weight, x = torch.randn(8, 3), torch.randn(4, 8)
+    views = [torch.empty(4, 3), torch.empty(3)]
+    run = writing_into(lambda w, v: (v @ w, (v @ w).sum(0)), 2)
+    assert run(weight, x, *views) == ()
+    torch.testing.assert_close(views[0], x @ weight)
+    torch.testing.assert_close(views[1], (x @ weight).sum(0))
+    with pytest.raises(DirectPlanMismatch):
+        run(weight, x, torch.empty(5, 3), views[1])
+    with pytest.raises(DirectPlanMismatch):
+        run(weight, x, views[0])  # one output too many for the buffer

@@ -392,3 +392,27 @@ def test_a_steady_submit_loop_runs_as_plans_and_stays_correct(gpu_daemon):
         (out,) = client.submit(model, [x])
         torch.testing.assert_close(out, model(x))
         assert client.last_execution["mode"] == "warmup"
+
+
+def test_a_plan_loop_moves_to_an_in_place_recording_that_reads_and_writes_the_clients_buffers(gpu_daemon):
+    """After a few plan runs the daemon records the plan's own graph (cgtree.daemon.plans: every
+    input static, the output copy inside the graph): steps keep reading fresh inputs, the cache
+    is written in the client's buffer, and the tree shows the "[plan]" root replaying."""
+    from cgtree.client import Client, backend
+
+    model = CachedStep().eval().cuda()
+    reference = CachedStep().eval().cuda()
+    reference.load_state_dict(model.state_dict())
+    x, pos = torch.empty(8, 64, device="cuda:0"), torch.empty(1, dtype=torch.long, device="cuda:0")
+    with Client(gpu_daemon.endpoint, timeout_s=120) as client, torch.no_grad():
+        compiled = torch.compile(model, backend=backend(client))
+        for step in range(14):
+            x.copy_(torch.randn(8, 64, device="cuda:0"))
+            pos.fill_(step)
+            torch.testing.assert_close(compiled(x, pos), reference(x, pos))
+            torch.testing.assert_close(model.cache, reference.cache)
+        execution = client.last_execution
+        assert execution["mode"] == "replayed" and execution.get("plan") is not None, execution
+        nodes = client.status(session_only=True)["sessions"][0]["devices"]["cuda:0"]["nodes"]
+        planned = [node for node in nodes if node["function"].endswith("[plan]")]
+        assert planned and planned[0]["replays"] >= 3, nodes
