@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from cgtree.daemon.compiling import compile_graph
 from cgtree.daemon.protocol import ProtocolError
 
 log = logging.getLogger("cgtree.daemon.graphs")
@@ -174,9 +175,10 @@ class DeviceGraphs:
         for weight_hash in weight_hashes:
             self.weights[weight_hash].refs += 1
             weights.append(self.weights[weight_hash].tensor)
+        label = f"{name} (g{graph_id[:12]})" if name else f"g{graph_id[:12]}"
         entry = GraphEntry(
             graph_id=graph_id, decoded=decoded, weight_hashes=weight_hashes, weights=weights,
-            fn=self._callable(decoded), input_specs=getattr(decoded, "input_specs", None),
+            fn=self._callable(decoded, weights, label), input_specs=getattr(decoded, "input_specs", None),
             dynamic=bool(getattr(decoded, "dynamic", False)), name=name,
         )
         self.graphs[graph_id] = entry
@@ -199,13 +201,10 @@ class DeviceGraphs:
             raise ProtocolError("payload_rejected", f"weight {spec.hash}: {exc}") from None
         return cpu_tensor.to(self.device, copy=True).contiguous()
 
-    def _callable(self, decoded: Any) -> Callable:
-        module = decoded.module
+    def _callable(self, decoded: Any, weights: list, name: str) -> Callable:
         if self._compile_mode() == "inductor":
-            # cgtree records the graphs itself: inductor's own cudagraphs stay off.
-            return torch.compile(module, backend="inductor", dynamic=bool(getattr(decoded, "dynamic", False)),
-                                 options={"triton.cudagraphs": False})
-        return module
+            return compile_graph(decoded, weights, self.device, name)
+        return decoded.module
 
     # -- references ------------------------------------------------------------------------------
 

@@ -10,7 +10,10 @@ blobs; send only those the daemon said it lacks. Each blob is re-hashed and must
 name. The payload is decoded with the operator allow-list (``aten``, ``prims``, ``operator``
 and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated. ``name`` is an
 optional label (printable, at most 64 characters; e.g. the model's class name) shown by
-``cgtreectl`` and in the logs; the first client to name a graph names it for everyone.
+``cgtreectl`` and in the logs; the first client to name a graph names it for everyone. With
+``daemon.compile = "inductor"`` the register that completes a new graph also compiles it
+(``cgtree.daemon.compiling``: seconds, once per graph and daemon; inductor's disk cache makes a
+restarted daemon's compile quick): allow for it in the client's timeout.
 
 Reply: ``{"graph": str, "registered": bool, "need_payload": bool,
 "missing_weights": [str], "new": bool, "weights_added": int, "inputs": int | None,
@@ -55,7 +58,10 @@ def execute(ctx, session, body, frames) -> Reply:
         blobs[check_graph_id(weight_hash, "weight")] = _frame(frames, index, f"weight {weight_hash}")
     name = check_graph_name(field_of(body, "name", str, None))
     staged = session.staged_weights.setdefault(runtime.name, {})
+    # A new graph may be compiled here (daemon.compile = "inductor": seconds): feed the watchdog.
+    ctx.keepalive()
     outcome = runtime.graphs.register(payload, claimed, blobs, staged, name=name)
+    ctx.keepalive()
     registered = outcome.entry is not None
     if registered:
         key = (runtime.name, outcome.graph_id)

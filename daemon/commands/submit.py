@@ -112,8 +112,11 @@ def execute(ctx, session, body, frames) -> Reply:
         # an output buffer's) memory: the graph writes them there, in place, as it would in
         # the client's own process. Another buffer at that position later is a re-recording.
         weights = len(entry.weights)
+        # A graph that writes a CPU input writes the daemon's copy, which goes back to the client:
+        # its ATen code runs then, so the tree sees those writes (compiled kernels would hide them).
+        function = entry.decoded.module if write_back else entry.fn
         fn = state.manager.cudagraphify(
-            entry.fn, [*entry.weights, *inputs], static_input_idxs=[*range(weights), *(weights + i for i in in_place)],
+            function, [*entry.weights, *inputs], static_input_idxs=[*range(weights), *(weights + i for i in in_place)],
             name=entry.display_name, kind="inference", dynamic=entry.dynamic,
         )
         state.functions[function_key] = fn
