@@ -65,16 +65,6 @@ def compile_graph(decoded: Any, weights: Sequence[torch.Tensor], device: torch.d
     with inductor_config.patch({"triton.cudagraphs": False}):
         compiled = compile_fx(copy.deepcopy(decoded.module), examples)
     log.info("graph %s compiled by inductor in %.1f s", name, time.perf_counter() - started)
-    return _unboxed(compiled)
-
-
-def _unboxed(compiled: Callable) -> Callable:
-    """``compiled(*args)``, whichever calling convention ``compile_fx`` handed back (a boxed one
-    takes the argument list)."""
-    if not getattr(compiled, "_boxed_call", False):
-        return compiled
-
-    def run(*args: Any) -> Any:
-        return compiled(list(args))
-
-    return run
+    # Called with positional arguments, as the module: compile_fx keeps a flat GraphModule's
+    # calling convention (whatever ``_boxed_call`` attribute it copied from inner functions).
+    return compiled

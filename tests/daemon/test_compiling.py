@@ -7,7 +7,7 @@ import types
 import torch
 
 from cgtree.client import lowering
-from cgtree.daemon.compiling import _unboxed, eager_reason
+from cgtree.daemon.compiling import eager_reason
 from cgtree.payload import InputSpec, decode_graph
 
 
@@ -39,15 +39,3 @@ def test_symbolic_shapes_and_graph_breaking_ops_keep_the_aten_code():
         == "it has symbolic shapes"
     assert eager_reason(_decoded(ReadsAValue(), torch.randn(4))) == "it holds an op a CUDA graph cannot hold"
 
-
-def test_a_boxed_compiled_function_is_called_with_positional_arguments():
-    seen = []
-
-    def boxed(args):
-        seen.append(list(args))
-        return args[0] + args[1]
-
-    boxed._boxed_call = True
-    assert _unboxed(boxed)(1, 2) == 3 and seen == [[1, 2]]
-    plain = lambda a: a  # noqa: E731
-    assert _unboxed(plain) is plain

@@ -65,6 +65,48 @@ def test_an_inductor_daemon_records_inductors_kernels_and_matches_eager():
     manager.close()
 
 
+class WritesCache(torch.nn.Module):
+    """A decoder-like step whose cache is an input it writes in place at a position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, cache, x, pos):
+        cache.index_copy_(1, pos, self.proj(x).unsqueeze(1))
+        return cache.sum(1)
+
+
+def test_a_compiled_graph_writes_a_static_input_in_place():
+    from cgtree.client import lowering
+    from cgtree.config import Policy
+    from cgtree.daemon.graphs import DeviceRuntime
+
+    module = WritesCache().cuda().eval()
+    cache, reference = torch.zeros(8, 16, 64, device="cuda:0"), torch.zeros(8, 16, 64, device="cuda:0")
+    x, pos = torch.randn(8, 64, device="cuda:0"), torch.zeros(1, dtype=torch.long, device="cuda:0")
+    encoded = lowering.encode(lowering.lower(module, [cache.clone(), x, pos]))
+    runtime = DeviceRuntime("cuda:0", allowed_namespaces=lambda: (), compile_mode=lambda: "inductor")
+    blobs = {h: memoryview(blob.data) for h, blob in encoded.weights.items()}
+    entry = runtime.graphs.register(memoryview(encoded.graph_bytes), encoded.graph_id, blobs, {}).entry
+    assert entry.mutated_inputs == (0,) and entry.fn is not entry.decoded.module
+    weights = len(entry.weights)
+    manager = runtime.make_manager(Policy())
+    fn = manager.cudagraphify(entry.fn, [*entry.weights, cache, x, pos], static_input_idxs=[*range(weights), weights],
+                              name="WritesCache")
+    with torch.no_grad():
+        for step in range(5):
+            x.copy_(torch.randn(8, 64, device="cuda:0"))
+            pos.fill_(step)
+            (out,) = fn(*entry.weights, cache, x, pos)
+            expected = module(reference, x, pos)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(cache, reference, rtol=1e-4, atol=1e-4)
+        assert manager.last_execution.mode.value == "replayed"
+    manager.close()
+
+
 def test_an_eager_daemon_keeps_the_aten_graph():
     from cgtree.daemon.graphs import DeviceRuntime
 
