@@ -29,16 +29,17 @@ Parameters reach the daemon as *weights uploaded once, by content hash*, not thr
   and any weight seen changing twice, travel with each submit instead (by CUDA IPC on CUDA,
   read in place, no copy on the client side).
 
-Mutated inputs on CUDA (KV caches written each step, any input the model writes): AOT hands
-over a functional graph that returns their new values, for its wrapper to copy back. For a
-CUDA graph, this backend moves the writes back into the graph (``copy_`` into the input) before
-lowering, so the daemon writes the client's buffer in place through its IPC mapping, as a
-static input of the recording (``cgtree.daemon.commands.submit``: inputs a graph writes), and
-the new values never travel: without it, every step of a 6-layer decoder with 256-position
+Mutated inputs on CUDA (KV caches written each step, any input the model writes): the graph
+writes them itself (AOT's ``keep_inference_input_mutations``: ``copy_`` into the input at the
+end of the graph), so the daemon writes the client's buffer in place through its IPC mapping,
+as a static input of the recording (``cgtree.daemon.commands.submit``: inputs a graph writes),
+and the new values never travel: otherwise every step of a 6-layer decoder with 256-position
 caches would copy 24 MiB of caches into the recording, 24 MiB of new caches out to the output
-buffer, and 24 MiB back into the caches. AOT's wrapper then gets the inputs themselves as the
-"new values" (its ``copy_`` of a tensor onto itself does nothing). On CPU the functional form is
-kept: CPU inputs reach the daemon as copies.
+buffer, and 24 MiB back into the caches. Where AOT still hands over a graph that returns new
+values for its wrapper to copy back, this backend moves those writes into the graph itself
+(``mutations_into_graph``) and gives the wrapper the inputs as their "new values" (its
+``copy_`` of a tensor onto itself does nothing). On CPU the functional form is kept: CPU inputs
+reach the daemon as copies, and AOT writes the new values back here.
 
 Invariants:
 - Graph outputs are the daemon's: CUDA outputs are views of the session's output buffer and
@@ -240,14 +241,22 @@ def backend(client: Any) -> Callable:
 
         return compile_graph
 
-    compile_with_aot = aot_autograd(
-        fw_compiler=training_compiler("forward"),
-        bw_compiler=training_compiler("backward"),
-        inference_compiler=inference_compiler,
-        keep_inference_input_mutations=False,
-    )
+    def with_aot(keep_input_writes: bool) -> Callable:
+        return aot_autograd(
+            fw_compiler=training_compiler("forward"),
+            bw_compiler=training_compiler("backward"),
+            inference_compiler=inference_compiler,
+            keep_inference_input_mutations=keep_input_writes,
+        )
+
+    # On CUDA the graph writes its inputs itself (they travel by IPC and are written in place):
+    # AOT keeps the writes in the graph, so its runtime wrapper copies nothing back (~2.5 us of
+    # Python per written input and step: a GPT's twelve KV caches). A CPU input is a copy in the
+    # daemon, so there the graph stays functional and AOT writes the new values back here.
+    writes_in_graph, functional = with_aot(True), with_aot(False)
 
     def cgtreed(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        return compile_with_aot(gm, example_inputs)
+        device = graph_facts.device_of(gm, example_inputs)
+        return (writes_in_graph if device is not None and device.type == "cuda" else functional)(gm, example_inputs)
 
     return cgtreed
