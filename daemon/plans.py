@@ -13,7 +13,7 @@ is answered with the error ``plan_expired``; the client then submits the general
 may offer a new plan.
 
 In-place recordings. A plan's inputs are fixed views (the client's CUDA buffers, mapped once)
-and its outputs go to a fixed buffer, so after ``DIRECT_AFTER_RUNS`` runs a plan gets a
+and its outputs go to a fixed buffer, so after ``DIRECT_AFTER_RUNS`` (50) runs a plan gets a
 recording of its own in the session's tree: the graph with every input static (read where the
 client keeps it, no copy into recording buffers) and the copies into the output buffer captured
 at its end. A run is then one replay and a host synchronize; the general way costs an input
@@ -60,8 +60,10 @@ PLAN_REQUEST = struct.Struct("<4sqQ")
 # magic, request id, output buffer generation, node id (-1: none), daemon_us
 PLAN_REPLY = struct.Struct("<4sqQqd")
 MAX_PLANS_PER_DEVICE = 64
-# Plan runs the general way before a plan gets its in-place recording: a loop, not a one-off.
-DIRECT_AFTER_RUNS = 2
+# Plan runs the general way before a plan gets its in-place recording. That recording warms up
+# and records like any (two calls that do not replay, reported as such); only a long loop earns
+# it back, and a short one keeps the modes it would see without it.
+DIRECT_AFTER_RUNS = 50
 MAX_DIRECT_RECORDINGS = 8
 # In-place runs that did not replay (warmup, recording) before the plan goes back for good.
 MAX_DIRECT_MISSES = 4

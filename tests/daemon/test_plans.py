@@ -126,7 +126,8 @@ def _plan_setup(buffer_id: int = 1):
     return manager, state, session, services, plan, weight, x
 
 
-def test_a_plan_loop_moves_to_its_in_place_recording_and_reads_fresh_data():
+def test_a_plan_loop_moves_to_its_in_place_recording_and_reads_fresh_data(monkeypatch):
+    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 2)
     manager, state, session, services, plan, weight, x = _plan_setup()
     general = []
 
