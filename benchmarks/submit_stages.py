@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Where a steady-state submit's time goes, stage by stage, in both processes.
+
+Starts a ``cgtreed`` (``--devices cuda:0``) in a wrapper that stamps the daemon's stages
+(poll woke, datagram read, plan dispatched, replay launched, synchronized, reply sent), runs a
+submit loop in this process with the client's stages stamped (submit entered, plan run entered,
+request sent, reply received, outputs built, caller synchronized), and prints the p50 of every
+gap between consecutive stages over the loop. Both processes read ``time.perf_counter_ns``
+(CLOCK_MONOTONIC on Linux), so stamps of the two sides compare directly. The same process then
+times ``torch.compile(mode="reduce-overhead")`` on the same model for reference.
+
+    python3 benchmarks/submit_stages.py --model tiny            # or mlp24, gpt
+    python3 benchmarks/submit_stages.py --model gpt --json results/stages_gpt.json
+
+Models: ``tiny``/``mlp24`` (``benchmarks/models.py``) submitted directly with one handle;
+``gpt`` (``benchmarks/gpt.py``) through ``torch.compile(backend=cgtree.client.backend(client))``
+with ``daemon.compile = "inductor"``. Stamps are function wrappers (a fraction of a
+microsecond each); read the figures as a breakdown, and take latency targets from
+``bench_daemon.py`` / ``bench_compile.py``. Plan runs need CUDA: without it the script says so
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.append(str(REPO_ROOT))  # appended: an installed cgtree wins over the bare folder
+
+STAMPS_ENV = "CGTREE_STAGES_OUT"
+_now = time.perf_counter_ns
+
+# Stages in the order a plan run passes them: client, daemon, client again.
+ORDER = ("submit", "plan_run", "request_sent", "daemon_woke", "read_start", "read_done", "plan_dispatch",
+         "run_plan", "replay_launched", "synchronized", "run_plan_done", "send_start", "send_done",
+         "reply_received", "plan_run_done", "submit_done", "caller_synced")
+DAEMON_STAGES = frozenset(ORDER[3:13])
+FIRST_DAEMON_STAGE = "plan_dispatch"  # one per plan run: the daemon's sequences are keyed on it
+
+
+def _wrap(owner: Any, name: str, stamps: list, before: str | None, after: str | None,
+          when: Callable[[Any], bool] = lambda result: True) -> None:
+    original = getattr(owner, name)
+
+    def stamped(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            stamps.append((before, _now()))
+        result = original(*args, **kwargs)
+        if after and when(result):
+            stamps.append((after, _now()))
+        return result
+
+    setattr(owner, name, stamped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon side
+
+
+def daemon_main(argv: list[str]) -> int:
+    from cgtree.daemon import graphs, lane, server
+    from cgtree.daemon import main as daemon_entry
+
+    stamps: list = []
+    _wrap(server.Daemon, "_poll_spinning", stamps, None, "daemon_woke", when=bool)
+    _wrap(lane.LaneHub, "read", stamps, "read_start", "read_done")
+    _wrap(server.Daemon, "answer_plan", stamps, "plan_dispatch", None)
+    _wrap(server, "run_plan", stamps, "run_plan", "run_plan_done")
+    # The plan run synchronizes right after launching its replay.
+    _wrap(graphs.DeviceRuntime, "synchronize", stamps, "replay_launched", "synchronized")
+    _wrap(lane.LaneHub, "send", stamps, "send_start", "send_done")
+    code = daemon_entry.main(argv)
+    Path(os.environ[STAMPS_ENV]).write_text(json.dumps(stamps))
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment (pure)
+
+
+def daemon_sequences(stamps: list) -> list[dict]:
+    """One dict of stage -> ns per plan run: the wake-up and read that preceded its dispatch,
+    then the first of each later daemon stage."""
+    sequences, current, last = [], None, {}
+    for stage, t in stamps:
+        if stage in ("daemon_woke", "read_start", "read_done"):
+            last[stage] = t
+            continue
+        if stage == FIRST_DAEMON_STAGE:
+            current = {**last, stage: t}
+            sequences.append(current)
+        elif current is not None and stage in DAEMON_STAGES and stage not in current:
+            current[stage] = t
+    return sequences
+
+
+def client_sequences(stamps: list) -> list[dict]:
+    sequences, current = [], None
+    for stage, t in stamps:
+        if stage == "submit":
+            current = {}
+            sequences.append(current)
+        if current is not None and stage not in current:
+            current[stage] = t
+    return sequences
+
+
+def stage_table(client: list[dict], daemon: list[dict]) -> list[dict]:
+    """p50/mean of each gap between consecutive stages (the i-th client submit with the i-th
+    daemon plan run, counted from the end), and of the whole submit."""
+    daemon = daemon[-len(client):] if client else []
+    gaps: dict[str, list[float]] = {}
+    for c, d in zip(client[-len(daemon):] if daemon else [], daemon):
+        merged = {**c, **d}
+        present = [s for s in ORDER if s in merged]
+        for a, b in zip(present, present[1:]):
+            gaps.setdefault(f"{a} -> {b}", []).append((merged[b] - merged[a]) / 1e3)
+        if "submit" in merged and "caller_synced" in merged:
+            gaps.setdefault("whole call (submit -> caller_synced)", []).append((merged["caller_synced"] - merged["submit"]) / 1e3)
+    return [{"gap": gap, "p50_us": round(statistics.median(v), 1), "mean_us": round(statistics.fmean(v), 1), "n": len(v)}
+            for gap, v in gaps.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side
+
+
+def _model_call(name: str, client: Any, device: Any) -> tuple[Callable[[], Any], Any, tuple]:
+    """(call, the eager module, its inputs) for ``name``."""
+    import torch
+
+    if name == "gpt":
+        from benchmarks.gpt import GPTConfig, build_gpt, step_inputs
+        from cgtree.client import backend
+
+        cfg = GPTConfig()
+        compiled = torch.compile(build_gpt(cfg, device, seed=0), backend=backend(client), fullgraph=True)
+        inputs = step_inputs(cfg, device, cfg.max_seq // 2)
+        return (lambda: compiled(*inputs)), build_gpt(cfg, device, seed=0), inputs
+    from benchmarks.models import build_model
+
+    model = build_model(name, device, seed=0)
+    with torch.enable_grad():
+        handle = client.register(model.module, list(model.inputs), device=str(device))
+    return (lambda: client.submit(handle, model.inputs)), model.module, tuple(model.inputs)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from benchmarks.bench_compile import DAEMON_CONFIG as COMPILE_CONFIG
+    from benchmarks.bench_daemon import DAEMON_CONFIG, child_env
+    from cgtree.client import Client
+    from cgtree.client import client as client_module
+    from cgtree.client import lane as client_lane
+
+    work = Path(tempfile.mkdtemp(prefix="cgstages-"))
+    (work / "config.toml").write_text(COMPILE_CONFIG.format(compile="inductor") if args.model == "gpt" else DAEMON_CONFIG)
+    socket_path, stamps_path = work / "s", work / "stamps.json"
+    log = open(work / "cgtreed.log", "wb")
+    daemon = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--daemon", "--config", str(work / "config.toml"),
+                               "--endpoint", f"ipc://{socket_path}", "--devices", "cuda:0"],
+                              env=child_env({STAMPS_ENV: str(stamps_path)}), cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not socket_path.exists():
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cgtreed did not start:\n{(work / 'cgtreed.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        stamps: list = []
+        _wrap(client_module.Client, "submit", stamps, "submit", "submit_done")
+        _wrap(client_module.Client, "_submit_planned", stamps, "plan_run", "plan_run_done")
+        _wrap(client_lane.ClientLane, "request", stamps, "request_sent", "reply_received")
+        device = torch.device("cuda:0")
+        client = Client(f"ipc://{socket_path}", timeout_s=600)
+        with torch.no_grad():
+            call, module, inputs = _model_call(args.model, client, device)
+            for _ in range(args.warmup):
+                call()
+                torch.cuda.synchronize()
+            stamps.clear()
+            for _ in range(args.iters):
+                out = call()
+                torch.cuda.synchronize()
+                stamps.append(("caller_synced", _now()))
+                del out
+        execution = client.last_execution
+        client.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    table = stage_table(client_sequences(stamps), daemon_sequences(json.loads(stamps_path.read_text())))
+    reference = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    samples = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.iters):
+            started = _now()
+            out = reference(*inputs)
+            torch.cuda.synchronize()
+            if i >= args.warmup:
+                samples.append((_now() - started) / 1e3)
+            del out
+    return {"model": args.model, "iters": args.iters, "last_execution": execution, "stages": table,
+            "reduce_overhead_p50_us": round(statistics.median(samples), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--daemon"]:
+        return daemon_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "mlp24", "gpt"), default="tiny")
+    parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=500, help="untimed calls first (plans and their recordings settle)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("submit_stages: plan runs need CUDA; nothing to measure here", file=sys.stderr)
+        return 2
+    report = run(args)
+    print(f"{args.model}: {args.iters} submits; last: {report['last_execution']}")
+    for row in report["stages"]:
+        print(f"  {row['gap']:48s} p50 {row['p50_us']:8.1f} us   mean {row['mean_us']:8.1f}")
+    print(f"  reduce-overhead in this process: p50 {report['reduce_overhead_p50_us']} us")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
