@@ -15,7 +15,8 @@ and the tree must see it to skip the graph with its reason).
 
 Mechanism (``compile_graph``): ``compile_fx`` on a copy of the decoded module, with the
 graph's weights and zero-filled example inputs of its input specs, inductor's own CUDA graphs
-off (cgtree records). Inductor's on-disk caches live under ``daemon.cache_dir`` when set, so a
+off (cgtree records). A compile that fails (no C++ compiler on a CPU host, an op inductor
+lacks) is logged and the graph keeps its ATen code: registration never fails for it. Inductor's on-disk caches live under ``daemon.cache_dir`` when set, so a
 restarted daemon does not compile again.
 
 Invariants:
@@ -62,8 +63,13 @@ def compile_graph(decoded: Any, weights: Sequence[torch.Tensor], device: torch.d
 
     examples = [*weights, *(torch.zeros(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
     started = time.perf_counter()
-    with inductor_config.patch({"triton.cudagraphs": False}):
-        compiled = compile_fx(copy.deepcopy(decoded.module), examples)
+    try:
+        with inductor_config.patch({"triton.cudagraphs": False}):
+            compiled = compile_fx(copy.deepcopy(decoded.module), examples)
+    except Exception as exc:  # noqa: BLE001 - no compiler, an op inductor lacks...: the graph still serves
+        log.warning("graph %s runs its ATen code: inductor could not compile it (%s: %s)", name, type(exc).__name__,
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        return decoded.module
     log.info("graph %s compiled by inductor in %.1f s", name, time.perf_counter() - started)
     # Called with positional arguments, as the module: compile_fx keeps a flat GraphModule's
     # calling convention (whatever ``_boxed_call`` attribute it copied from inner functions).

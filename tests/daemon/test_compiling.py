@@ -39,3 +39,19 @@ def test_symbolic_shapes_and_graph_breaking_ops_keep_the_aten_code():
         == "it has symbolic shapes"
     assert eager_reason(_decoded(ReadsAValue(), torch.randn(4))) == "it holds an op a CUDA graph cannot hold"
 
+
+
+def test_a_graph_inductor_cannot_compile_keeps_its_aten_code(monkeypatch, caplog):
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    from cgtree.daemon.compiling import compile_graph
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", refuse)
+    decoded = _decoded(Scale(), torch.randn(4, 4))
+    with caplog.at_level("WARNING", logger="cgtree.daemon.compiling"):
+        fn = compile_graph(decoded, [], torch.device("cpu"), "Scale")
+    assert fn is decoded.module
+    assert "inductor could not compile it (RuntimeError: no C++ compiler found)" in caplog.text
