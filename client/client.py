@@ -518,6 +518,8 @@ class Client:
             execution = reply.get("execution")
             if reply.get("plan") == plan.plan_id and isinstance(execution, dict):
                 execution = {**execution, "plan": plan.plan_id}  # the plan stands; this run did not replay
+                # What its fast replies run from now on (the plan's in-place recording, once made).
+                plan.function = str(execution.get("function") or plan.function)
             self.last_execution = execution
             outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
             self.last_timing = _timing(started, sent, answered, time.perf_counter())

@@ -44,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 import time
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ DIRECT_AFTER_RUNS = 50
 MAX_DIRECT_RECORDINGS = 8
 # In-place runs that did not replay (warmup, recording) before the plan goes back for good.
 MAX_DIRECT_MISSES = 4
+
+log = logging.getLogger("cgtree.daemon.plans")
 
 _plan_ids = itertools.count(1)
 
@@ -176,7 +179,11 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     runtime = services.devices[state.device]
     plan.runs += 1
     if plan.direct is None and not plan.direct_refused and plan.runs > DIRECT_AFTER_RUNS and runtime.is_cuda:
-        attach_direct(state, plan)
+        try:
+            attach_direct(state, plan)
+        except Exception:  # noqa: BLE001 - an optimization: its failure must not fail the submit
+            plan.direct_refused = True
+            log.exception("plan %d: no in-place recording; it runs the general way", plan.plan_id)
     if plan.direct is not None:
         services.keepalive()
         try:

@@ -180,3 +180,17 @@ def test_writing_into_copies_each_output_and_refuses_outputs_that_do_not_fit():
         run(weight, x, torch.empty(5, 3), views[1])
     with pytest.raises(DirectPlanMismatch):
         run(weight, x, views[0])  # one output too many for the buffer
+
+
+def test_a_plan_whose_in_place_recording_cannot_be_made_still_runs(monkeypatch):
+    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 0)
+    manager, state, session, services, plan, weight, x = _plan_setup()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot make it")
+
+    monkeypatch.setattr(manager, "cudagraphify", broken)
+    frames = run_plan(services, session, 1, plan.plan_id, finish_general=lambda *a: ["general"])
+    assert parse_plan_reply(frames[0])[0] == 1  # answered the fast way, by the general recording
+    assert plan.direct is None and plan.direct_refused
+    torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))

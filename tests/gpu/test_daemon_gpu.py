@@ -418,3 +418,5 @@ def test_a_plan_loop_moves_to_an_in_place_recording_that_reads_and_writes_the_cl
         nodes = client.status(session_only=True)["sessions"][0]["devices"]["cuda:0"]["tree"]["nodes"]
         planned = [node for node in nodes if node["function"].endswith("[plan]")]
         assert planned and planned[0]["replays"] >= 3, nodes
+        # The report names what replayed: the plan's recording, node and function alike.
+        assert execution["node_id"] == planned[0]["id"] and execution["function"] == planned[0]["function"], execution
