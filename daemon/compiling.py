@@ -16,8 +16,9 @@ and the tree must see it to skip the graph with its reason).
 Mechanism (``compile_graph``): ``compile_fx`` on a copy of the decoded module, with the
 graph's weights and zero-filled example inputs of its input specs, inductor's own CUDA graphs
 off (cgtree records). A compile that fails (no C++ compiler on a CPU host, an op inductor
-lacks) is logged and the graph keeps its ATen code: registration never fails for it. Inductor's on-disk caches live under ``daemon.cache_dir`` when set, so a
-restarted daemon does not compile again.
+lacks) is logged and the graph keeps its ATen code: registration never fails for it.
+Inductor's on-disk caches live under ``daemon.cache_dir`` when set, so a restarted daemon does
+not compile again.
 
 Invariants:
 - The decoded module is never changed: it stays the ATen function of the graph, which a submit

@@ -125,6 +125,9 @@ class SubmitPlan:
     direct_args: tuple = ()
     direct_refused: bool = False  # no in-place recording for this plan (cap, capture failure...)
     direct_misses: int = 0
+    # Whether its last run the general way replayed: the graph runs under graphs for these
+    # inputs with every policy in force (skips, capture sizes, mutation support) applied.
+    replayed_last: bool = False
 
 
 class PlanBook:
@@ -178,7 +181,10 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     state, plan = find_plan(session, plan_id)
     runtime = services.devices[state.device]
     plan.runs += 1
-    if plan.direct is None and not plan.direct_refused and plan.runs > DIRECT_AFTER_RUNS and runtime.is_cuda:
+    # Only a plan whose general runs replay gets one: the in-place recording has every input
+    # static, so it must not stand in for a call the policies send elsewhere.
+    if (plan.direct is None and not plan.direct_refused and plan.replayed_last and plan.runs > DIRECT_AFTER_RUNS
+            and runtime.is_cuda):
         try:
             attach_direct(state, plan)
         except Exception:  # noqa: BLE001 - an optimization: its failure must not fail the submit
@@ -210,6 +216,7 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     del outputs
     mode = getattr(getattr(execution, "mode", None), "value", None)
+    plan.replayed_last = mode == "replayed"
     if mode != "replayed" or not _all_on(flat, runtime.device) or not plan.buffer.fits(flat):
         return finish_general(state, runtime, plan.graph_id, flat, received)
     plan.buffer.copy_in(flat)
@@ -248,7 +255,7 @@ def attach_direct(state: Any, plan: SubmitPlan) -> None:
         graphed = plan.fn
         direct = state.manager.cudagraphify(
             writing_into(graphed.fn, len(args) - len(views)), args, static_input_idxs=range(len(args)),
-            name=f"{graphed.name} [plan]", kind="inference",
+            name=f"{graphed.name} [plan]", kind="inference", dynamic=graphed.dynamic,
         )
         state.plans.direct[key] = direct
     plan.direct, plan.direct_args = direct, args

@@ -5,6 +5,7 @@ backend's tree manager (plans through a daemon need CUDA outputs: tests/gpu)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import socket
 import types
 
@@ -183,14 +184,42 @@ def test_writing_into_copies_each_output_and_refuses_outputs_that_do_not_fit():
 
 
 def test_a_plan_whose_in_place_recording_cannot_be_made_still_runs(monkeypatch):
-    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 0)
+    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 1)
     manager, state, session, services, plan, weight, x = _plan_setup()
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot make it")
 
     monkeypatch.setattr(manager, "cudagraphify", broken)
-    frames = run_plan(services, session, 1, plan.plan_id, finish_general=lambda *a: ["general"])
-    assert parse_plan_reply(frames[0])[0] == 1  # answered the fast way, by the general recording
+    run_plan(services, session, 1, plan.plan_id, finish_general=lambda *a: ["general"])
+    frames = run_plan(services, session, 2, plan.plan_id, finish_general=lambda *a: ["general"])
+    assert parse_plan_reply(frames[0])[0] == 2  # answered the fast way, by the general recording
     assert plan.direct is None and plan.direct_refused
     torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))
+
+
+def test_no_in_place_recording_for_a_plan_whose_general_runs_do_not_replay(monkeypatch):
+    """The policies decide whether a graph runs under graphs (skips, capture sizes, mutation
+    support); a plan whose general runs do not replay never gets the all-static recording."""
+    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 1)
+    manager = TreeManager("cpu")
+    weight, x = torch.randn(8, 8), torch.randn(4, 8)
+    # Batch 4 is not a capture size: the general variant (x copied) is skipped; an all-static
+    # recording would have no leading size to check.
+    manager.set_policy(dataclasses.replace(manager.policy, capture_sizes=(8,)))
+    fn = manager.cudagraphify(lambda w, v: (torch.relu(v @ w),), [weight, x], static_input_idxs=[0], name="g")
+    buffer = _Buffer(1, (4, 8))
+    state = types.SimpleNamespace(device="dev", manager=manager, plans=PlanBook(), functions={("g", ()): fn},
+                                  output_buffers={"g": buffer})
+    session = types.SimpleNamespace(devices={"dev": state}, counters=collections.Counter())
+    runtime = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), synchronize=lambda: None)
+    services = PlanServices({"dev": runtime}, lambda: None, NullMetrics())
+    plan = state.plans.offer("g", b"packed", ("g", ()), fn, [weight], [x], buffer)
+
+    def finish_general(state_, runtime_, graph_id, outputs, received):
+        state_.output_buffers[graph_id].copy_in(outputs)
+        return [manager.last_execution.mode.value]
+
+    modes = [run_plan(services, session, i, plan.plan_id, finish_general=finish_general)[0] for i in range(5)]
+    assert modes == ["skipped"] * 5 and plan.direct is None and not state.plans.direct
+    torch.testing.assert_close(buffer.views()[0], torch.relu(x @ weight))
