@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import socket
 import types
+from typing import Optional
 
 import msgpack
 import pytest
@@ -111,8 +112,10 @@ class _Buffer:
             view.copy_(tensor)
 
 
-def _plan_setup(buffer_id: int = 1):
+def _plan_setup(buffer_id: int = 1, policy_changes: Optional[dict] = None):
     manager = TreeManager("cpu")
+    if policy_changes:
+        manager.set_policy(dataclasses.replace(manager.policy, **policy_changes))
     weight, x = torch.randn(8, 8), torch.randn(4, 8)
     fn = manager.cudagraphify(lambda w, v: (torch.relu(v @ w),), [weight, x], static_input_idxs=[0], name="g")
     for _ in range(3):  # the submits before the plan: warmup, recording, replay
@@ -202,19 +205,10 @@ def test_no_in_place_recording_for_a_plan_whose_general_runs_do_not_replay(monke
     """The policies decide whether a graph runs under graphs (skips, capture sizes, mutation
     support); a plan whose general runs do not replay never gets the all-static recording."""
     monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 1)
-    manager = TreeManager("cpu")
-    weight, x = torch.randn(8, 8), torch.randn(4, 8)
     # Batch 4 is not a capture size: the general variant (x copied) is skipped; an all-static
     # recording would have no leading size to check.
-    manager.set_policy(dataclasses.replace(manager.policy, capture_sizes=(8,)))
-    fn = manager.cudagraphify(lambda w, v: (torch.relu(v @ w),), [weight, x], static_input_idxs=[0], name="g")
-    buffer = _Buffer(1, (4, 8))
-    state = types.SimpleNamespace(device="dev", manager=manager, plans=PlanBook(), functions={("g", ()): fn},
-                                  output_buffers={"g": buffer})
-    session = types.SimpleNamespace(devices={"dev": state}, counters=collections.Counter())
-    runtime = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"), synchronize=lambda: None)
-    services = PlanServices({"dev": runtime}, lambda: None, NullMetrics())
-    plan = state.plans.offer("g", b"packed", ("g", ()), fn, [weight], [x], buffer)
+    manager, state, session, services, plan, weight, x = _plan_setup(policy_changes={"capture_sizes": (8,)})
+    buffer = plan.buffer
 
     def finish_general(state_, runtime_, graph_id, outputs, received):
         state_.output_buffers[graph_id].copy_in(outputs)
