@@ -78,7 +78,7 @@ from cgtree.daemon.tensors import (
     tensor_from_cpu_desc,
 )
 from cgtree.liveness import TensorGeometry as TensorLayout
-from cgtree.liveness import mark_overwritten, non_owning_storage, tensor_on
+from cgtree.liveness import CAN_RAISE_ON_OVERWRITTEN_ACCESS, mark_overwritten, non_owning_storage, tensor_on
 
 log = logging.getLogger("cgtree.client")
 
@@ -101,8 +101,7 @@ IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", 
 ENVELOPE_ALLOWANCE = 64 * 1024
 CLIENT_NAME = "cgtree.client 0.1"
 
-_set_access_error = getattr(torch._C, "_set_storage_access_error_msg", None)
-CAN_RAISE_ON_OVERWRITTEN_OUTPUT = _set_access_error is not None
+CAN_RAISE_ON_OVERWRITTEN_OUTPUT = CAN_RAISE_ON_OVERWRITTEN_ACCESS
 
 OVERWRITTEN_MESSAGE = (
     "cgtree: this output of graph {graph} was overwritten by a later submit of the same graph "
@@ -528,11 +527,7 @@ class Client:
         if reply_id != request_id:
             self._close_lane()
             raise ClientError("the daemon answered a plan run with another request's reply")
-        # The previous submit's outputs are stale now (as _drop_graph_outputs, for this buffer).
-        for ref in mapping.handed_out:
-            tensor = ref()
-            if tensor is not None:
-                mark_overwritten(tensor, plan.overwritten)
+        _mark_stale(mapping, plan.overwritten)  # the previous submit's outputs
         mapping.generation = generation
         outputs = tuple([self._view_at(mapping, slot) for slot in plan.slots])
         mapping.handed_out = [weakref.ref(t) for t in outputs]
@@ -776,12 +771,7 @@ class Client:
         mapping = self._mappings.get(buffer_id) if buffer_id is not None else None
         if mapping is None:
             return
-        message = OVERWRITTEN_MESSAGE.format(graph="g" + key[1][:12])
-        for ref in mapping.handed_out:
-            tensor = ref()
-            if tensor is not None and _set_access_error is not None:
-                _set_access_error(tensor, message)
-        mapping.handed_out.clear()
+        _mark_stale(mapping, OVERWRITTEN_MESSAGE.format(graph="g" + key[1][:12]))
         if close_mapping:
             self._close_mapping(buffer_id)
             self._graph_buffer.pop(key, None)
@@ -1086,6 +1076,15 @@ class Client:
 
 
 _current_stream_key = getattr(torch._C, "_cuda_getCurrentStream", None)
+
+
+def _mark_stale(mapping: "_OutputMapping", message: str) -> None:
+    """The tensors handed out over ``mapping`` were overwritten: touching one raises ``message``."""
+    for ref in mapping.handed_out:
+        tensor = ref()
+        if tensor is not None:
+            mark_overwritten(tensor, message)
+    mapping.handed_out = []
 
 
 def _timing(started: float, sent: float, answered: float, done: float) -> dict:

@@ -175,12 +175,12 @@ class DeviceGraphs:
         for weight_hash in weight_hashes:
             self.weights[weight_hash].refs += 1
             weights.append(self.weights[weight_hash].tensor)
-        label = f"{name} (g{graph_id[:12]})" if name else f"g{graph_id[:12]}"
         entry = GraphEntry(
             graph_id=graph_id, decoded=decoded, weight_hashes=weight_hashes, weights=weights,
-            fn=self._callable(decoded, weights, label), input_specs=getattr(decoded, "input_specs", None),
+            fn=decoded.module, input_specs=getattr(decoded, "input_specs", None),
             dynamic=bool(getattr(decoded, "dynamic", False)), name=name,
         )
+        entry.fn = self._callable(entry)
         self.graphs[graph_id] = entry
         log.info("graph %s registered on %s: %d weights (%d new)", entry.display_name, self.device, len(weights), added)
         return RegisterOutcome(graph_id, entry, new=True, weights_added=added)
@@ -201,10 +201,10 @@ class DeviceGraphs:
             raise ProtocolError("payload_rejected", f"weight {spec.hash}: {exc}") from None
         return cpu_tensor.to(self.device, copy=True).contiguous()
 
-    def _callable(self, decoded: Any, weights: list, name: str) -> Callable:
+    def _callable(self, entry: GraphEntry) -> Callable:
         if self._compile_mode() == "inductor":
-            return compile_graph(decoded, weights, self.device, name)
-        return decoded.module
+            return compile_graph(entry.decoded, entry.weights, self.device, entry.display_name)
+        return entry.decoded.module
 
     # -- references ------------------------------------------------------------------------------
 

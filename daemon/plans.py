@@ -137,7 +137,7 @@ class PlanBook:
     def __init__(self) -> None:
         self.by_id: dict[int, SubmitPlan] = {}
         self._by_submit: dict[tuple[str, bytes], int] = {}
-        self.direct: dict[tuple, Callable] = {}  # direct_key -> GraphedFunction
+        self.direct: dict[tuple, Callable] = {}  # (function key, buffer id, what it baked in) -> GraphedFunction
 
     def offer(self, graph_id: str, packed: bytes, function_key: tuple, fn: Callable, weights: list, inputs: list,
               buffer: Any) -> SubmitPlan:
@@ -206,8 +206,9 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
             plan.direct_misses += 1
             if mode not in ("warmup", "recorded") or plan.direct_misses > MAX_DIRECT_MISSES:
                 plan.direct, plan.direct_refused = None, True  # ran without graphs: the general way from now on
-            # The outputs are in the buffer already; the general reply describes them (and says
-            # what happened: a warmup or a recording of the in-place graph).
+            # The outputs are in the buffer already; the general reply describes them and says
+            # what happened (a warmup or a recording of the in-place graph). Its copy_in copies
+            # the slots onto themselves: two calls per recording, not worth a path of their own.
             return finish_general(state, runtime, plan.graph_id, list(plan.buffer.views()), received)
     services.keepalive()
     outputs = plan.fn(*plan.weights, *plan.inputs)
