@@ -101,6 +101,10 @@ class DaemonConfig:
     spin_us: after answering a request the daemon polls without sleeping this long, so a
         client's next request is picked up without a wake-up (0: always sleep in poll). Only
         when it serves a CUDA device: CPU replay backends need their cores for the work.
+    doorbell: plan runs through a shared-memory page per lane instead of lane datagrams
+        (``cgtree.daemon.doorbell``): ``"auto"`` for CUDA daemons that spin, on x86-64;
+        ``"on"`` also for CPU replay backends (the daemon then spins on CPU too); ``"off"``.
+        Applies to lanes attached after a reload.
     """
 
     endpoint: str = ""
@@ -118,6 +122,7 @@ class DaemonConfig:
     metrics_port: int = 0
     lanes: bool = True
     spin_us: int = 500
+    doorbell: str = "auto"
 
     def __post_init__(self) -> None:
         _check_type("daemon.endpoint", self.endpoint, str)
@@ -159,6 +164,8 @@ class DaemonConfig:
         _check_int("daemon.spin_us", self.spin_us, minimum=0)
         if self.spin_us > 1_000_000:
             raise ConfigError(f"daemon.spin_us must be at most 1000000 (one second), got {self.spin_us!r}")
+        if self.doorbell not in ("auto", "on", "off"):
+            raise ConfigError(f"daemon.doorbell must be \"auto\", \"on\" or \"off\", got {self.doorbell!r}")
 
 
 @dataclass(frozen=True)

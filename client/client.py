@@ -61,7 +61,9 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
 from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request, frame_view, pack
@@ -490,6 +492,8 @@ class Client:
         mapping = self._mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.session_id is None:
             return None
+        if lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
+            return self._submit_rung(handle, plan, lane, mapping, started)
         self._settle(handle.device)
         request_id = next(self._ids)
         message = [pack_plan_request(request_id, plan.plan_id)]
@@ -500,38 +504,76 @@ class Client:
         answered = time.perf_counter()
         fast = parse_plan_reply(raw[0]) if raw is not MOVED and len(raw) == 1 else None
         if fast is None:
-            # The general reply (a recording, a skip, new outputs), or a refusal.
-            try:
-                if raw is MOVED:
-                    reply, reply_frames = self._call_on_zmq("submit", request_id, message, self.timeout_s, send=False)
-                else:
-                    decoded = _decode_reply_for(raw, request_id, "submit")
-                    if decoded is None:
-                        self._close_lane()
-                        raise ClientError("the daemon answered a plan run with another request's reply")
-                    reply, reply_frames = decoded
-            except DaemonError as exc:
-                if exc.code in ("plan_expired", "no_session", "unknown_graph"):
-                    return None
-                raise
-            execution = reply.get("execution")
-            if reply.get("plan") == plan.plan_id and isinstance(execution, dict):
-                execution = {**execution, "plan": plan.plan_id}  # the plan stands; this run did not replay
-                # What its fast replies run from now on (the plan's in-place recording, once made).
-                plan.function = str(execution.get("function") or plan.function)
-            self.last_execution = execution
-            outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
-            self.last_timing = _timing(started, sent, answered, time.perf_counter())
-            return outputs
+            return self._general_plan_outcome(handle, plan, raw, request_id, message, (started, sent, answered))
         reply_id, generation, node_id, daemon_us = fast
         if reply_id != request_id:
             self._close_lane()
             raise ClientError("the daemon answered a plan run with another request's reply")
+        outputs = self._plan_outputs(mapping, plan, generation)
+        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
+        return outputs
+
+    def _submit_rung(self, handle: GraphHandle, plan: "_Plan", lane: ClientLane, mapping: "_OutputMapping",
+                     started: float) -> Optional[tuple]:
+        """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
+        outputs are built while the device runs, then returned once it wrote its done word."""
+        doorbell = lane.doorbell
+        self._settle(handle.device)
+        seq = doorbell.ring(plan.plan_id)
+        sent = time.perf_counter()
+        try:
+            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.timeout_s, self._spin_now)
+            answered = time.perf_counter()
+            if status != REPLAYED:
+                raw = lane.receive(self.timeout_s, self._spin_now)  # sent before the ack
+                return self._general_plan_outcome(handle, plan, raw, seq, [], (started, sent, answered))
+            outputs = self._plan_outputs(mapping, plan, generation)
+            doorbell.wait_done(device_index, seq, lane, self.timeout_s, self._spin_now)
+        except (DoorbellTimeout, LaneTimeout):
+            self._close_lane()  # a late answer must never be read as the next request's
+            raise DaemonTimeout(f"cgtreed at {self.endpoint} did not answer a plan run within {self.timeout_s:g} s "
+                                "(doorbell)") from None
+        except (DoorbellHangup, LaneClosed) as exc:
+            self._close_lane()
+            raise RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while a plan run was in flight "
+                                     f"({exc}; the daemon died or restarted); it may or may not have run", "submit") from None
+        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
+        return outputs
+
+    def _plan_outputs(self, mapping: "_OutputMapping", plan: "_Plan", generation: int) -> tuple:
+        """The plan's outputs in its buffer's slots, written by generation ``generation``."""
         _mark_stale(mapping, plan.overwritten)  # the previous submit's outputs
         mapping.generation = generation
         outputs = tuple([self._view_at(mapping, slot) for slot in plan.slots])
         mapping.handed_out = [weakref.ref(t) for t in outputs]
-        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
+        return outputs
+
+    def _general_plan_outcome(self, handle: GraphHandle, plan: "_Plan", raw: Any, request_id: int, message: list,
+                              stamps: tuple) -> Optional[tuple]:
+        """A plan run answered with the full submit reply (a recording, a skip, new outputs) or a
+        refusal: its outputs, or None when the plan is gone (the general path takes over)."""
+        started, sent, answered = stamps
+        try:
+            if raw is MOVED:
+                reply, reply_frames = self._call_on_zmq("submit", request_id, message, self.timeout_s, send=False)
+            else:
+                decoded = _decode_reply_for(raw, request_id, "submit")
+                if decoded is None:
+                    self._close_lane()
+                    raise ClientError("the daemon answered a plan run with another request's reply")
+                reply, reply_frames = decoded
+        except DaemonError as exc:
+            if exc.code in ("plan_expired", "no_session", "unknown_graph"):
+                return None
+            raise
+        execution = reply.get("execution")
+        if reply.get("plan") == plan.plan_id and isinstance(execution, dict):
+            execution = {**execution, "plan": plan.plan_id}  # the plan stands; this run did not replay
+            # What its fast replies run from now on (the plan's in-place recording, once made).
+            plan.function = str(execution.get("function") or plan.function)
+        self.last_execution = execution
+        outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        self.last_timing = _timing(started, sent, answered, time.perf_counter())
         return outputs
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:

@@ -13,6 +13,10 @@ frames, ``MOVED`` (the reply is coming over ZeroMQ), or raises:
 Waiting: the reply is polled without sleeping for ``spin_s`` (short GPU calls answer within
 it, and a sleeping thread costs a wake-up, tens of microseconds), then waited for in the kernel.
 
+Doorbell: when the handshake's answer brings a page (``cgtree.daemon.doorbell``), ``doorbell``
+is its ``ClientDoorbell``; plan runs ring it while the daemon is awake, and the lane then only
+carries the replies that do not fit the page, and kicks.
+
 Invariants: one request in flight at a time (the ``Client`` holds its lock); reply frames are
 views of a fresh bytearray per reply, never of a reused buffer, so tensors built on them stay
 valid; the socket is blocking only during the handshake.
@@ -20,11 +24,14 @@ valid; the socket is blocking only during the handshake.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
 from typing import Optional
 
+from cgtree.client.doorbell import ClientDoorbell
+from cgtree.daemon.doorbell import HANDSHAKE_OFFER, KICK_MAGIC
 from cgtree.daemon.lane import (
     LANE_MAGIC,
     LANE_MAX_BYTES,
@@ -57,9 +64,10 @@ class LaneTimeout(LaneError, TimeoutError):
 class ClientLane:
     """A connected, attached lane. ``connect`` raises ``LaneError`` when the daemon refuses."""
 
-    def __init__(self, sock: socket.socket, path: str) -> None:
+    def __init__(self, sock: socket.socket, path: str, doorbell: Optional[ClientDoorbell] = None) -> None:
         self.sock = sock
         self.path = path
+        self.doorbell = doorbell
         self._buffer = bytearray(LANE_MAX_BYTES)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
@@ -71,20 +79,27 @@ class ClientLane:
             sock.settimeout(timeout_s)
             sock.connect(path)
             send_frames(sock, [LANE_MAGIC, token])
-            answer = receive_datagram(sock, bytearray(4096))
-            if answer is None:
-                raise LaneError("the daemon closed the lane during the handshake")
-            frames = split_datagram(memoryview(answer))
-            if not frames or bytes(frames[0]) != b"ok":
-                reason = bytes(frames[1]).decode("utf-8", "replace") if len(frames) > 1 else "no reason given"
-                raise LaneError(f"the daemon refused the lane: {reason}")
+            answer, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            doorbell = None
+            try:
+                if not answer:
+                    raise LaneError("the daemon closed the lane during the handshake")
+                frames = split_datagram(memoryview(answer))
+                if not frames or bytes(frames[0]) != b"ok":
+                    reason = bytes(frames[1]).decode("utf-8", "replace") if len(frames) > 1 else "no reason given"
+                    raise LaneError(f"the daemon refused the lane: {reason}")
+                if len(frames) == 2 and bytes(frames[1]) == HANDSHAKE_OFFER and len(fds) == 1:
+                    doorbell = ClientDoorbell(fds.pop())
+            finally:
+                for fd in fds:
+                    os.close(fd)
             sock.setblocking(False)
         except (OSError, LaneFramingError) as exc:
             sock.close()
             if isinstance(exc, LaneError):
                 raise
             raise LaneError(f"cannot attach the submit lane at {path}: {exc}") from exc
-        return cls(sock, path)
+        return cls(sock, path, doorbell)
 
     def request(self, frames: list, timeout_s: float, spin_s: float = 0.0):
         """Send ``frames`` as one datagram; the reply's frames, or ``MOVED``. See the module doc."""
@@ -98,6 +113,25 @@ class ClientLane:
         except LaneFramingError as exc:
             raise LaneClosed(f"the daemon sent an unreadable lane datagram: {exc}") from None
         return MOVED if not reply else reply
+
+    def receive(self, timeout_s: float, spin_s: float = 0.0):
+        """The next reply's frames (or ``MOVED``) without sending: a doorbell's reply on the lane."""
+        try:
+            reply = split_datagram(memoryview(self._receive(timeout_s, spin_s)))
+        except LaneFramingError as exc:
+            raise LaneClosed(f"the daemon sent an unreadable lane datagram: {exc}") from None
+        return MOVED if not reply else reply
+
+    def kick(self) -> None:
+        """Tell a daemon that fell asleep to look at our doorbell (no reply comes)."""
+        try:
+            send_frames(self.sock, [KICK_MAGIC], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            raise LaneClosed(f"the submit lane broke: {exc}") from None
+
+    def peer_closed(self) -> bool:
+        """Whether the daemon's end is gone (hang-up), without reading anything."""
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in self._poll.poll(0))
 
     def _receive(self, timeout_s: float, spin_s: float) -> bytearray:
         recv = self._receive_now
@@ -133,6 +167,9 @@ class ClientLane:
         return data
 
     def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
+            self.doorbell = None
         try:
             self._poll.unregister(self.sock)
         except (KeyError, ValueError, OSError):

@@ -17,8 +17,9 @@ Access: the lane's socket file gets the ZeroMQ socket file's mode (0600 by defau
 deployment that opens the ZeroMQ socket to a group opens the lane to it too).
 
 Handshake: the ``hello`` reply carries ``lane = {"path", "token"}``. The client connects and
-sends ``[LANE_MAGIC, token]``; the daemon answers ``[b"ok"]`` or ``[b"refused", reason]`` and
-closes. The token is 16 random bytes per session, new on every adoption; where the daemon can
+sends ``[LANE_MAGIC, token]``; the daemon answers ``[b"ok"]`` (``[b"ok", b"doorbell"]`` with the
+lane's doorbell page passed along as a memfd: ``cgtree.daemon.doorbell``) or
+``[b"refused", reason]`` and closes. The token is 16 random bytes per session, new on every adoption; where the daemon can
 see the client's pid, ``SO_PEERCRED`` must also name the session's client.
 
 Invariants:
@@ -35,12 +36,15 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
+
+from cgtree.daemon.doorbell import HANDSHAKE_OFFER
 
 log = logging.getLogger("cgtree.daemon.lane")
 
@@ -105,9 +109,11 @@ def split_datagram(data: memoryview) -> list[memoryview]:
     return frames
 
 
-def send_frames(sock: socket.socket, frames: list, flags: int = 0) -> None:
-    """One datagram; raises OSError (EAGAIN when the peer's queue is full, EMSGSIZE, EPIPE...)."""
-    sock.sendmsg([header_of(frames), *frames], [], flags)
+def send_frames(sock: socket.socket, frames: list, flags: int = 0, fds: tuple = ()) -> None:
+    """One datagram (with ``fds`` passed along, SCM_RIGHTS); raises OSError (EAGAIN when the
+    peer's queue is full, EMSGSIZE, EPIPE...)."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([header_of(frames), *frames], ancillary, flags)
 
 
 def receive_datagram(sock: socket.socket, buffer: bytearray, flags: int = 0) -> Optional[bytearray]:
@@ -146,6 +152,7 @@ class LaneConnection:
     fd: int  # kept: a closed socket's fileno() is -1, and the poller knows it by this
     pid: Optional[int]
     session: Any = None
+    doorbell: Any = None  # its cgtree.daemon.doorbell.Doorbell, when the session got one
 
 
 @dataclass
@@ -168,6 +175,9 @@ class LaneHub:
     find_session(token) -> the live session holding that lane token, or None. The hub keeps
     that session's ``lane_open`` and ``counters["lane_requests"]`` up to date.
     watch(fd) / unwatch(fd): add a connection's fd to the daemon's poller / take it out.
+    make_doorbell() -> a new ``Doorbell`` for an attaching lane (None: lanes only); settle()
+    waits until no device may still write a doorbell page that is about to be unmapped.
+    ``ringing`` lists the connections with a doorbell, for the daemon's spin loop.
     """
 
     path: str
@@ -175,8 +185,11 @@ class LaneHub:
     mode: int = 0o600  # the daemon passes its ZeroMQ socket file's: whoever may use one may use both
     watch: Callable[[int], None] = lambda fd: None
     unwatch: Callable[[int], None] = lambda fd: None
+    make_doorbell: Optional[Callable[[], Any]] = None
+    settle: Callable[[], None] = lambda: None
     listener: Optional[socket.socket] = None
     connections: dict = field(default_factory=dict)  # fd -> LaneConnection
+    ringing: list = field(default_factory=list)  # the connections with a doorbell
     dropped: int = 0
     _buffer: bytearray = field(default_factory=lambda: bytearray(LANE_MAX_BYTES))
 
@@ -263,8 +276,37 @@ class LaneHub:
             self.close(other)  # one lane per session: the newest (a reconnecting client) wins
         connection.session = session
         session.lane_open = True
-        self.send(connection, [b"ok"])
+        doorbell = self._doorbell_for(connection)
+        if doorbell is None:
+            self.send(connection, [b"ok"])
+        else:
+            try:
+                send_frames(connection.sock, [b"ok", HANDSHAKE_OFFER], socket.MSG_DONTWAIT, fds=(doorbell.fd,))
+            except OSError as exc:
+                log.info("a lane handshake answer was dropped: %s", exc)
+            doorbell.handed_over()
         return LaneEvent(connection, attached=True)
+
+    def _doorbell_for(self, connection: LaneConnection) -> Any:
+        if self.make_doorbell is None:
+            return None
+        try:
+            doorbell = self.make_doorbell()
+        except Exception as exc:  # noqa: BLE001 - the lane serves without one
+            log.warning("no doorbell for a lane of session %s (%s): it answers on the lane", connection.session.label, exc)
+            return None
+        if doorbell is None:
+            return None
+        connection.doorbell = doorbell
+        self.ringing.append(connection)
+        return doorbell
+
+    def set_awake(self, awake: bool) -> None:
+        for connection in self.ringing:
+            connection.doorbell.set_awake(awake)
+
+    def any_rung(self) -> bool:
+        return any(connection.doorbell.rung() for connection in self.ringing)
 
     def send(self, connection: LaneConnection, frames: list) -> bool:
         """Send without blocking; False (counted) when the peer's queue is full or it is gone."""
@@ -281,6 +323,12 @@ class LaneHub:
             self.unwatch(connection.fd)
             if connection.session is not None:
                 connection.session.lane_open = False
+        if connection.doorbell is not None:
+            self.ringing.remove(connection)
+            doorbell, connection.doorbell = connection.doorbell, None
+            if not doorbell.settled():
+                self.settle()  # the GPU may still write the page: never unmap it under a write
+            doorbell.close()
         try:
             connection.sock.close()
         except OSError:

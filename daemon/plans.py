@@ -174,9 +174,23 @@ def find_plan(session: Any, plan_id: int) -> tuple[Any, SubmitPlan]:
     raise ProtocolError("plan_expired", f"plan {plan_id} is not (or no longer) one of this session's: submit normally")
 
 
-def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int, *, finish_general: Callable) -> list:
-    """Run a plan: ``[PLAN_REPLY]`` when it replayed into the same slots, else the frames of the
-    general submit reply (``finish_general(state, runtime, graph_id, outputs, received)``)."""
+@dataclass(frozen=True)
+class PlanReplayed:
+    """A plan run that replayed into its slots (what ``PLAN_REPLY`` and a doorbell carry)."""
+
+    generation: int
+    node_id: Optional[int]
+    daemon_us: float
+    device_index: int
+
+
+def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int, *, finish_general: Callable,
+             settle: Optional[Callable[[Any], None]] = None) -> Any:
+    """Run a plan: ``PlanReplayed`` when it replayed into the same slots, else the frames of the
+    general submit reply (``finish_general(state, runtime, graph_id, outputs, received)``).
+
+    ``settle(runtime)`` makes a replayed run's outputs readable by the client: by default a host
+    synchronize before the answer; a doorbell enqueues its done-write instead."""
     received = time.perf_counter()
     state, plan = find_plan(session, plan_id)
     runtime = services.devices[state.device]
@@ -202,7 +216,7 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
             mode = getattr(getattr(execution, "mode", None), "value", None)
             if mode == "replayed":
                 plan.buffer.generation += 1  # the replay wrote the buffer
-                return _reply_replayed(services, session, runtime, plan, request_id, execution, received)
+                return _replayed(services, session, runtime, plan, execution, received, settle)
             plan.direct_misses += 1
             if mode not in ("warmup", "recorded") or plan.direct_misses > MAX_DIRECT_MISSES:
                 plan.direct, plan.direct_refused = None, True  # ran without graphs: the general way from now on
@@ -222,16 +236,20 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
         return finish_general(state, runtime, plan.graph_id, flat, received)
     plan.buffer.copy_in(flat)
     del flat  # the tree must see replay outputs dead: nothing of the pool is kept here
-    return _reply_replayed(services, session, runtime, plan, request_id, execution, received)
+    return _replayed(services, session, runtime, plan, execution, received, settle)
 
 
-def _reply_replayed(services: PlanServices, session: Any, runtime: Any, plan: SubmitPlan, request_id: int,
-                    execution: Any, received: float) -> list:
-    runtime.synchronize()  # the client reads the outputs as soon as it has the reply
+def _replayed(services: PlanServices, session: Any, runtime: Any, plan: SubmitPlan, execution: Any, received: float,
+              settle: Optional[Callable[[Any], None]]) -> PlanReplayed:
+    if settle is None:
+        runtime.synchronize()  # the client reads the outputs as soon as it has the reply
+    else:
+        settle(runtime)
     session.counters["submits"] += 1
     daemon_us = (time.perf_counter() - received) * 1e6
     services.metrics.observe_submit(daemon_us * 1e-6, "replayed", None)
-    return [pack_plan_reply(request_id, plan.buffer.generation, getattr(execution, "node_id", None), round(daemon_us, 1))]
+    return PlanReplayed(plan.buffer.generation, getattr(execution, "node_id", None), round(daemon_us, 1),
+                        runtime.device.index if runtime.is_cuda else 0)
 
 
 # ---------------------------------------------------------------------------------------------

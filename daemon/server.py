@@ -64,7 +64,8 @@ from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
 from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
-from cgtree.daemon.plans import PlanServices, is_plan_request, parse_plan_request, run_plan
+from cgtree.daemon.doorbell import ON_LANE, REPLAYED, Doorbell, doorbell_policy, is_kick
+from cgtree.daemon.plans import PlanReplayed, PlanServices, is_plan_request, pack_plan_reply, parse_plan_request, run_plan
 from cgtree.daemon.logsetup import configure_logging, request_context
 from cgtree.daemon.metrics import MetricsUnavailableError, NullMetrics, make_metrics
 from cgtree.daemon.protocol import (
@@ -93,6 +94,7 @@ EXIT_START_FAILED = 78  # EX_CONFIG: bad configuration, endpoint in use, unusabl
 MAX_REQUESTS_PER_TURN = 64  # then signals and housekeeping get a look in
 STOP_DRAIN_S = 0.2  # how long stop() keeps answering queued requests with "unavailable"
 MAX_LOOP_WAIT_S = 1.0
+DOORBELLS = "doorbells"  # the key wait_for_events reports a rung doorbell under
 
 
 class StartError(RuntimeError):
@@ -296,7 +298,8 @@ class Daemon:
             mode = os.stat(self._socket_path).st_mode & 0o777
         except OSError:
             mode = 0o600
-        hub = LaneHub(path, find_session=self.sessions.by_lane_token, mode=mode, watch=self._watch_fd, unwatch=self._unwatch_fd)
+        hub = LaneHub(path, find_session=self.sessions.by_lane_token, mode=mode, watch=self._watch_fd, unwatch=self._unwatch_fd,
+                      make_doorbell=self._make_doorbell, settle=self._settle_devices)
         try:
             hub.open()
         except OSError as exc:  # the service still works over ZeroMQ alone
@@ -304,6 +307,37 @@ class Daemon:
             return
         self._watch_fd(hub.listener.fileno())
         self.lanes = hub
+
+    def doorbell_decision(self) -> tuple[bool, str]:
+        """Whether a lane attaching now gets a doorbell, and why (``daemon.doorbell``, live)."""
+        return doorbell_policy(self.config.daemon.doorbell, serves_cuda=self._serves_cuda,
+                               spins=self.config.daemon.spin_us > 0)
+
+    def _make_doorbell(self) -> Optional[Doorbell]:
+        if not self.doorbell_decision()[0]:
+            return None
+        return Doorbell([name for name, runtime in self.devices.items() if runtime.is_cuda])
+
+    def _spins(self) -> bool:
+        """Whether the loop polls without sleeping after an answer: CUDA daemons, and CPU ones
+        that were told to ring doorbells (their clients would otherwise kick every request)."""
+        if not self.config.daemon.spin_us:
+            return False
+        return self._serves_cuda or (self.lanes is not None and bool(self.lanes.ringing))
+
+    def _settle_devices(self) -> None:
+        """Wait for every CUDA device's work (before a doorbell page may go, before sleeping
+        with doorbell runs in flight). A sticky CUDA error found here ends the daemon."""
+        for runtime in self.devices.values():
+            if not runtime.is_cuda:
+                continue
+            try:
+                runtime.synchronize()
+            except Exception as exc:  # noqa: BLE001 - only CUDA can fail here
+                if looks_like_cuda_error(exc):
+                    self.on_cuda_error("(doorbell run)", exc)
+                    return
+                raise
 
     def _watch_fd(self, fd: int) -> None:
         self._poller.register(fd, zmq.POLLIN)
@@ -363,7 +397,7 @@ class Daemon:
         try:
             ready = self._poll_spinning()
             if not ready:
-                ready = dict(self._poller.poll(timeout=timeout_s * 1000.0))
+                ready = self._sleep(timeout_s)
         except zmq.ZMQError as exc:  # EINTR is retried by pyzmq; anything else: next turn
             log.debug("poll: %s", exc)
             return {}
@@ -377,15 +411,41 @@ class Daemon:
 
     def _poll_spinning(self) -> dict:
         clock, poll_fds, sock = time.perf_counter, self._spin_poller.poll, self._socket
-        while clock() < self._spin_until:
+        ringing = self.lanes.ringing if self.lanes is not None else ()
+        while True:
+            if clock() >= self._spin_until:
+                if not ringing or all(c.doorbell.settled() for c in ringing):
+                    return {}
+                # A doorbell run is still on the GPU: its client comes back right after it,
+                # so the spin window runs from the GPU's done-write, not from the answer.
+                self._spin_until = clock() + self.config.daemon.spin_us * 1e-6
             found = poll_fds(0)
             zmq_ready = sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-            if found or zmq_ready:
+            rung = any(c.doorbell.rung() for c in ringing) if ringing else False
+            if found or zmq_ready or rung:
                 ready = dict(found)
                 if zmq_ready:
                     ready[sock] = zmq.POLLIN
+                if rung:
+                    ready[DOORBELLS] = zmq.POLLIN
                 return ready
-        return {}
+
+    def _sleep(self, timeout_s: float) -> dict:
+        """Block in poll until something is ready. Doorbell pages say the daemon is asleep while
+        it is (their clients send on the lane then), and are looked at once more after saying
+        so: a request stored just before is still seen (``cgtree.daemon.doorbell``)."""
+        hub = self.lanes
+        if hub is None or not hub.ringing:
+            return dict(self._poller.poll(timeout=timeout_s * 1000.0))
+        if not all(c.doorbell.settled() for c in hub.ringing):
+            self._settle_devices()  # a sticky error in a doorbell run is found before sleeping
+        hub.set_awake(False)
+        if hub.any_rung():
+            ready = {DOORBELLS: zmq.POLLIN}
+        else:
+            ready = dict(self._poller.poll(timeout=timeout_s * 1000.0))
+        hub.set_awake(True)
+        return ready
 
     def handle_signals(self) -> None:
         while self._pending_signals:
@@ -403,8 +463,10 @@ class Daemon:
             self._serve_zmq()
         if self.lanes is not None:
             self._serve_lanes(ready)
-        if self.config.daemon.spin_us and self._serves_cuda:
-            # CPU replay backends never spin: their own work needs the cores.
+            if self.lanes.ringing:
+                self._serve_doorbells()
+        if self._spins():
+            # CPU replay backends spin only for doorbells: their own work needs the cores.
             self._spin_until = time.perf_counter() + self.config.daemon.spin_us * 1e-6
 
     def _serve_zmq(self) -> None:
@@ -467,6 +529,10 @@ class Daemon:
             return
         if is_plan_request(frames):
             reply = self.answer_plan(session, frames[0])
+        elif is_kick(frames):
+            if connection.doorbell is not None:  # the client rang while the daemon fell asleep
+                self._serve_doorbell(connection)
+            return
         else:
             reply = self.answer(session.identity, frames)
         if fits_lane(reply):
@@ -474,6 +540,44 @@ class Daemon:
         else:  # too large for a datagram: over ZeroMQ, and a notice on the lane
             self._send([session.identity, *reply])
             self.lanes.send(connection, MOVED)
+
+    def _serve_doorbells(self) -> None:
+        for connection in list(self.lanes.ringing):
+            if self._pending_signals or self.exit_code is not None:
+                return
+            if connection.doorbell is not None and connection.doorbell.rung():
+                self._serve_doorbell(connection)
+
+    def _serve_doorbell(self, connection: LaneConnection) -> None:
+        """Answer the request rung on ``connection``'s doorbell, if any: a replayed plan run in
+        the page (outputs ready when the device writes its done word), anything else on the lane."""
+        doorbell = connection.doorbell
+        taken = doorbell.take()
+        if taken is None:
+            return
+        seq, plan_id = taken
+        session = connection.session
+        session.counters["doorbell_requests"] += 1
+        if session.state != "live" or session.identity is None:
+            self._answer_on_lane_instead(connection, seq, [encode_error(seq, "no_session", "the session of this lane has ended")])
+            self.lanes.close(connection)
+            return
+        outcome = self.answer_plan(session, None, plan=(seq, plan_id), settle=partial(doorbell.signal_done, seq=seq))
+        if isinstance(outcome, PlanReplayed):
+            doorbell.answer(seq, REPLAYED, generation=outcome.generation, node_id=outcome.node_id,
+                            daemon_us=outcome.daemon_us, device_index=outcome.device_index)
+        else:
+            self._answer_on_lane_instead(connection, seq, outcome)
+
+    def _answer_on_lane_instead(self, connection: LaneConnection, seq: int, reply: list) -> None:
+        """A doorbell request's full reply: on the lane (ZeroMQ when too large), then the ack."""
+        if fits_lane(reply):
+            self.lanes.send(connection, reply)
+        else:
+            self._send([connection.session.identity, *reply])
+            self.lanes.send(connection, MOVED)
+        if connection.doorbell is not None:
+            connection.doorbell.answer(seq, ON_LANE)
 
     def _close_session_lanes(self, session: Any) -> None:
         if self.lanes is not None:
@@ -505,22 +609,27 @@ class Daemon:
                 return [self._refuse(request_id, "?", refusal)]
             return self._dispatch(identity, session, request)
 
-    def answer_plan(self, session: Any, frame: Any) -> list:
-        """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames.
-        The hot path of a submit loop: no per-request context object or closures; errors are
+    def answer_plan(self, session: Any, frame: Any, *, plan: Optional[tuple[int, int]] = None,
+                    settle: Optional[Callable] = None) -> Any:
+        """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames;
+        for a doorbell's (``plan`` = (seq, plan id), ``settle``) a ``PlanReplayed`` when it
+        replayed. The hot path of a submit loop: no per-request context object; errors are
         answered as ``_guarded`` answers them."""
         self.counters["requests"] += 1
-        request_id, plan_id = parse_plan_request(frame)
+        request_id, plan_id = parse_plan_request(frame) if plan is None else plan
         session.touch(self.clock())
         session.counters["requests"] += 1
         if self._plan_services is None:
             self._plan_services = PlanServices(self.devices, self.watchdog.keepalive, self.metrics)
         with request_context(request_id, session.label):
             try:
-                return run_plan(self._plan_services, session, request_id, plan_id,
-                                finish_general=partial(self._general_plan_reply, request_id, plan_id, session))
+                outcome = run_plan(self._plan_services, session, request_id, plan_id, settle=settle,
+                                   finish_general=partial(self._general_plan_reply, request_id, plan_id, session))
             except Exception as exc:  # noqa: BLE001 - every failure becomes its error reply
                 return [self._error_reply(request_id, "submit (plan)", exc)]
+        if isinstance(outcome, PlanReplayed) and plan is None:
+            return [pack_plan_reply(request_id, outcome.generation, outcome.node_id, outcome.daemon_us)]
+        return outcome
 
     def _general_plan_reply(self, request_id: Any, plan_id: int, session: Any, state: Any, runtime: Any, graph_id: str,
                             outputs: list, received: float) -> list:
@@ -759,8 +868,13 @@ class Daemon:
         if self.lanes is None:
             return 0
         for connection in list(self.lanes.connections.values()):
+            taken = connection.doorbell.take() if connection.doorbell is not None else None
+            if taken is not None:
+                self._answer_on_lane_instead(connection, taken[0], [encode_error(
+                    taken[0], "unavailable", "the daemon is stopping; retry after it restarts")])
+                refused += 1
             for event in self.lanes.read(connection, MAX_REQUESTS_PER_TURN):
-                if event.frames is not None:
+                if event.frames is not None and not is_kick(event.frames):
                     request_id = _peek_request_id(event.frames[0])
                     self.lanes.send(connection, [encode_error(request_id, "unavailable", "the daemon is stopping; retry after it restarts")])
                     refused += 1
@@ -839,6 +953,7 @@ class Daemon:
             "metrics_port": self.metrics.port,
             "lane_path": self.lanes.path if self.lanes is not None else None,
             "spin_us": self.config.daemon.spin_us,
+            "doorbell": dict(zip(("enabled", "why"), self.doorbell_decision())),
             "counters": dict(self.counters),
         }
 

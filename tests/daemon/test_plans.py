@@ -29,6 +29,7 @@ from cgtree.daemon.plans import (
     pack_plan_request,
     parse_plan_reply,
     parse_plan_request,
+    PlanReplayed,
     run_plan,
     writing_into,
 )
@@ -143,11 +144,16 @@ def test_a_plan_loop_moves_to_its_in_place_recording_and_reads_fresh_data(monkey
     kinds = []
     for request_id in range(1, 9):
         x.copy_(torch.randn(4, 8))  # the client writes its buffer between runs
-        frames = run_plan(services, session, request_id, plan.plan_id, finish_general=finish_general)
-        fast = parse_plan_reply(frames[0]) if frames != ["general"] else None
+        settled = []
+        result = run_plan(services, session, request_id, plan.plan_id, finish_general=finish_general,
+                          settle=settled.append)
+        fast = result if isinstance(result, PlanReplayed) else None
         kinds.append("fast" if fast else "general")
         if fast:
-            assert fast[0] == request_id and fast[1] == plan.buffer.generation
+            assert fast.generation == plan.buffer.generation
+            assert settled == [services.devices["dev"]]  # the outputs made readable the caller's way
+        else:
+            assert result == ["general"] and not settled
         torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))
     # Two runs the general way (copies), then the in-place recording warms up and records
     # (full replies saying so), then every run is one replay of it.
@@ -195,8 +201,8 @@ def test_a_plan_whose_in_place_recording_cannot_be_made_still_runs(monkeypatch):
 
     monkeypatch.setattr(manager, "cudagraphify", broken)
     run_plan(services, session, 1, plan.plan_id, finish_general=lambda *a: ["general"])
-    frames = run_plan(services, session, 2, plan.plan_id, finish_general=lambda *a: ["general"])
-    assert parse_plan_reply(frames[0])[0] == 2  # answered the fast way, by the general recording
+    result = run_plan(services, session, 2, plan.plan_id, finish_general=lambda *a: ["general"])
+    assert isinstance(result, PlanReplayed)  # answered the fast way, by the general recording
     assert plan.direct is None and plan.direct_refused
     torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))
 

@@ -1,0 +1,110 @@
+"""The client's end of a lane's doorbell page (layout and protocol: ``cgtree.daemon.doorbell``).
+
+``ring`` stores a plan run's request; ``wait_ack`` spins until the daemon answered it (kicking a
+daemon that fell asleep meanwhile); ``wait_done`` spins until the device wrote the run's done
+word, i.e. its outputs are ready.
+
+Waiting: without sleeping for ``spin_s`` (a GPU step of a few hundred microseconds is answered
+within it, and a sleeping thread costs a wake-up), then in 50 us sleeps. Every millisecond or
+so, and on every sleep, the lane is checked for a hang-up: a daemon that died never writes the
+word, and its lane's end closes with it.
+
+Invariants: the client writes only ``REQUEST``; one request in flight (the ``Client``'s lock);
+``seq`` never repeats the previous one and is never 0.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Any, Optional
+
+from cgtree.daemon.doorbell import (
+    ACK,
+    AWAKE,
+    SEQ_MASK,
+    done_word,
+    map_page,
+    next_seq,
+    pack_request,
+    unmap_page,
+    unpack_reply,
+)
+
+SLEEP_S = 50e-6
+CHECKS_EVERY = 2048  # spin iterations between two clock reads (~0.1-0.2 ms of spinning)
+MAX_PLAN_ID = SEQ_MASK  # plan ids above this do not fit the request word: those go by lane
+
+
+class DoorbellTimeout(TimeoutError):
+    """The word was not written in time."""
+
+
+class DoorbellHangup(ConnectionError):
+    """The lane closed while waiting: the daemon died or dropped the lane."""
+
+
+class ClientDoorbell:
+    def __init__(self, fd: int) -> None:
+        try:
+            self._page, self._words = map_page(fd)
+        finally:
+            os.close(fd)  # the mapping keeps the page
+        # Numbered from a random point in the upper half: a doorbell request's number is also its
+        # request id on the lane and on ZeroMQ, where the client's own ids count up from 1.
+        self._seq = SEQ_MASK // 2 + 1 + secrets.randbelow(SEQ_MASK // 4)
+
+    def awake(self) -> bool:
+        """Whether the daemon looks at the page without a kick right now."""
+        return self._words[AWAKE] == 1
+
+    def ring(self, plan_id: int) -> int:
+        """Store the request for ``plan_id``; its sequence number."""
+        self._seq = seq = next_seq(self._seq)
+        self._words[0] = pack_request(seq, plan_id)
+        return seq
+
+    def wait_ack(self, seq: int, lane: Any, timeout_s: float, spin_s: float) -> tuple[int, tuple]:
+        """(status, (generation, node id, daemon_us, device index)) of request ``seq``."""
+        ack = self._wait(ACK, seq, lane, timeout_s, spin_s, kick=True)
+        return ack >> 32, unpack_reply(self._words)
+
+    def wait_done(self, device_index: int, seq: int, lane: Any, timeout_s: float, spin_s: float) -> None:
+        self._wait(done_word(device_index), seq, lane, timeout_s, spin_s, kick=False)
+
+    def _wait(self, index: int, seq: int, lane: Any, timeout_s: float, spin_s: float, *, kick: bool) -> int:
+        words = self._words
+        word = words[index]
+        if word & SEQ_MASK == seq:
+            return word
+        clock = time.perf_counter
+        started = clock()
+        spin_until, deadline = started + spin_s, started + timeout_s
+        kicked = not kick
+        while True:
+            for _ in range(CHECKS_EVERY):
+                word = words[index]
+                if word & SEQ_MASK == seq:
+                    return word
+            if not kicked and words[AWAKE] != 1:
+                # The daemon went to sleep after we looked: it may not have seen the request.
+                lane.kick()
+                kicked = True
+            now = clock()
+            if now >= spin_until:
+                time.sleep(SLEEP_S)
+                now = clock()
+            if lane.peer_closed():
+                raise DoorbellHangup("the daemon closed the submit lane while a doorbell request was in flight")
+            if now >= deadline:
+                raise DoorbellTimeout(f"no answer on the doorbell within {timeout_s:g} s")
+
+    def close(self) -> None:
+        if self._words is not None:
+            unmap_page(self._page, self._words)
+            self._words = None
+
+
+def fits_request(plan_id: Optional[int]) -> bool:
+    return isinstance(plan_id, int) and 0 < plan_id <= MAX_PLAN_ID
