@@ -20,7 +20,10 @@ Paths:
   as it is (no kernel fusion); shows what the kernels are worth.
 - ``daemon``: ``backend=cgtree.client.compile_backend.backend(client)`` with a ``cgtreed``
   this script starts (``--devices cuda:0``, ``daemon.compile = "inductor"``): each step is a
-  submit; the caches travel by CUDA IPC with it, the parameters were uploaded once.
+  submit; the caches travel by CUDA IPC with it, the parameters were uploaded once. A steady
+  loop's steps ring the lane's doorbell page (``cgtree.daemon.doorbell``).
+- ``daemon-lane``: the same daemon, a client with ``doorbell=False``: plan runs as lane
+  datagrams with the daemon's host synchronize (the previous session's path), side by side.
 
 Fairness: every path has its own model instance (same seed, so same weights) whose
 ``forward`` has its own code object, so each path has its own dynamo cache entry and guard
@@ -66,7 +69,7 @@ from benchmarks.gpt import GPTConfig, GPTStep, build_gpt, step_inputs  # noqa: E
 from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
-PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon")
+PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon", "daemon-lane")
 CUDA_ONLY_PATHS = frozenset({"reduce-overhead"})
 INDUCTOR_PATHS = frozenset({"reduce-overhead", "cgtree"})
 COLD_START_CALLS = 3
@@ -140,6 +143,7 @@ class Context:
         self.workdir = workdir
         self.daemon: Any = None
         self.client: Any = None
+        self.lane_client: Any = None
 
     def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return step_inputs(self.cfg, self.device, step, seed=self.args.seed)
@@ -158,9 +162,10 @@ class Context:
         return self.client
 
     def close(self) -> None:
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.close()
+        for client in (self.lane_client, self.client):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
         if self.daemon is not None:
             self.daemon.stop()
 
@@ -259,20 +264,29 @@ def _setup_cgtree(name: str, compiler: str):
     return setup
 
 
-def setup_daemon(ctx: Context) -> PreparedPath:
-    from cgtree.client.compile_backend import backend
+def _setup_daemon(name: str, doorbell: bool) -> Callable[[Context], PreparedPath]:
+    """Through the daemon; ``doorbell`` False keeps plan runs on the lane's datagrams (a client
+    of its own on the same daemon), for the side-by-side figure."""
 
-    started = time.perf_counter()
-    client = ctx.start_daemon()
-    daemon_start_s = time.perf_counter() - started
-    model = ctx.model("daemon")
-    compiled = torch.compile(model, backend=backend(client), fullgraph=True)
+    def setup(ctx: Context) -> PreparedPath:
+        from cgtree.client import Client
+        from cgtree.client.compile_backend import backend
 
-    def describe() -> dict:
-        return {"daemon_compile": ctx.daemon_compile, "daemon_start_s": round(daemon_start_s, 2),
-                "last_execution": client.last_execution}
+        started = time.perf_counter()
+        client = ctx.start_daemon()
+        if not doorbell:
+            client = ctx.lane_client = Client(ctx.daemon.endpoint, timeout_s=600, doorbell=False)
+        daemon_start_s = time.perf_counter() - started
+        model = ctx.model(name)
+        compiled = torch.compile(model, backend=backend(client), fullgraph=True)
 
-    return PreparedPath("daemon", model, compiled, _cold_start(compiled, ctx), describe=describe)
+        def describe() -> dict:
+            return {"daemon_compile": ctx.daemon_compile, "daemon_start_s": round(daemon_start_s, 2),
+                    "doorbell": doorbell, "last_execution": client.last_execution}
+
+        return PreparedPath(name, model, compiled, _cold_start(compiled, ctx), describe=describe)
+
+    return setup
 
 
 SETUPS: dict[str, Callable[[Context], PreparedPath]] = {
@@ -280,7 +294,8 @@ SETUPS: dict[str, Callable[[Context], PreparedPath]] = {
     "reduce-overhead": setup_reduce_overhead,
     "cgtree": _setup_cgtree("cgtree", "inductor"),
     "cgtree-aten": _setup_cgtree("cgtree-aten", "eager"),
-    "daemon": setup_daemon,
+    "daemon": _setup_daemon("daemon", doorbell=True),
+    "daemon-lane": _setup_daemon("daemon-lane", doorbell=False),
 }
 
 
@@ -399,7 +414,7 @@ def _metric(result: Optional[PathResult], metric: str) -> Optional[float]:
 
 def ratios(results: dict[str, PathResult]) -> dict:
     table = {}
-    for mine in ("cgtree", "cgtree-aten", "daemon"):
+    for mine in ("cgtree", "cgtree-aten", "daemon", "daemon-lane"):
         for other in ("reduce-overhead", "eager"):
             a_res, b_res = results.get(mine), results.get(other)
             table[f"{mine}/{other}"] = {

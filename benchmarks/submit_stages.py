@@ -7,7 +7,8 @@ submit loop in this process with the client's stages stamped (submit entered, pl
 request sent, reply received, outputs built, caller synchronized), and prints the p50 of every
 gap between consecutive stages over the loop. Both processes read ``time.perf_counter_ns``
 (CLOCK_MONOTONIC on Linux), so stamps of the two sides compare directly. The same process then
-times ``torch.compile(mode="reduce-overhead")`` on the same model for reference.
+times ``torch.compile(mode="reduce-overhead")`` on the same model for reference. Its client does
+not ring doorbells (``Client(doorbell=False)``): the stages it stamps are the lane's.
 
     python3 benchmarks/submit_stages.py --model tiny            # or mlp24, gpt
     python3 benchmarks/submit_stages.py --model gpt --json results/stages_gpt.json
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         _wrap(client_module.Client, "_submit_planned", stamps, "plan_run", "plan_run_done")
         _wrap(client_lane.ClientLane, "request", stamps, "request_sent", "reply_received")
         device = torch.device("cuda:0")
-        client = Client(f"ipc://{socket_path}", timeout_s=600)
+        client = Client(f"ipc://{socket_path}", timeout_s=600, doorbell=False)  # the lane stages are what it stamps
         with torch.no_grad():
             call, module, inputs = _model_call(args.model, client, device)
             for _ in range(args.warmup):

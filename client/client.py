@@ -250,11 +250,15 @@ class Client:
     spin_us: how long to poll for a lane reply without sleeping (default ``$CGTREE_SPIN_US`` or
         1000): a reply that arrives within it costs no thread wake-up (tens of microseconds on
         the H200 host); the client is waiting for that reply anyway. 0 always sleeps.
+    doorbell: ring the lane's doorbell page for plan runs when the daemon offers one
+        (``cgtree.daemon.doorbell``; default ``$CGTREE_DOORBELL``, else on): no socket between
+        the steps of a submit loop, the outputs returned once the device wrote its done word.
+        The client spins while it waits (``spin_us``, then 50 us sleeps).
     """
 
     def __init__(self, endpoint: Optional[str] = None, *, session: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, lanes: bool = True, spin_us: Optional[int] = None,
-                 graph_cache: Any = None) -> None:
+                 graph_cache: Any = None, doorbell: Optional[bool] = None) -> None:
         self.endpoint = endpoint or os.environ.get("CGTREE_ENDPOINT") or default_endpoint()
         self.session_name = session
         self.timeout_s = float(timeout_s)
@@ -292,6 +296,8 @@ class Client:
         self._streams: dict[tuple, Any] = {}  # current-stream key -> torch.cuda.Stream (see _settle)
         self._wire_names: dict[str, str] = {}
         self._use_lanes = bool(lanes)
+        self._use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
+            else bool(doorbell)
         self._graph_cache = graph_cache
         self._lane: Optional[ClientLane] = None
         self._lane_offer: Optional[dict] = None  # {"path", "token"} from hello
@@ -492,7 +498,7 @@ class Client:
         mapping = self._mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.session_id is None:
             return None
-        if lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
+        if self._use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
             return self._submit_rung(handle, plan, lane, mapping, started)
         self._settle(handle.device)
         request_id = next(self._ids)

@@ -95,6 +95,7 @@ MAX_REQUESTS_PER_TURN = 64  # then signals and housekeeping get a look in
 STOP_DRAIN_S = 0.2  # how long stop() keeps answering queued requests with "unavailable"
 MAX_LOOP_WAIT_S = 1.0
 DOORBELLS = "doorbells"  # the key wait_for_events reports a rung doorbell under
+DONE_RECHECK_S = 20e-6  # how often a spinning loop looks whether a doorbell run finished
 
 
 class StartError(RuntimeError):
@@ -162,6 +163,7 @@ class Daemon:
         )
         self.lanes: Optional[LaneHub] = None  # submit lanes (cgtree.daemon.lane); None when off
         self._spin_until = 0.0  # perf_counter() until which the loop polls without sleeping
+        self._awaiting_done = False  # a doorbell run answered at launch may still be on the device
         self._serves_cuda = False
         self.metrics: Any = NullMetrics()
         self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0, "reloads": 0, "reloads_rejected": 0}
@@ -414,11 +416,15 @@ class Daemon:
         ringing = self.lanes.ringing if self.lanes is not None else ()
         while True:
             if clock() >= self._spin_until:
-                if not ringing or all(c.doorbell.settled() for c in ringing):
+                if not self._awaiting_done:
                     return {}
-                # A doorbell run is still on the GPU: its client comes back right after it,
-                # so the spin window runs from the GPU's done-write, not from the answer.
-                self._spin_until = clock() + self.config.daemon.spin_us * 1e-6
+                # A doorbell run was answered at its launch: its client comes back only after
+                # the device finished it, so the window runs on until spin_us after that.
+                if all(c.doorbell.settled() for c in ringing):
+                    self._awaiting_done = False
+                    self._spin_until = clock() + self.config.daemon.spin_us * 1e-6
+                else:
+                    self._spin_until = clock() + DONE_RECHECK_S
             found = poll_fds(0)
             zmq_ready = sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
             rung = any(c.doorbell.rung() for c in ringing) if ringing else False
@@ -564,6 +570,7 @@ class Daemon:
             return
         outcome = self.answer_plan(session, None, plan=(seq, plan_id), settle=partial(doorbell.signal_done, seq=seq))
         if isinstance(outcome, PlanReplayed):
+            self._awaiting_done = self._spins()
             doorbell.answer(seq, REPLAYED, generation=outcome.generation, node_id=outcome.node_id,
                             daemon_us=outcome.daemon_us, device_index=outcome.device_index)
         else:

@@ -420,3 +420,51 @@ def test_a_plan_loop_moves_to_an_in_place_recording_that_reads_and_writes_the_cl
         assert planned and planned[0]["replays"] >= 3, nodes
         # The report names what replayed: the plan's recording, node and function alike.
         assert execution["node_id"] == planned[0]["id"] and execution["function"] == planned[0]["function"], execution
+
+
+class Deep(torch.nn.Module):
+    """Enough GPU work a step (~1 ms) that reading the outputs before the device finished
+    would see the previous step's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(16))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return (x,)
+
+
+def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(gpu_daemon):
+    """cgtree.daemon.doorbell: on a CUDA daemon a tight plan loop goes through the lane's
+    doorbell page; the daemon answers at launch, so every returned output must still be the
+    finished one (the client waits for the device's done word), and the in-place recording
+    runs behind it as before."""
+    from cgtree.client import Client
+
+    model = Deep().eval().cuda()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
+        x = torch.randn(64, 1024, device="cuda:0")
+        handle = client.register(model, [x])
+        mismatches, steps = 0, 150
+        for step in range(steps):
+            x.normal_()
+            (out,) = client.submit(handle, [x])
+            # Read at once: were the outputs handed back before the device finished, this
+            # would see the previous step's values.
+            if not torch.allclose(out, model(x), atol=1e-4, rtol=1e-4):
+                mismatches += 1
+        assert mismatches == 0, f"{mismatches} of {steps} steps returned unfinished outputs"
+        assert client._lane.doorbell is not None, "a CUDA daemon on x86-64 offers doorbells by default"
+        rung = client.status(session_only=True)["sessions"][0]["doorbell_requests"]
+        assert rung > 0
+        for _ in range(100):  # back to back: the daemon is still spinning when each comes
+            x.normal_()
+            (out,) = client.submit(handle, [x])
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+        session = client.status(session_only=True)["sessions"][0]
+        assert session["doorbell_requests"] - rung >= 90, session
+        execution = client.last_execution
+        assert execution["mode"] == "replayed" and execution["function"].endswith("[plan]"), execution
