@@ -165,7 +165,7 @@ def session_rows(document: dict) -> list[dict]:
         rows.append({
             "id": s.get("id"), "name": s.get("name"), "pid": s.get("pid"), "state": s.get("state"),
             "idle_s": s.get("idle_s"), "submits": s.get("submits", 0), "devices": sorted(devices),
-            "transport": "lane" if s.get("lane") else "zmq",
+            "transport": ("lane+doorbell" if s.get("doorbell") else "lane") if s.get("lane") else "zmq",
             "graphs": [g.get("graph") for g in s.get("graphs", [])],
             "nodes": sum(len(_nodes(state)) for state in devices.values()),
         })

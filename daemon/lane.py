@@ -298,6 +298,7 @@ class LaneHub:
         if doorbell is None:
             return None
         connection.doorbell = doorbell
+        connection.session.doorbell_open = True
         self.ringing.append(connection)
         return doorbell
 
@@ -326,6 +327,8 @@ class LaneHub:
         if connection.doorbell is not None:
             self.ringing.remove(connection)
             doorbell, connection.doorbell = connection.doorbell, None
+            if connection.session is not None:
+                connection.session.doorbell_open = False
             if not doorbell.settled():
                 self.settle()  # the GPU may still write the page: never unmap it under a write
             doorbell.close()

@@ -173,6 +173,7 @@ class Session:
         # the dead client's token is worthless.
         self.lane_token = os.urandom(LANE_TOKEN_BYTES)
         self.lane_open = False  # kept by the daemon's LaneHub
+        self.doorbell_open = False  # its lane has a doorbell page (LaneHub too)
 
     @property
     def label(self) -> str:

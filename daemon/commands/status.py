@@ -19,7 +19,7 @@ Reply::
                                   "sessions": [int]}]}],
      "sessions": [{"id", "name", "pid", "state": "live" | "parked", "idle_s", "submits",
                    "lane": bool, "lane_requests": int,
-                   "doorbell_requests": int, "graphs": [{"device", "graph"}],
+                   "doorbell": bool, "doorbell_requests": int, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
                                "live_blocks": int, "pool_bytes": int, "counters": {...},
                                "output_buffers": int, "output_buffer_bytes": int,
@@ -117,6 +117,7 @@ def session_status(session, now: float) -> dict:
         "submits": session.counters["submits"],
         "lane": session.lane_open,  # requests travel on its submit lane (else ZeroMQ only)
         "lane_requests": session.counters["lane_requests"],
+        "doorbell": session.doorbell_open,  # its lane has a doorbell page (cgtree.daemon.doorbell)
         "doorbell_requests": session.counters["doorbell_requests"],  # plan runs rung on its doorbell page
         "graphs": [{"device": device, "graph": graph_id} for (device, graph_id) in sorted(session.graphs)],
         "devices": devices,
