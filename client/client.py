@@ -405,7 +405,9 @@ class Client:
     def last_timing(self) -> Optional[dict]:
         """Where the last submit's time went, in microseconds: ``prepare_us`` (inputs described,
         stream synchronized), ``request_us`` (sent until the reply came back: the daemon's own
-        share is ``last_execution["daemon_us"]``), ``outputs_us`` (outputs built)."""
+        share is ``last_execution["daemon_us"]``), ``outputs_us`` (outputs built). A plan run
+        rung on a doorbell is answered at its launch: its ``request_us`` ends there and its
+        ``outputs_us`` includes waiting for the device."""
         if self._plan_run is not None:
             self._settle_plan_report()
         return self._last_timing
