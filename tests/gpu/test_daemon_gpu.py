@@ -468,3 +468,37 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(gpu_dae
         assert session["doorbell_requests"] - rung >= 90, session
         execution = client.last_execution
         assert execution["mode"] == "replayed" and execution["function"].endswith("[plan]"), execution
+
+
+RINGING_GPU_CLIENT = """
+import json, sys, torch
+from cgtree.client import Client
+torch.manual_seed(int(sys.argv[2]))
+layers = [torch.nn.Linear(512, 512) for _ in range(12)]
+model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())]).eval().cuda()
+x = torch.randn(32, 512, device="cuda")
+wrong = 0
+with Client(sys.argv[1], timeout_s=60) as client, torch.no_grad():
+    handle = client.register(model, [x])
+    for step in range(400):
+        x.normal_()
+        (out,) = client.submit(handle, [x])
+        wrong += not torch.allclose(out, model(x), atol=1e-4, rtol=1e-4)
+    session = client.status(session_only=True)["sessions"][0]
+print(json.dumps({"wrong": wrong, "rung": session["doorbell_requests"], "doorbell": session["doorbell"]}))
+"""
+
+
+def test_two_processes_ringing_at_once_each_get_their_own_finished_outputs(gpu_daemon, client_scripts):
+    """Two clients' plan loops through their doorbells at the same time: the daemon serves
+    both pages from one loop, each done word belongs to its own page, and no client ever gets
+    outputs that are unfinished or the other's."""
+    procs = [client_scripts.start(RINGING_GPU_CLIENT, gpu_daemon.endpoint, str(seed)) for seed in (1, 2)]
+    reports = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr
+        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    for report in reports:
+        assert report["doorbell"] is True and report["wrong"] == 0, reports
+        assert report["rung"] > 0, reports
