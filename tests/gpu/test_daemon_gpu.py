@@ -476,14 +476,16 @@ torch.manual_seed(int(sys.argv[2]))
 layers = [torch.nn.Linear(512, 512) for _ in range(12)]
 model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())]).eval().cuda()
 x = torch.randn(32, 512, device="cuda")
-wrong = 0
 with Client(sys.argv[1], timeout_s=60) as client, torch.no_grad():
     handle = client.register(model, [x])
+    inputs, seen = [], []
     for step in range(400):
         x.normal_()
+        inputs.append(x.clone())
         (out,) = client.submit(handle, [x])
-        wrong += not torch.allclose(out, model(x), atol=1e-4, rtol=1e-4)
+        seen.append(out.clone())  # at once: an unfinished or foreign output would show here
     session = client.status(session_only=True)["sessions"][0]
+    wrong = sum(not torch.allclose(got, model(given), atol=1e-4, rtol=1e-4) for got, given in zip(seen, inputs))
 print(json.dumps({"wrong": wrong, "rung": session["doorbell_requests"], "doorbell": session["doorbell"]}))
 """
 
@@ -500,4 +502,4 @@ def test_two_processes_ringing_at_once_each_get_their_own_finished_outputs(gpu_d
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
     for report in reports:
         assert report["doorbell"] is True and report["wrong"] == 0, reports
-        assert report["rung"] > 0, reports
+        assert report["rung"] >= 200, reports  # back to back: most steps find the daemon awake
