@@ -12,14 +12,15 @@ Sections (``--sections latency,memory,coldstart``):
    ``benchmarks/models.py``, beside ``eager`` and ``torch.compile(mode="reduce-overhead")``
    run in this process in the same run (interleaved rounds, as ``bench_inprocess.py`` does).
    Daemon rows: ``daemon-ipc`` (CUDA inputs shared by CUDA IPC, outputs mapped from the
-   daemon's output buffer, requests on the session's submit lane), ``daemon-ipc-zmq`` (the
+   daemon's output buffer, requests on the session's submit lane, a steady loop's plan runs
+   rung on its doorbell page where the daemon offers one), ``daemon-ipc-zmq`` (the
    same with ``Client(lanes=False)``: every request over ZeroMQ, the transport side by side)
    and ``daemon-cpu`` (CPU inputs sent inline in the message, the daemon copies them to the
    GPU). Each daemon row also reports the daemon's own time per submit (``daemon_us`` from
    the replies: the rest of the round trip is the transport and the client). A sync sample is ``client.submit(...)`` plus a
    ``torch.cuda.synchronize()`` in this process, for the same accounting as the in-process
-   rows (submit is already synchronous: the daemon host-synchronizes before replying, so the
-   extra synchronize finds an idle GPU). Targets: daemon-ipc sync p50 <= 1.0 x reduce-overhead
+   rows (submit is already synchronous: the daemon host-synchronizes before replying, or the
+   client waits for a doorbell run's done word, so the extra synchronize finds an idle GPU). Targets: daemon-ipc sync p50 <= 1.0 x reduce-overhead
    on mlp24 and <= 1.3 x on tiny.
 2. **memory**: total GPU memory of N client processes (default 8) that each run the model,
    three ways, each measured while all of its processes are alive: N processes each running
@@ -106,7 +107,7 @@ SECTIONS = ("latency", "memory", "coldstart")
 LATENCY_PATHS = ("eager", "reduce-overhead", "daemon-ipc", "daemon-ipc-zmq", "daemon-cpu")
 CUDA_ONLY_PATHS = frozenset({"reduce-overhead", "daemon-ipc", "daemon-ipc-zmq"})
 DAEMON_PATHS = ("daemon-ipc", "daemon-ipc-zmq", "daemon-cpu")
-PATH_INPUTS = {"eager": "device", "reduce-overhead": "device", "daemon-ipc": "CUDA IPC, lane",
+PATH_INPUTS = {"eager": "device", "reduce-overhead": "device", "daemon-ipc": "CUDA IPC, lane (+ doorbell)",
                "daemon-ipc-zmq": "CUDA IPC, ZeroMQ only", "daemon-cpu": "CPU inline, lane"}
 COLD_START_CALLS = 3
 # Relative error ||out - ref|| / ||ref|| allowed against eager (as bench_inprocess.py).
