@@ -306,6 +306,11 @@ class LaneHub:
         for connection in self.ringing:
             connection.doorbell.set_awake(awake)
 
+    def forget_in_flight(self) -> None:
+        """Every device was synchronized: no doorbell page can still be written."""
+        for connection in self.ringing:
+            connection.doorbell.in_flight.clear()
+
     def any_rung(self) -> bool:
         return any(connection.doorbell.rung() for connection in self.ringing)
 

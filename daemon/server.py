@@ -96,6 +96,10 @@ STOP_DRAIN_S = 0.2  # how long stop() keeps answering queued requests with "unav
 MAX_LOOP_WAIT_S = 1.0
 DOORBELLS = "doorbells"  # the key wait_for_events reports a rung doorbell under
 DONE_RECHECK_S = 20e-6  # how often a spinning loop looks whether a doorbell run finished
+# The longest the loop spins for a doorbell run to finish: a longer graph's client pays one
+# wake-up (small beside such a graph), and a page whose done word its client overwrote cannot
+# keep a core busy for good.
+DONE_SPIN_MAX_S = 0.1
 
 
 class StartError(RuntimeError):
@@ -164,6 +168,7 @@ class Daemon:
         self.lanes: Optional[LaneHub] = None  # submit lanes (cgtree.daemon.lane); None when off
         self._spin_until = 0.0  # perf_counter() until which the loop polls without sleeping
         self._awaiting_done = False  # a doorbell run answered at launch may still be on the device
+        self._awaiting_done_until = 0.0
         self._serves_cuda = False
         self.metrics: Any = NullMetrics()
         self.counters = {"requests": 0, "errors": 0, "dropped": 0, "internal_errors": 0, "reloads": 0, "reloads_rejected": 0}
@@ -423,8 +428,11 @@ class Daemon:
                 if all(c.doorbell.settled() for c in ringing):
                     self._awaiting_done = False
                     self._spin_until = clock() + self.config.daemon.spin_us * 1e-6
-                else:
+                elif clock() < self._awaiting_done_until:
                     self._spin_until = clock() + DONE_RECHECK_S
+                else:
+                    self._awaiting_done = False
+                    return {}
             found = poll_fds(0)
             zmq_ready = sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
             rung = any(c.doorbell.rung() for c in ringing) if ringing else False
@@ -445,6 +453,9 @@ class Daemon:
             return dict(self._poller.poll(timeout=timeout_s * 1000.0))
         if not all(c.doorbell.settled() for c in hub.ringing):
             self._settle_devices()  # a sticky error in a doorbell run is found before sleeping
+            if self.exit_code is not None:
+                return {}
+            hub.forget_in_flight()  # every device is idle: whatever the pages' done words say
         hub.set_awake(False)
         if hub.any_rung():
             ready = {DOORBELLS: zmq.POLLIN}
@@ -571,6 +582,7 @@ class Daemon:
         outcome = self.answer_plan(session, None, plan=(seq, plan_id), settle=partial(doorbell.signal_done, seq=seq))
         if isinstance(outcome, PlanReplayed):
             self._awaiting_done = self._spins()
+            self._awaiting_done_until = time.perf_counter() + DONE_SPIN_MAX_S
             doorbell.answer(seq, REPLAYED, generation=outcome.generation, node_id=outcome.node_id,
                             daemon_us=outcome.daemon_us, device_index=outcome.device_index)
         else:
