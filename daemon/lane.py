@@ -297,6 +297,9 @@ class LaneHub:
             return None
         if doorbell is None:
             return None
+        # Awake: the loop is running now, and it clears every page's flag before it sleeps. A
+        # page left at 0 would send its client to the lane for as long as the loop never sleeps.
+        doorbell.set_awake(True)
         connection.doorbell = doorbell
         connection.session.doorbell_open = True
         self.ringing.append(connection)

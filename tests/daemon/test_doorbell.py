@@ -166,6 +166,9 @@ def test_the_lane_handshake_hands_the_page_to_the_sessions_client(tmp_path):
         assert lane.doorbell is not None and connection.doorbell is not None and session.doorbell_open
         assert hub.ringing == [connection]
         assert connection.doorbell.fd is None  # handed over: only the mappings keep the page
+        assert lane.doorbell.awake()  # the loop that attached it is running: ring at once
+        hub.set_awake(False)
+        assert not lane.doorbell.awake()
         seq = lane.doorbell.ring(42)
         assert connection.doorbell.take() == (seq, 42)  # one page, two processes' views
         hub.close(connection)
