@@ -8,8 +8,9 @@ work: the GPT step spent ~150 us of CPU time around 418 us of GPU time (docs/PER
 section 8). With a doorbell the spinning daemon sees the request within a microsecond, launches
 the replay, enqueues the done-write behind it on the same stream and answers at once; the
 client builds its outputs while the GPU runs and spins on the done word. Measured on the H200
-host (``.dbg`` probe in session 4): the other process sees the GPU's write ~2 us *before* the
-writing process's own event synchronize returns; the write costs ~6 us of CPU (a fill kernel).
+host (``benchmarks/doorbell_latency.py``): the other process sees the GPU's write ~1 us *before*
+the writing process's own event synchronize returns; the write costs ~8 us of CPU (a fill
+kernel), overlapped with the GPU work it follows.
 
 Layout (u64 words, little endian; each writer owns its own 64-byte lines):
 
