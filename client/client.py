@@ -537,14 +537,8 @@ class Client:
                 return self._general_plan_outcome(handle, plan, raw, seq, [], (started, sent, answered))
             outputs = self._plan_outputs(mapping, plan, generation)
             doorbell.wait_done(device_index, seq, lane, self.timeout_s, self._spin_now)
-        except (DoorbellTimeout, LaneTimeout):
-            self._close_lane()  # a late answer must never be read as the next request's
-            raise DaemonTimeout(f"cgtreed at {self.endpoint} did not answer a plan run within {self.timeout_s:g} s "
-                                "(doorbell)") from None
-        except (DoorbellHangup, LaneClosed) as exc:
-            self._close_lane()
-            raise RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while a plan run was in flight "
-                                     f"({exc}; the daemon died or restarted); it may or may not have run", "submit") from None
+        except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
+            raise self._lane_failed(exc, "submit", self.timeout_s, "doorbell") from None
         self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
         return outputs
 
@@ -991,13 +985,17 @@ class Client:
             log.info("%s; sending %s over ZeroMQ", exc, op)
             self._close_lane()
             return None
-        except LaneTimeout:
-            self._close_lane()  # a late reply must never be read as the next request's
-            raise DaemonTimeout(f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s (submit lane)") from None
-        except LaneClosed as exc:
-            self._close_lane()
-            raise RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
-                                     f"({exc}; the daemon died or restarted); it may or may not have run", op) from None
+        except (LaneTimeout, LaneClosed) as exc:
+            raise self._lane_failed(exc, op, timeout, "submit lane") from None
+
+    def _lane_failed(self, exc: Exception, op: str, timeout: float, via: str) -> Exception:
+        """Close the lane after a request on it (or its doorbell) timed out or lost the daemon;
+        the error to raise, as ``_call`` would."""
+        self._close_lane()  # a late reply must never be read as the next request's
+        if isinstance(exc, (LaneTimeout, DoorbellTimeout)):
+            return DaemonTimeout(f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s ({via})")
+        return RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
+                                  f"({exc}; the daemon died or restarted); it may or may not have run", op)
 
     def _settle(self, device: str) -> None:
         """Before a submit is sent: the daemon reads our memory as soon as the request arrives, so

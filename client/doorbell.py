@@ -23,6 +23,7 @@ from typing import Any, Optional
 from cgtree.daemon.doorbell import (
     ACK,
     AWAKE,
+    REQUEST,
     SEQ_MASK,
     done_word,
     map_page,
@@ -62,7 +63,7 @@ class ClientDoorbell:
     def ring(self, plan_id: int) -> int:
         """Store the request for ``plan_id``; its sequence number."""
         self._seq = seq = next_seq(self._seq)
-        self._words[0] = pack_request(seq, plan_id)
+        self._words[REQUEST] = pack_request(seq, plan_id)
         return seq
 
     def wait_ack(self, seq: int, lane: Any, timeout_s: float, spin_s: float) -> tuple[int, tuple]:

@@ -107,15 +107,10 @@ class ClientLane:
             send_frames(self.sock, frames, socket.MSG_DONTWAIT)
         except OSError as exc:  # EPIPE/ECONNRESET (closed), EAGAIN (the daemon is not reading)
             raise LaneUnusable(f"the submit lane cannot take a request: {exc}") from None
-        data = self._receive(timeout_s, spin_s)
-        try:
-            reply = split_datagram(memoryview(data))
-        except LaneFramingError as exc:
-            raise LaneClosed(f"the daemon sent an unreadable lane datagram: {exc}") from None
-        return MOVED if not reply else reply
+        return self.receive(timeout_s, spin_s)
 
     def receive(self, timeout_s: float, spin_s: float = 0.0):
-        """The next reply's frames (or ``MOVED``) without sending: a doorbell's reply on the lane."""
+        """The next reply's frames (or ``MOVED``); alone, a doorbell request's reply on the lane."""
         try:
             reply = split_datagram(memoryview(self._receive(timeout_s, spin_s)))
         except LaneFramingError as exc:

@@ -314,6 +314,10 @@ class LaneHub:
         for connection in self.ringing:
             connection.doorbell.in_flight.clear()
 
+    def all_settled(self) -> bool:
+        """Whether every done word signalled on any page has been written (no GPU call)."""
+        return all(connection.doorbell.settled() for connection in self.ringing)
+
     def any_rung(self) -> bool:
         return any(connection.doorbell.rung() for connection in self.ringing)
 

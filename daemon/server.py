@@ -418,14 +418,15 @@ class Daemon:
 
     def _poll_spinning(self) -> dict:
         clock, poll_fds, sock = time.perf_counter, self._spin_poller.poll, self._socket
-        ringing = self.lanes.ringing if self.lanes is not None else ()
+        hub = self.lanes
+        ringing = hub is not None and bool(hub.ringing)  # lanes attach and close between calls only
         while True:
             if clock() >= self._spin_until:
                 if not self._awaiting_done:
                     return {}
                 # A doorbell run was answered at its launch: its client comes back only after
                 # the device finished it, so the window runs on until spin_us after that.
-                if all(c.doorbell.settled() for c in ringing):
+                if not ringing or hub.all_settled():
                     self._awaiting_done = False
                     self._spin_until = clock() + self.config.daemon.spin_us * 1e-6
                 elif clock() < self._awaiting_done_until:
@@ -435,7 +436,7 @@ class Daemon:
                     return {}
             found = poll_fds(0)
             zmq_ready = sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-            rung = any(c.doorbell.rung() for c in ringing) if ringing else False
+            rung = ringing and hub.any_rung()
             if found or zmq_ready or rung:
                 ready = dict(found)
                 if zmq_ready:
@@ -451,7 +452,7 @@ class Daemon:
         hub = self.lanes
         if hub is None or not hub.ringing:
             return dict(self._poller.poll(timeout=timeout_s * 1000.0))
-        if not all(c.doorbell.settled() for c in hub.ringing):
+        if not hub.all_settled():
             self._settle_devices()  # a sticky error in a doorbell run is found before sleeping
             if self.exit_code is not None:
                 return {}
@@ -552,10 +553,13 @@ class Daemon:
             return
         else:
             reply = self.answer(session.identity, frames)
+        self._reply_on_lane(connection, reply)
+
+    def _reply_on_lane(self, connection: LaneConnection, reply: list) -> None:
         if fits_lane(reply):
             self.lanes.send(connection, reply)
         else:  # too large for a datagram: over ZeroMQ, and a notice on the lane
-            self._send([session.identity, *reply])
+            self._send([connection.session.identity, *reply])
             self.lanes.send(connection, MOVED)
 
     def _serve_doorbells(self) -> None:
@@ -590,11 +594,7 @@ class Daemon:
 
     def _answer_on_lane_instead(self, connection: LaneConnection, seq: int, reply: list) -> None:
         """A doorbell request's full reply: on the lane (ZeroMQ when too large), then the ack."""
-        if fits_lane(reply):
-            self.lanes.send(connection, reply)
-        else:
-            self._send([connection.session.identity, *reply])
-            self.lanes.send(connection, MOVED)
+        self._reply_on_lane(connection, reply)
         if connection.doorbell is not None:
             connection.doorbell.answer(seq, ON_LANE)
 
