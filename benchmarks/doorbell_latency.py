@@ -49,8 +49,11 @@ def _percentiles(samples_us: list[float]) -> dict:
     return {"p10_us": pick(0.1), "p50_us": pick(0.5), "p90_us": pick(0.9), "n": len(ordered)}
 
 
-def _child(fd: int, word: int, iters: int, echo: bool, results) -> None:
-    """Spin on ``word`` for 1..iters; stamp each sighting (and echo it when asked)."""
+def _child(fd: int, word: int, iters: int, results) -> None:
+    """Spin on ``word`` for 1..iters; stamp each sighting, then echo it.
+
+    The echo is the parent's cue for the next value: without it a busy host that keeps the
+    child off a core lets the parent overwrite a value the child never saw."""
     page, words = map_page(fd)
     seen = []
     words[AWAKE] = 1  # "ready"
@@ -61,18 +64,25 @@ def _child(fd: int, word: int, iters: int, echo: bool, results) -> None:
                 results.put(("stuck", value))
                 return
         seen.append(time.perf_counter())
-        if echo:
-            words[ECHO_WORD] = value
+        words[ECHO_WORD] = value
     results.put(("ok", seen))
     unmap_page(page, words)
 
 
-def _run_child(doorbell: Doorbell, fd: int, word: int, iters: int, echo: bool, drive) -> list:
+def _wait_for_echo(doorbell: Doorbell, value: int) -> None:
+    deadline = time.perf_counter() + TIMEOUT_S
+    while doorbell.words[ECHO_WORD] != value:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"the child never echoed value {value}")
+
+
+def _run_child(doorbell: Doorbell, fd: int, word: int, iters: int, drive) -> list:
     context = multiprocessing.get_context("fork")  # the child touches no CUDA: only the page
     results = context.Queue()
-    child = context.Process(target=_child, args=(fd, word, iters, echo, results), daemon=True)
+    child = context.Process(target=_child, args=(fd, word, iters, results), daemon=True)
     doorbell.words[AWAKE] = 0
     doorbell.words[word] = 0
+    doorbell.words[ECHO_WORD] = 0
     child.start()
     deadline = time.perf_counter() + TIMEOUT_S
     while doorbell.words[AWAKE] != 1:
@@ -125,10 +135,10 @@ def measure(device: str, iters: int) -> dict:
                 while doorbell.words[done_word(index)] != value:  # the next only after this one
                     if time.perf_counter() > deadline:
                         raise RuntimeError("the done word was never written")
-                time.sleep(50e-6)  # let the child stamp before the next value
+                _wait_for_echo(doorbell, value)  # and only once the child has stamped it
             return mine
 
-        rows["seen by the other process"] = _percentiles(_run_child(doorbell, fd, done_word(index), iters, False, drive_done))
+        rows["seen by the other process"] = _percentiles(_run_child(doorbell, fd, done_word(index), iters, drive_done))
 
         # page round trip (CPU stores both ways)
         def drive_round_trip() -> list:
@@ -136,14 +146,13 @@ def measure(device: str, iters: int) -> dict:
             for value in range(1, iters + 1):
                 started = time.perf_counter()
                 doorbell.words[PING_WORD] = value
-                while doorbell.words[ECHO_WORD] != value:
-                    pass
+                _wait_for_echo(doorbell, value)
                 trips.append((time.perf_counter() - started) * 1e6)
                 mine.append(started)
             rows["page round trip"] = _percentiles(trips)
             return mine
 
-        _run_child(doorbell, fd, PING_WORD, iters, True, drive_round_trip)
+        _run_child(doorbell, fd, PING_WORD, iters, drive_round_trip)
     finally:
         os.close(fd)
         if cuda:
