@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
 """Where a steady-state submit's time goes, stage by stage, in both processes.
 
-Starts a ``cgtreed`` (``--devices cuda:0``) in a wrapper that stamps the daemon's stages
-(poll woke, datagram read, plan dispatched, replay launched, synchronized, reply sent), runs a
-submit loop in this process with the client's stages stamped (submit entered, plan run entered,
-request sent, reply received, outputs built, caller synchronized), and prints the p50 of every
-gap between consecutive stages over the loop. Both processes read ``time.perf_counter_ns``
-(CLOCK_MONOTONIC on Linux), so stamps of the two sides compare directly. The same process then
-times ``torch.compile(mode="reduce-overhead")`` on the same model for reference. Its client does
-not ring doorbells (``Client(doorbell=False)``): the stages it stamps are the lane's.
+Starts a ``cgtreed`` (``--devices cuda:0``) in a wrapper that stamps the daemon's stages, runs a
+submit loop in this process with the client's stages stamped, and prints the p50 of every gap
+between consecutive stages over the loop. Both processes read ``time.perf_counter_ns``
+(CLOCK_MONOTONIC on Linux), so stamps of the two sides compare directly.
 
-    python3 benchmarks/submit_stages.py --model tiny            # or mlp24, gpt
+- By default the client rings the lane's doorbell page (``cgtree.daemon.doorbell``), as a
+  default ``Client`` does: stages call, graph_call (the compile backend), submit, plan_run,
+  rung | daemon_woke, rung_taken, plan_dispatch, run_plan, tree_call, replay_start,
+  replay_launched, signal_start, signalled, run_plan_done, answered | acked, outputs_built,
+  done_seen, plan_run_done, submit_done, graph_done, call_done, caller_synced.
+- ``--lane``: ``Client(doorbell=False)``: plan runs as lane datagrams, with the daemon's host
+  synchronize (request_sent, read_start/read_done, sync_start/synchronized, send_start/
+  send_done, reply_received instead of the page's stages).
+- Then the same model under ``torch.compile(backend="cgtree")`` in this process, stamped the
+  same way (call, tree_call, replay_start, replay_launched, call_done, caller_synced), and
+  ``mode="reduce-overhead"`` timed whole, for reference.
+
+    python3 benchmarks/submit_stages.py --model gpt            # or tiny, mlp24; --lane
     python3 benchmarks/submit_stages.py --model gpt --json results/stages_gpt.json
 
 Models: ``tiny``/``mlp24`` (``benchmarks/models.py``) submitted directly with one handle;
@@ -40,13 +48,21 @@ if __package__ in (None, ""):
     sys.path.append(str(REPO_ROOT))  # appended: an installed cgtree wins over the bare folder
 
 STAMPS_ENV = "CGTREE_STAGES_OUT"
+LANE_ENV = "CGTREE_STAGES_LANE"
 _now = time.perf_counter_ns
 
-# Stages in the order a plan run passes them: client, daemon, client again.
-ORDER = ("submit", "plan_run", "request_sent", "daemon_woke", "read_start", "read_done", "plan_dispatch",
-         "run_plan", "replay_launched", "synchronized", "run_plan_done", "send_start", "send_done",
-         "reply_received", "plan_run_done", "submit_done", "caller_synced")
-DAEMON_STAGES = frozenset(ORDER[3:13])
+# Stages in the order a plan run passes them: client, daemon, client again (a run stamps the
+# ones of its transport: the page's or the lane's).
+CLIENT_BEFORE = ("call", "graph_call", "submit", "plan_run", "request_sent", "rung")
+DAEMON_ORDER = ("daemon_woke", "read_start", "read_done", "rung_taken", "plan_dispatch", "run_plan", "tree_call",
+                "replay_start", "replay_launched", "sync_start", "synchronized", "signal_start", "signalled",
+                "run_plan_done", "answered", "send_start", "send_done")
+CLIENT_AFTER = ("reply_received", "acked", "outputs_built", "done_seen", "plan_run_done", "submit_done", "graph_done",
+                "call_done", "caller_synced")
+ORDER = CLIENT_BEFORE + DAEMON_ORDER + CLIENT_AFTER
+DAEMON_STAGES = frozenset(DAEMON_ORDER)
+# Stamped before the plan's dispatch: the daemon's last ones before it belong to the run.
+DAEMON_PRELUDE = frozenset(("daemon_woke", "read_start", "read_done", "rung_taken"))
 FIRST_DAEMON_STAGE = "plan_dispatch"  # one per plan run: the daemon's sequences are keyed on it
 
 
@@ -69,17 +85,32 @@ def _wrap(owner: Any, name: str, stamps: list, before: str | None, after: str | 
 # Daemon side
 
 
+def wrap_tree(stamps: list) -> None:
+    """Stamp the tree manager's call and its graph launch (daemon or in-process)."""
+    from cgtree.backends import cuda
+    from cgtree.manager import TreeManager
+
+    _wrap(TreeManager, "_call", stamps, "tree_call", None)
+    _wrap(cuda.CudaGraphBackend, "replay", stamps, "replay_start", "replay_launched")
+
+
 def daemon_main(argv: list[str]) -> int:
-    from cgtree.daemon import graphs, lane, server
+    from cgtree.daemon import doorbell, graphs, lane, server
     from cgtree.daemon import main as daemon_entry
 
     stamps: list = []
     _wrap(server.Daemon, "_poll_spinning", stamps, None, "daemon_woke", when=bool)
     _wrap(lane.LaneHub, "read", stamps, "read_start", "read_done")
+    _wrap(doorbell.Doorbell, "take", stamps, None, "rung_taken", when=lambda taken: taken is not None)
     _wrap(server.Daemon, "answer_plan", stamps, "plan_dispatch", None)
     _wrap(server, "run_plan", stamps, "run_plan", "run_plan_done")
-    # The plan run synchronizes right after launching its replay.
-    _wrap(graphs.DeviceRuntime, "synchronize", stamps, "replay_launched", "synchronized")
+    wrap_tree(stamps)
+    if os.environ.get(LANE_ENV) == "1":
+        # A lane plan run synchronizes right after launching its replay. (Not stamped with a
+        # doorbell: the daemon synchronizes there only before it sleeps.)
+        _wrap(graphs.DeviceRuntime, "synchronize", stamps, "sync_start", "synchronized")
+    _wrap(doorbell.Doorbell, "signal_done", stamps, "signal_start", "signalled")
+    _wrap(doorbell.Doorbell, "answer", stamps, None, "answered")
     _wrap(lane.LaneHub, "send", stamps, "send_start", "send_done")
     code = daemon_entry.main(argv)
     Path(os.environ[STAMPS_ENV]).write_text(json.dumps(stamps))
@@ -95,7 +126,7 @@ def daemon_sequences(stamps: list) -> list[dict]:
     then the first of each later daemon stage."""
     sequences, current, last = [], None, {}
     for stage, t in stamps:
-        if stage in ("daemon_woke", "read_start", "read_done"):
+        if stage in DAEMON_PRELUDE:
             last[stage] = t
             continue
         if stage == FIRST_DAEMON_STAGE:
@@ -107,9 +138,11 @@ def daemon_sequences(stamps: list) -> list[dict]:
 
 
 def client_sequences(stamps: list) -> list[dict]:
+    """One dict of stage -> ns per call: a call starts at its ``call`` stamp (or, for a loop
+    that stamps none, at ``submit``)."""
     sequences, current = [], None
     for stage, t in stamps:
-        if stage == "submit":
+        if stage == "call" or (stage == "submit" and (current is None or "submit" in current)):
             current = {}
             sequences.append(current)
         if current is not None and stage not in current:
@@ -118,17 +151,22 @@ def client_sequences(stamps: list) -> list[dict]:
 
 
 def stage_table(client: list[dict], daemon: list[dict]) -> list[dict]:
-    """p50/mean of each gap between consecutive stages (the i-th client submit with the i-th
-    daemon plan run, counted from the end), and of the whole submit."""
-    daemon = daemon[-len(client):] if client else []
+    """p50/mean of each gap between consecutive stages (the i-th client call with the i-th
+    daemon plan run, counted from the end; ``daemon`` empty for an in-process loop), and of
+    the whole call."""
+    if daemon:
+        pairs = list(zip(client[-len(daemon):], daemon[-len(client):]))
+    else:
+        pairs = [(c, {}) for c in client]
     gaps: dict[str, list[float]] = {}
-    for c, d in zip(client[-len(daemon):] if daemon else [], daemon):
+    for c, d in pairs:
         merged = {**c, **d}
         present = [s for s in ORDER if s in merged]
         for a, b in zip(present, present[1:]):
             gaps.setdefault(f"{a} -> {b}", []).append((merged[b] - merged[a]) / 1e3)
-        if "submit" in merged and "caller_synced" in merged:
-            gaps.setdefault("whole call (submit -> caller_synced)", []).append((merged["caller_synced"] - merged["submit"]) / 1e3)
+        first = "call" if "call" in merged else "submit"
+        if first in merged and "caller_synced" in merged:
+            gaps.setdefault(f"whole call ({first} -> caller_synced)", []).append((merged["caller_synced"] - merged[first]) / 1e3)
     return [{"gap": gap, "p50_us": round(statistics.median(v), 1), "mean_us": round(statistics.fmean(v), 1), "n": len(v)}
             for gap, v in gaps.items()]
 
@@ -157,22 +195,53 @@ def _model_call(name: str, client: Any, device: Any) -> tuple[Callable[[], Any],
     return (lambda: client.submit(handle, model.inputs)), model.module, tuple(model.inputs)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _stamped_loop(call: Callable[[], Any], stamps: list, warmup: int, iters: int) -> None:
+    import torch
+
+    for _ in range(warmup):
+        call()
+        torch.cuda.synchronize()
+    stamps.clear()
+    for _ in range(iters):
+        stamps.append(("call", _now()))
+        out = call()
+        stamps.append(("call_done", _now()))
+        torch.cuda.synchronize()
+        stamps.append(("caller_synced", _now()))
+        del out
+
+
+def _wrap_client(stamps: list) -> None:
+    from cgtree.client import client as client_module
+    from cgtree.client import compile_backend
+    from cgtree.client import doorbell as client_doorbell
+    from cgtree.client import lane as client_lane
+
+    _wrap(compile_backend.DaemonGraph, "__call__", stamps, "graph_call", "graph_done")
+    _wrap(client_module.Client, "submit", stamps, "submit", "submit_done")
+    _wrap(client_module.Client, "_submit_planned", stamps, "plan_run", "plan_run_done")
+    _wrap(client_module.Client, "_plan_outputs", stamps, None, "outputs_built")
+    _wrap(client_lane.ClientLane, "request", stamps, "request_sent", "reply_received")
+    _wrap(client_doorbell.ClientDoorbell, "ring", stamps, None, "rung")
+    _wrap(client_doorbell.ClientDoorbell, "wait_ack", stamps, None, "acked")
+    _wrap(client_doorbell.ClientDoorbell, "wait_done", stamps, None, "done_seen")
+
+
+def _through_daemon(args: argparse.Namespace, work: Path) -> tuple[list, Any, Any, tuple]:
+    """(stage table, last execution, eager module, inputs) of the submit loop through a stamped daemon."""
     import torch
 
     from benchmarks.bench_compile import DAEMON_CONFIG as COMPILE_CONFIG
     from benchmarks.bench_daemon import DAEMON_CONFIG, child_env
     from cgtree.client import Client
-    from cgtree.client import client as client_module
-    from cgtree.client import lane as client_lane
 
-    work = Path(tempfile.mkdtemp(prefix="cgstages-"))
     (work / "config.toml").write_text(COMPILE_CONFIG.format(compile="inductor") if args.model == "gpt" else DAEMON_CONFIG)
     socket_path, stamps_path = work / "s", work / "stamps.json"
     log = open(work / "cgtreed.log", "wb")
+    env = child_env({STAMPS_ENV: str(stamps_path), LANE_ENV: "1" if args.lane else "0"})
     daemon = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--daemon", "--config", str(work / "config.toml"),
                                "--endpoint", f"ipc://{socket_path}", "--devices", "cuda:0"],
-                              env=child_env({STAMPS_ENV: str(stamps_path)}), cwd=work, stdout=log, stderr=subprocess.STDOUT)
+                              env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not socket_path.exists():
@@ -180,28 +249,33 @@ def run(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"cgtreed did not start:\n{(work / 'cgtreed.log').read_text()[-2000:]}")
             time.sleep(0.1)
         stamps: list = []
-        _wrap(client_module.Client, "submit", stamps, "submit", "submit_done")
-        _wrap(client_module.Client, "_submit_planned", stamps, "plan_run", "plan_run_done")
-        _wrap(client_lane.ClientLane, "request", stamps, "request_sent", "reply_received")
-        device = torch.device("cuda:0")
-        client = Client(f"ipc://{socket_path}", timeout_s=600, doorbell=False)  # the lane stages are what it stamps
+        _wrap_client(stamps)
+        client = Client(f"ipc://{socket_path}", timeout_s=600, doorbell=not args.lane)
         with torch.no_grad():
-            call, module, inputs = _model_call(args.model, client, device)
-            for _ in range(args.warmup):
-                call()
-                torch.cuda.synchronize()
-            stamps.clear()
-            for _ in range(args.iters):
-                out = call()
-                torch.cuda.synchronize()
-                stamps.append(("caller_synced", _now()))
-                del out
+            call, module, inputs = _model_call(args.model, client, torch.device("cuda:0"))
+            _stamped_loop(call, stamps, args.warmup, args.iters)
         execution = client.last_execution
         client.close()
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
     table = stage_table(client_sequences(stamps), daemon_sequences(json.loads(stamps_path.read_text())))
+    return table, execution, module, inputs
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    import cgtree.compile  # noqa: F401  (registers backend="cgtree")
+
+    work = Path(tempfile.mkdtemp(prefix="cgstages-"))
+    table, execution, module, inputs = _through_daemon(args, work)
+    stamps: list = []
+    wrap_tree(stamps)  # only the in-process loop below runs a tree manager in this process
+    in_process = torch.compile(module, backend="cgtree", options={"compiler": "inductor"}, fullgraph=True)
+    with torch.no_grad():
+        _stamped_loop(lambda: in_process(*inputs), stamps, args.warmup, args.iters)
+    in_process_table = stage_table(client_sequences(stamps), [])
     reference = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     samples = []
     with torch.no_grad():
@@ -212,8 +286,15 @@ def run(args: argparse.Namespace) -> dict:
             if i >= args.warmup:
                 samples.append((_now() - started) / 1e3)
             del out
-    return {"model": args.model, "iters": args.iters, "last_execution": execution, "stages": table,
+    return {"model": args.model, "transport": "lane" if args.lane else "doorbell", "iters": args.iters,
+            "last_execution": execution, "stages": table, "in_process_stages": in_process_table,
             "reduce_overhead_p50_us": round(statistics.median(samples), 1)}
+
+
+def _print_table(title: str, rows: list) -> None:
+    print(title)
+    for row in rows:
+        print(f"  {row['gap']:48s} p50 {row['p50_us']:8.1f} us   mean {row['mean_us']:8.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("tiny", "mlp24", "gpt"), default="tiny")
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=500, help="untimed calls first (plans and their recordings settle)")
+    parser.add_argument("--lane", action="store_true", help="plan runs on the lane's datagrams (Client(doorbell=False))")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -232,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         print("submit_stages: plan runs need CUDA; nothing to measure here", file=sys.stderr)
         return 2
     report = run(args)
-    print(f"{args.model}: {args.iters} submits; last: {report['last_execution']}")
-    for row in report["stages"]:
-        print(f"  {row['gap']:48s} p50 {row['p50_us']:8.1f} us   mean {row['mean_us']:8.1f}")
+    _print_table(f"{args.model} through cgtreed ({report['transport']}): {args.iters} calls; last: {report['last_execution']}",
+                 report["stages"])
+    _print_table(f"{args.model} under backend=\"cgtree\" in this process:", report["in_process_stages"])
     print(f"  reduce-overhead in this process: p50 {report['reduce_overhead_p50_us']} us")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -30,3 +30,23 @@ def test_stamps_of_both_processes_align_into_gaps():
     assert rows["send_done -> reply_received"]["p50_us"] == 7.0
     assert rows["whole call (submit -> caller_synced)"]["p50_us"] == 50.0
     assert all(row["n"] == 2 for row in rows.values())
+
+
+def test_doorbell_and_in_process_stamps_start_at_the_call():
+    client = [("call", 0), ("graph_call", 1_000), ("submit", 3_000), ("plan_run", 4_000), ("rung", 6_000),
+              ("acked", 30_000), ("outputs_built", 33_000), ("done_seen", 400_000), ("plan_run_done", 401_000),
+              ("submit_done", 402_000), ("graph_done", 403_000), ("call_done", 405_000), ("caller_synced", 410_000)]
+    daemon = [("daemon_woke", 7_000), ("rung_taken", 8_000), ("plan_dispatch", 9_000), ("run_plan", 10_000),
+              ("tree_call", 12_000), ("replay_start", 20_000), ("replay_launched", 25_000), ("signal_start", 25_500),
+              ("signalled", 28_000), ("run_plan_done", 28_500), ("answered", 29_000)]
+    rows = {row["gap"]: row for row in stage_table(client_sequences(client), daemon_sequences(daemon))}
+    assert rows["rung -> daemon_woke"]["p50_us"] == 1.0
+    assert rows["tree_call -> replay_start"]["p50_us"] == 8.0
+    assert rows["answered -> acked"]["p50_us"] == 1.0
+    assert rows["whole call (call -> caller_synced)"]["p50_us"] == 410.0
+
+    in_process = [("call", 0), ("tree_call", 5_000), ("replay_start", 15_000), ("replay_launched", 20_000),
+                  ("call_done", 24_000), ("caller_synced", 300_000)] * 2
+    rows = {row["gap"]: row for row in stage_table(client_sequences(in_process), [])}
+    assert rows["tree_call -> replay_start"] == {"gap": "tree_call -> replay_start", "p50_us": 10.0, "mean_us": 10.0, "n": 2}
+    assert rows["whole call (call -> caller_synced)"]["p50_us"] == 300.0
