@@ -32,6 +32,7 @@ and exits 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -81,37 +82,63 @@ def _wrap(owner: Any, name: str, stamps: list, before: str | None, after: str | 
     setattr(owner, name, stamped)
 
 
+def resolve(target: str) -> tuple[Any, str]:
+    """``"package.module:Owner.attr"`` (or ``"package.module:function"``) -> (owner, attribute name)."""
+    module_name, _, path = target.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *owners, name = path.split(".")
+    for part in owners:
+        owner = getattr(owner, part)
+    if not hasattr(owner, name):
+        raise AttributeError(f"{target}: no such attribute to stamp")
+    return owner, name
+
+
+# (what is wrapped, stamp before the call, stamp after it[, only when the result says so])
+TREE_STAMPS = (
+    ("cgtree.manager:TreeManager._call", "tree_call", None),
+    ("cgtree.backends.cuda:CudaGraphBackend.replay", "replay_start", "replay_launched"),
+)
+DAEMON_STAMPS = (
+    ("cgtree.daemon.server:Daemon._poll_spinning", None, "daemon_woke", bool),
+    ("cgtree.daemon.lane:LaneHub.read", "read_start", "read_done"),
+    ("cgtree.daemon.doorbell:Doorbell.take", None, "rung_taken", lambda taken: taken is not None),
+    ("cgtree.daemon.server:Daemon.answer_plan", "plan_dispatch", None),
+    ("cgtree.daemon.server:run_plan", "run_plan", "run_plan_done"),  # as the server module calls it
+    ("cgtree.daemon.doorbell:Doorbell.signal_done", "signal_start", "signalled"),
+    ("cgtree.daemon.doorbell:Doorbell.answer", None, "answered"),
+    ("cgtree.daemon.lane:LaneHub.send", "send_start", "send_done"),
+)
+# A lane plan run synchronizes right after launching its replay. (Not stamped with a doorbell:
+# the daemon synchronizes there only before it sleeps, which would stamp the wrong run.)
+LANE_DAEMON_STAMPS = (("cgtree.daemon.graphs:DeviceRuntime.synchronize", "sync_start", "synchronized"),)
+CLIENT_STAMPS = (
+    ("cgtree.client.compile_backend:DaemonGraph.__call__", "graph_call", "graph_done"),
+    ("cgtree.client.client:Client.submit", "submit", "submit_done"),
+    ("cgtree.client.client:Client._submit_planned", "plan_run", "plan_run_done"),
+    ("cgtree.client.client:Client._plan_outputs", None, "outputs_built"),
+    ("cgtree.client.lane:ClientLane.request", "request_sent", "reply_received"),
+    ("cgtree.client.doorbell:ClientDoorbell.ring", None, "rung"),
+    ("cgtree.client.doorbell:ClientDoorbell.wait_ack", None, "acked"),
+    ("cgtree.client.doorbell:ClientDoorbell.wait_done", None, "done_seen"),
+)
+
+
+def install_stamps(table: tuple, stamps: list) -> None:
+    for target, before, after, *when in table:
+        owner, name = resolve(target)
+        _wrap(owner, name, stamps, before, after, *when)
+
+
 # ---------------------------------------------------------------------------------------------
 # Daemon side
 
 
-def wrap_tree(stamps: list) -> None:
-    """Stamp the tree manager's call and its graph launch (daemon or in-process)."""
-    from cgtree.backends import cuda
-    from cgtree.manager import TreeManager
-
-    _wrap(TreeManager, "_call", stamps, "tree_call", None)
-    _wrap(cuda.CudaGraphBackend, "replay", stamps, "replay_start", "replay_launched")
-
-
 def daemon_main(argv: list[str]) -> int:
-    from cgtree.daemon import doorbell, graphs, lane, server
     from cgtree.daemon import main as daemon_entry
 
     stamps: list = []
-    _wrap(server.Daemon, "_poll_spinning", stamps, None, "daemon_woke", when=bool)
-    _wrap(lane.LaneHub, "read", stamps, "read_start", "read_done")
-    _wrap(doorbell.Doorbell, "take", stamps, None, "rung_taken", when=lambda taken: taken is not None)
-    _wrap(server.Daemon, "answer_plan", stamps, "plan_dispatch", None)
-    _wrap(server, "run_plan", stamps, "run_plan", "run_plan_done")
-    wrap_tree(stamps)
-    if os.environ.get(LANE_ENV) == "1":
-        # A lane plan run synchronizes right after launching its replay. (Not stamped with a
-        # doorbell: the daemon synchronizes there only before it sleeps.)
-        _wrap(graphs.DeviceRuntime, "synchronize", stamps, "sync_start", "synchronized")
-    _wrap(doorbell.Doorbell, "signal_done", stamps, "signal_start", "signalled")
-    _wrap(doorbell.Doorbell, "answer", stamps, None, "answered")
-    _wrap(lane.LaneHub, "send", stamps, "send_start", "send_done")
+    install_stamps(DAEMON_STAMPS + TREE_STAMPS + (LANE_DAEMON_STAMPS if os.environ.get(LANE_ENV) == "1" else ()), stamps)
     code = daemon_entry.main(argv)
     Path(os.environ[STAMPS_ENV]).write_text(json.dumps(stamps))
     return code
@@ -211,22 +238,6 @@ def _stamped_loop(call: Callable[[], Any], stamps: list, warmup: int, iters: int
         del out
 
 
-def _wrap_client(stamps: list) -> None:
-    from cgtree.client import client as client_module
-    from cgtree.client import compile_backend
-    from cgtree.client import doorbell as client_doorbell
-    from cgtree.client import lane as client_lane
-
-    _wrap(compile_backend.DaemonGraph, "__call__", stamps, "graph_call", "graph_done")
-    _wrap(client_module.Client, "submit", stamps, "submit", "submit_done")
-    _wrap(client_module.Client, "_submit_planned", stamps, "plan_run", "plan_run_done")
-    _wrap(client_module.Client, "_plan_outputs", stamps, None, "outputs_built")
-    _wrap(client_lane.ClientLane, "request", stamps, "request_sent", "reply_received")
-    _wrap(client_doorbell.ClientDoorbell, "ring", stamps, None, "rung")
-    _wrap(client_doorbell.ClientDoorbell, "wait_ack", stamps, None, "acked")
-    _wrap(client_doorbell.ClientDoorbell, "wait_done", stamps, None, "done_seen")
-
-
 def _through_daemon(args: argparse.Namespace, work: Path) -> tuple[list, Any, Any, tuple]:
     """(stage table, last execution, eager module, inputs) of the submit loop through a stamped daemon."""
     import torch
@@ -249,7 +260,7 @@ def _through_daemon(args: argparse.Namespace, work: Path) -> tuple[list, Any, An
                 raise RuntimeError(f"cgtreed did not start:\n{(work / 'cgtreed.log').read_text()[-2000:]}")
             time.sleep(0.1)
         stamps: list = []
-        _wrap_client(stamps)
+        install_stamps(CLIENT_STAMPS, stamps)
         client = Client(f"ipc://{socket_path}", timeout_s=600, doorbell=not args.lane)
         with torch.no_grad():
             call, module, inputs = _model_call(args.model, client, torch.device("cuda:0"))
@@ -271,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cgstages-"))
     table, execution, module, inputs = _through_daemon(args, work)
     stamps: list = []
-    wrap_tree(stamps)  # only the in-process loop below runs a tree manager in this process
+    install_stamps(TREE_STAMPS, stamps)  # only the in-process loop below runs a tree manager in this process
     in_process = torch.compile(module, backend="cgtree", options={"compiler": "inductor"}, fullgraph=True)
     with torch.no_grad():
         _stamped_loop(lambda: in_process(*inputs), stamps, args.warmup, args.iters)

@@ -3,7 +3,10 @@ measuring itself needs CUDA; the alignment is pure and checked here)."""
 
 from __future__ import annotations
 
-from benchmarks.submit_stages import client_sequences, daemon_sequences, stage_table
+import pytest
+
+from benchmarks.submit_stages import (CLIENT_STAMPS, DAEMON_STAMPS, LANE_DAEMON_STAMPS, ORDER, TREE_STAMPS,
+                                      client_sequences, daemon_sequences, resolve, stage_table)
 
 
 def _client(start: int) -> list:
@@ -50,3 +53,17 @@ def test_doorbell_and_in_process_stamps_start_at_the_call():
     rows = {row["gap"]: row for row in stage_table(client_sequences(in_process), [])}
     assert rows["tree_call -> replay_start"] == {"gap": "tree_call -> replay_start", "p50_us": 10.0, "mean_us": 10.0, "n": 2}
     assert rows["whole call (call -> caller_synced)"]["p50_us"] == 300.0
+
+
+@pytest.mark.parametrize("entry", CLIENT_STAMPS + DAEMON_STAMPS + LANE_DAEMON_STAMPS + TREE_STAMPS, ids=lambda e: e[0])
+def test_every_stamped_function_exists_and_its_stages_are_ordered(entry):
+    # A renamed method would otherwise fail only on a GPU host, when the script runs there.
+    target, before, after, *_ = entry
+    owner, name = resolve(target)
+    assert callable(getattr(owner, name))
+    assert {stage for stage in (before, after) if stage} <= set(ORDER)
+
+
+def test_a_missing_target_is_named():
+    with pytest.raises(AttributeError, match="Client.no_such_method"):
+        resolve("cgtree.client.client:Client.no_such_method")
