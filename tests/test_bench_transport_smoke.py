@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_transport_writes_every_path(tmp_path):
     out = tmp_path / "transport.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_transport.py"), "--iters", "50", "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"zmq", "lane-block/block", "lane-spin/block", "lane-block/spin", "lane-spin/spin"}
