@@ -52,11 +52,11 @@ class NotifyListener:
     def texts(self) -> list[str]:
         return [text for _, text, _ in self.messages]
 
-    def wait_for(self, predicate, timeout_s: float = 10.0) -> str:
+    def wait_for(self, predicate, timeout_s: float = 10.0, since: int = 0) -> str:
+        """The first message from index ``since`` on that ``predicate`` accepts (waiting for it)."""
         deadline = time.monotonic() + timeout_s
-        seen = 0
         while time.monotonic() < deadline:
-            for _, text, _ in self.messages[seen:]:
+            for _, text, _ in self.messages[since:]:
                 if predicate(text):
                     return text
             time.sleep(0.02)
@@ -113,7 +113,7 @@ def test_notify_watchdog_reload_and_stop_as_systemd_sees_them(daemon_tools):
             Path(daemon.config_path).write_text(good + '\n[policy]\nskip_warmup = "yes"\n')
             count = len(listener.messages)
             daemon.signal(signal.SIGHUP)
-            rejected = listener.wait_for(lambda t: t.startswith("READY=1\nSTATUS=reload rejected"))
+            rejected = listener.wait_for(lambda t: t.startswith("READY=1\nSTATUS=reload rejected"), since=count)
             assert "policy.skip_warmup" in rejected
             assert any(t.startswith("RELOADING=1\nMONOTONIC_USEC=") for t in listener.texts()[count:])
             with Client(daemon.endpoint, timeout_s=30) as other:
@@ -128,7 +128,9 @@ def test_notify_watchdog_reload_and_stop_as_systemd_sees_them(daemon_tools):
             count = len(listener.messages)
             daemon.signal(signal.SIGHUP)
             assert wait_for_log(daemon, r"SIGHUP: configuration reloaded .*changed: policy\.skip_warmup, daemon\.log_level")
-            listener.wait_for(lambda t: t.startswith("READY=1\nSTATUS=serving"))
+            # The daemon's datagrams reach the listener's thread a moment after it logs: wait for them.
+            listener.wait_for(lambda t: t.startswith("RELOADING=1"), since=count)
+            listener.wait_for(lambda t: t.startswith("READY=1\nSTATUS=serving"), since=count)
             assert any(t.startswith("RELOADING=1") for t in listener.texts()[count:])
             before.submit(model, [torch.randn(5, 8)])  # a graph newly registered in the running session
             assert before.last_execution["mode"] == "recorded"
@@ -146,8 +148,8 @@ def test_notify_watchdog_reload_and_stop_as_systemd_sees_them(daemon_tools):
                                     capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             assert "nothing changed" in result.stdout
-            listener.wait_for(lambda t: t.startswith("READY=1"))
-            assert any(t.startswith("RELOADING=1") for t in listener.texts()[count:])
+            listener.wait_for(lambda t: t.startswith("RELOADING=1"), since=count)
+            listener.wait_for(lambda t: t.startswith("READY=1"), since=count)
 
         # SIGTERM: STOPPING=1, exit 0, no socket file left behind.
         daemon.signal(signal.SIGTERM)
