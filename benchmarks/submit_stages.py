@@ -288,15 +288,10 @@ def run(args: argparse.Namespace) -> dict:
         _stamped_loop(lambda: in_process(*inputs), stamps, args.warmup, args.iters)
     in_process_table = stage_table(client_sequences(stamps), [])
     reference = torch.compile(module, mode="reduce-overhead", fullgraph=True)
-    samples = []
+    reference_stamps: list = []
     with torch.no_grad():
-        for i in range(args.warmup + args.iters):
-            started = _now()
-            out = reference(*inputs)
-            torch.cuda.synchronize()
-            if i >= args.warmup:
-                samples.append((_now() - started) / 1e3)
-            del out
+        _stamped_loop(lambda: reference(*inputs), reference_stamps, args.warmup, args.iters)
+    samples = [(c["caller_synced"] - c["call"]) / 1e3 for c in client_sequences(reference_stamps)]
     return {"model": args.model, "transport": "lane" if args.lane else "doorbell", "iters": args.iters,
             "last_execution": execution, "stages": table, "in_process_stages": in_process_table,
             "reduce_overhead_p50_us": round(statistics.median(samples), 1)}
