@@ -23,10 +23,9 @@ import torch
 import torch.fx
 from torch._ops import OpOverload
 
+from cgtree.capturability import incompatible_fx_node
 from cgtree.user_frames import located_call, parse_stack_trace
 
-_INCOMPATIBLE_TAG_NAMES = ("dynamic_output_shape", "data_dependent_output", "cudagraph_unsafe")
-_INCOMPATIBLE_TAGS = tuple(getattr(torch.Tag, n) for n in _INCOMPATIBLE_TAG_NAMES if hasattr(torch.Tag, n))
 # Backward placeholders that are not saved activations (aot_autograd's names).
 _NOT_SAVED_MARKERS = ("tangents", "bwd_seed", "bwd_base_offset", "bwd_rng_state")
 
@@ -125,13 +124,9 @@ def _operator_of(node: torch.fx.Node) -> Any:
 
 
 def is_incompatible(node: torch.fx.Node) -> bool:
-    """Ops a CUDA graph cannot hold: data-dependent output shapes, host reads, unsafe tags."""
-    target = _operator_of(node)
-    if node.op != "call_function" or not isinstance(target, OpOverload):
-        return False
-    if target._schema.name in ("aten::_local_scalar_dense", "aten::item"):
-        return True
-    return any(tag in target.tags for tag in _INCOMPATIBLE_TAGS)
+    """Whether a CUDA graph cannot hold this node (``cgtree.capturability``'s rule: host
+    syncs, unsafe tags, sizes that depend on tensor values)."""
+    return incompatible_fx_node(node, _operator_of(node)) is not None
 
 
 def incompatible_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -22,10 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_TAG_NAMES = ("dynamic_output_shape", "data_dependent_output", "cudagraph_unsafe")
-_INCOMPATIBLE_TAGS = tuple(getattr(torch.Tag, name) for name in _TAG_NAMES if hasattr(torch.Tag, name))
-# Ops that synchronize with the host or read device values into Python: a graph cannot hold them.
-_INCOMPATIBLE_OPS = {"aten::_local_scalar_dense", "aten::item"}
+from cgtree.capturability import incompatible_call
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _CGTREE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -79,14 +76,12 @@ class Inspector(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self._check_incompatible(func)
+        self._check_incompatible(func, args, kwargs)
         self._check_mutation(func, args, kwargs)
         return func(*args, **kwargs)
 
-    def _check_incompatible(self, func) -> None:
-        name = func._schema.name
-        incompatible = name in _INCOMPATIBLE_OPS or any(tag in func.tags for tag in _INCOMPATIBLE_TAGS)
-        if not incompatible:
+    def _check_incompatible(self, func, args, kwargs) -> None:
+        if incompatible_call(func, args, kwargs) is None:  # the rule: cgtree.capturability
             return
         if self.findings.incompatible_op is None:
             self.findings.incompatible_op = str(func)
