@@ -1,0 +1,973 @@
+#!/usr/bin/env python3
+"""Real models through ``torch.compile``: does each path put them under graphs, does it still
+compute what eager computes, and how long does a call take.
+
+The models are ``benchmarks/real_models.py``'s zoo: small configurations of HF transformers
+causal LMs (gpt2, llama, mistral, qwen2, phi, opt, called ``model(ids, attention_mask=mask)``),
+encoders (bert, roberta), HF ViT, timm (resnet18, a ViT, convnext) and torchvision
+(mobilenet_v3_small) models, all float32 with seeded random weights (nothing is downloaded),
+plus two special cases: HF ``generate`` with a static cache (``hf-generate``) and a training
+step (``hf-train``). For each model and each *path* one run measures:
+
+- **match**: the outputs of a few steps with fresh inputs (``real_models.Built.inputs(step)``)
+  against eager's on a separately built model with the same weights: relative error
+  ``||out - ref|| / ||ref|| <= 1e-3`` (float32; inductor reorders arithmetic, ~1e-6; a stale
+  replay of an old input is of order 1). Steps 0-3 before timing (warmup, record, replays)
+  and one more after it. ``hf-generate``: the generated token ids must be identical;
+  ``hf-train``: every step's loss (fresh identical model per path, same data, SGD).
+- **graphed**: read from counters only, never inferred from matching values (below).
+- **sync p50**: median over ``--iters`` calls of (call + device synchronize) with the same
+  inputs, after ``--warmup`` untimed calls (``benchmarks/timing.py``); outputs dropped at once.
+  ``hf-generate``: one sample is one ``generate`` call; ``hf-train``: one training step
+  (forward, backward, optimizer step).
+
+Paths, and how "graphed" is read:
+
+- ``eager``: the module called directly (under ``torch.no_grad()`` except training); graphed
+  is not applicable.
+- ``reduce-overhead``: ``torch.compile(module, mode="reduce-overhead")``. Graphed when
+  ``torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]`` did not grow over the whole
+  life of the path (PyTorch bumps it once, when it decides a graph runs without CUDA graphs,
+  often at compile time) and PyTorch's tree manager replayed during the timed calls: this
+  script counts ``CUDAGraphTreeManager.execute_node`` (replay), ``record_function`` and
+  ``run_eager`` calls by wrapping them (PyTorch keeps no replay counter). ``n/a`` on the CPU.
+- ``cgtree``: ``torch.compile(module, backend="cgtree")`` (in-process trees,
+  ``cgtree.compile``; ``--cgtree-compiler``: ``inductor`` on CUDA by default, so that the
+  kernels are reduce-overhead's and only the trees differ, ``eager`` (AOT's ATen graph) on the
+  CPU). Counters: the sum of ``cgtree.compile.managers()[*].counters`` (``replays``,
+  ``skipped_calls``, ``recordings``, ``warmups``) and each tree node's ``replays`` from
+  ``status()``; graphed when replays grew during the timed calls (at least one per call) and
+  ``skipped_calls`` did not.
+- ``cgtreed``: a ``cgtreed`` this script starts (``bench_compile.start_daemon``; ``--devices``
+  the benchmark device; ``daemon.compile`` inductor on CUDA, eager on CPU), one
+  ``cgtree.client.Client`` (session) per model and
+  ``torch.compile(module, backend=cgtree.client.compile_backend.backend(client))``. Counters:
+  the daemon's side from ``client.status(session_only=True)`` (the session's per-device
+  ``counters`` and tree nodes), ``client.last_execution["mode"]`` after the timed calls, and
+  the graphs that stayed in the client: the compile backend logs "cannot go to cgtreed" /
+  "runs in this process" on logger ``cgtree.client.compile``, captured here and counted.
+  Graphed when the daemon replayed at least once per timed call, skipped no call, and no graph
+  ran in the client. ``hf-train`` is ``n/a (training runs in the client)``: cgtreed serves
+  inference graphs (it is still run and checked; it is left out of the path's count).
+
+``hf-generate`` follows HF's static-cache recipe, ``model.forward = torch.compile(model.forward,
+...)``, with HF's own auto-compile off; graphed when every decode step after warmup was a
+replay (replays grew by at least ``max_new_tokens - 3`` per timed ``generate`` call) and no
+call was skipped. ``hf-train`` is graphed when both forward and backward graphs replayed on
+every timed step and no call was skipped.
+
+Fairness: every path builds its own model (same seed, so the same weights) and compiles into
+a fresh dynamo state (``torch._dynamo.reset()`` between paths, which also closes cgtree's
+managers and PyTorch's trees); inductor uses an empty temporary cache
+(``--fresh-inductor-cache``). Paths run one after the other, not interleaved: the point is
+coverage across many models, not a 2% latency difference (``bench_compile.py`` does that).
+Each path's first three calls are also timed (cold start: compile, warmup, record) and kept
+in the JSON.
+
+Summary: models graphed per path (k of n, n counting the rows where the path ran or failed);
+geomean speed-up over eager per path, over the models graphed on that path and on
+reduce-overhead where reduce-overhead ran; geomean ratios cgtree/reduce-overhead and
+cgtreed/reduce-overhead over the models graphed on both.
+
+``--device cpu --smoke`` is the CPU smoke mode: a few small models, tiny iteration counts,
+the cgtree paths on the CPU replay backend, reduce-overhead ``n/a``; models whose library is
+missing are reported "skipped: <reason>"; the numbers mean nothing. ``--time-budget S`` stops
+starting new model/path runs after S seconds (and SIGTERM stops the run) and still writes the
+report of what ran; the JSON is also rewritten after every model.
+
+Exit status: 0 when everything that ran matched eager; 2 when a path errored or disagreed;
+3 with ``--fail-unless-graphed`` when a model that reduce-overhead graphed was not graphed by
+cgtree or cgtreed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    # Appended, not prepended: the repository's bare cgtree/ folder must not shadow an
+    # installed cgtree (whose daemon/ and client/ map in), as in bench_compile.py.
+    sys.path.append(str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import real_models  # noqa: E402
+from benchmarks.report import fmt as _fmt, write_reports  # noqa: E402
+from benchmarks.timing import summarize_ns, sync_samples_ns  # noqa: E402
+
+PATHS = ("eager", "reduce-overhead", "cgtree", "cgtreed")
+COMPILED_PATHS = ("reduce-overhead", "cgtree", "cgtreed")
+MAX_REL_ERR = 1e-3
+CHECK_STEPS = (0, 1, 2, 3)  # before timing: warmup, record, replays with new values
+LATE_CHECK_STEP = 100  # after timing
+TIMED_STEP = 50  # the inputs of the timed calls
+COLD_START_CALLS = 3
+GENERATE_REPLAY_SLACK = 3  # a generate call may have up to this many decode steps not replayed
+SMOKE_MODELS = ("gpt2", "bert", "resnet18-timm", "mobilenet-v3-small-tv")
+CLIENT_LOGGER = "cgtree.client.compile"
+
+
+# ---------------------------------------------------------------------------------------------
+# Counters
+
+
+class TorchTreeCalls:
+    """Counts what PyTorch's CUDA graph tree manager does, by wrapping three of its methods:
+    ``execute_node`` (a replay), ``record_function`` (a recording) and ``run_eager`` (a warmup
+    run), each by the manager's compilation mode at the time (inference, forward, backward).
+    PyTorch keeps no such counters itself."""
+
+    METHODS = {"execute_node": "replays", "record_function": "recordings", "run_eager": "warmups"}
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self.installed: Optional[bool] = None
+        self.problem: Optional[str] = None
+
+    def install(self) -> bool:
+        if self.installed is not None:
+            return self.installed
+        try:
+            from torch._inductor import cudagraph_trees
+        except Exception as exc:
+            self.installed, self.problem = False, f"torch._inductor.cudagraph_trees: {exc}"
+            return False
+        cls = cudagraph_trees.CUDAGraphTreeManager
+        missing = [m for m in self.METHODS if not callable(getattr(cls, m, None))]
+        if missing:
+            self.installed, self.problem = False, f"CUDAGraphTreeManager has no {', '.join(missing)}"
+            return False
+        counts = self.counts
+        for method, what in self.METHODS.items():
+            original = getattr(cls, method)
+
+            def counted(manager: Any, *args: Any, __original=original, __what=what, **kwargs: Any) -> Any:
+                mode = getattr(getattr(manager, "mode", None), "name", "unknown").lower()
+                counts[__what] += 1
+                counts[f"{__what}_{mode}"] += 1
+                return __original(manager, *args, **kwargs)
+
+            counted.__wrapped__ = original
+            setattr(cls, method, counted)
+        self.installed = True
+        return True
+
+    def snapshot(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        snap = {"cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+        if self.installed:
+            snap.update(self.counts)
+        return snap
+
+
+TORCH_TREE_CALLS = TorchTreeCalls()
+
+
+def _kind_of(function_name: str, kinds: dict[str, str]) -> str:
+    if function_name in kinds:
+        return kinds[function_name]
+    tail = function_name.rsplit(".", 1)[-1]
+    return tail if tail in ("inference", "forward", "backward") else "unknown"
+
+
+def tree_snapshot(statuses: list[dict]) -> dict:
+    """Counters of cgtree tree managers (``TreeManager.status()`` documents), summed, with
+    node replays by graph kind (``replays_forward`` ...)."""
+    snap: collections.Counter = collections.Counter()
+    skips: collections.Counter = collections.Counter()
+    for status in statuses:
+        for key, value in (status.get("counters") or {}).items():
+            if isinstance(value, (int, float)):
+                snap[key] += value
+        kinds = {f.get("name"): f.get("kind") for f in status.get("functions") or []}
+        for node in status.get("nodes") or []:
+            snap[f"replays_{_kind_of(str(node.get('function')), kinds)}"] += int(node.get("replays") or 0)
+        skips.update((status.get("skips") or {}).get("by_reason") or {})
+    out = dict(snap)
+    out["skip_reasons"] = dict(skips)
+    return out
+
+
+def cgtree_snapshot() -> dict:
+    import cgtree.compile as cgtree_compile
+
+    return tree_snapshot([mgr.status() for mgr in cgtree_compile.managers().values()])
+
+
+class ClientLog(logging.Handler):
+    """What the cgtreed compile backend says about graphs it keeps in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.kept: list[str] = []
+        self.registered = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        if "cannot go to cgtreed" in message or "runs in this process" in message:
+            self.kept.append(message.splitlines()[0][:400])
+        elif "registered with cgtreed" in message:
+            self.registered += 1
+
+
+def daemon_snapshot(client: Any, log: ClientLog) -> dict:
+    status = client.status(session_only=True)
+    trees = []
+    for session in status.get("sessions") or []:
+        for device in (session.get("devices") or {}).values():
+            tree = dict(device.get("tree") or {})
+            tree["counters"] = device.get("counters") or tree.get("counters") or {}
+            trees.append(tree)
+    snap = tree_snapshot(trees)
+    snap["graphs_in_client"] = len(log.kept)
+    snap["graphs_registered"] = log.registered
+    return snap
+
+
+def delta(after: dict, before: dict) -> dict:
+    """Numeric counters: how much each grew from ``before`` to ``after`` (zeros kept)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class PathRow:
+    status: str = "ok"  # ok | n/a | skipped | error | incorrect
+    note: str = ""
+    p50_us: Optional[float] = None
+    sync: Optional[dict] = None
+    cold_start_ms: Optional[list] = None
+    graphed: Optional[bool] = None  # None: not applicable (eager, n/a, not run)
+    graphed_note: str = ""
+    max_rel_err: Optional[float] = None
+    counters_timed: dict = field(default_factory=dict)
+    counters_life: dict = field(default_factory=dict)
+    timed_calls: int = 0
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one model on one path
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, device: torch.device, workdir: str) -> None:
+        self.args = args
+        self.device = device
+        self.workdir = workdir
+        self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.daemon: Any = None
+        self.daemon_error: Optional[str] = None
+        self.deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+
+    def over_budget(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def daemon_endpoint(self) -> str:
+        if self.daemon_error is not None:
+            raise RuntimeError(self.daemon_error)
+        if self.daemon is None:
+            from benchmarks.bench_compile import start_daemon
+
+            devices = str(self.device) if self.device.type == "cuda" else "cpu"
+            try:
+                self.daemon = start_daemon(devices, os.path.join(self.workdir, "d"), self.args.daemon_compile)
+            except Exception as exc:
+                self.daemon_error = f"cgtreed did not start: {type(exc).__name__}: {_first_line(exc)}"
+                raise
+        return self.daemon.endpoint
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            with contextlib.suppress(Exception):
+                self.daemon.stop()
+            self.daemon = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:400] if text else ""
+
+
+def _error_note(where: str, exc: BaseException) -> str:
+    return f"{where}: {type(exc).__name__}: {_first_line(exc)}"
+
+
+def kind_of(case: real_models.ModelCase) -> str:
+    return {"hf-generate": "generate", "hf-train": "train"}.get(case.family, "forward")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.shape != ref.shape:
+        return float("inf")
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return (out64 - ref64).norm().item() / (ref64.norm().item() or 1.0)
+
+
+def token_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Generated tokens: 0.0 when identical, else the fraction of positions that differ."""
+    if out.shape != ref.shape:
+        return float("inf")
+    return (out.cpu() != ref.cpu()).float().mean().item()
+
+
+@dataclass
+class Prepared:
+    """One path's callable for one built model: ``call(step_args, step_kwargs)`` does one call
+    (forward, generate, or training step) and returns the value to compare."""
+
+    built: real_models.Built
+    call: Callable[[tuple, dict], torch.Tensor]
+    snapshot: Callable[[], dict]
+    details: Callable[[], dict] = dict
+    close: Callable[[], None] = lambda: None
+
+
+def _compile(path: str, target: Callable, ctx: Context, client: Any = None) -> Callable:
+    if path == "reduce-overhead":
+        return torch.compile(target, mode="reduce-overhead")
+    if path == "cgtree":
+        import cgtree.compile  # noqa: F401  (registers the backend)
+
+        return torch.compile(target, backend="cgtree", options={"compiler": ctx.args.cgtree_compiler})
+    if path == "cgtreed":
+        from cgtree.client.compile_backend import backend
+
+        return torch.compile(target, backend=backend(client))
+    return target
+
+
+def _make_call(kind: str, built: real_models.Built, fn: Callable, device: torch.device) -> Callable[[tuple, dict], torch.Tensor]:
+    module, output = built.module, built.output
+    if kind == "generate":
+        def call(args: tuple, kwargs: dict) -> torch.Tensor:
+            with torch.no_grad():
+                return output(module.generate(*args, **kwargs))
+        return call
+    if kind == "train":
+        optimizer = torch.optim.SGD(module.parameters(), lr=real_models.TRAIN_LR)
+
+        def call(args: tuple, kwargs: dict) -> torch.Tensor:
+            loss = output(fn(*args, **kwargs))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return call
+
+    def call(args: tuple, kwargs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return output(fn(*args, **kwargs))
+    return call
+
+
+def prepare(path: str, case: real_models.ModelCase, ctx: Context, client_log: Optional[ClientLog]) -> Prepared:
+    kind = kind_of(case)
+    built = case.build(ctx.device)
+    client = None
+    close: Callable[[], None] = lambda: None
+    if path == "cgtreed":
+        from cgtree.client import Client
+
+        client = Client(ctx.daemon_endpoint(), timeout_s=600)
+        close = client.close
+    if kind == "generate":
+        # HF's static-cache recipe: compile forward; generate() stays Python.
+        if path != "eager":
+            built.module.forward = _compile(path, built.module.forward, ctx, client)
+        fn = built.module
+    else:
+        fn = _compile(path, built.module, ctx, client)
+
+    if path == "reduce-overhead":
+        snapshot = TORCH_TREE_CALLS.snapshot
+        details = lambda: {"replay_counter": "CUDAGraphTreeManager.execute_node calls" if TORCH_TREE_CALLS.installed
+                           else f"unavailable: {TORCH_TREE_CALLS.problem}"}
+    elif path == "cgtree":
+        snapshot = cgtree_snapshot
+
+        def details() -> dict:
+            import cgtree.compile as cgtree_compile
+
+            mgrs = cgtree_compile.managers()
+            return {"compiler": ctx.args.cgtree_compiler, "backends": sorted({m.backend_name for m in mgrs.values()}),
+                    "last_execution_mode": next((m.last_execution.mode.value for m in mgrs.values()
+                                                 if m.last_execution is not None), None)}
+    elif path == "cgtreed":
+        snapshot = lambda: daemon_snapshot(client, client_log)
+
+        def details() -> dict:
+            last = client.last_execution
+            return {"daemon_compile": ctx.args.daemon_compile,
+                    "last_execution_mode": None if last is None else last.get("mode"),
+                    "last_execution": last, "client_log": list(client_log.kept)}
+    else:
+        snapshot, details = dict, dict
+    return Prepared(built, _make_call(kind, built, fn, ctx.device), snapshot, details, close)
+
+
+def _clone(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().clone()
+
+
+def _compare(kind: str, got: torch.Tensor, ref: torch.Tensor) -> float:
+    return token_error(got, ref) if kind == "generate" else relative_error(got, ref)
+
+
+def reference_outputs(case: real_models.ModelCase, ctx: Context) -> dict:
+    """Eager's outputs on every step the paths are checked at (train: every step's loss), on a
+    model of its own."""
+    kind = kind_of(case)
+    built = case.build(ctx.device)
+    call = _make_call(kind, built, built.module, ctx.device)
+    steps = train_steps(ctx) if kind == "train" else (*CHECK_STEPS, LATE_CHECK_STEP)
+    return {step: _clone(call(built.inputs(step), built.kwargs(step))) for step in steps}
+
+
+def train_steps(ctx: Context) -> list[int]:
+    return list(range(ctx.args.warmup + ctx.args.train_iters))
+
+
+def graphed_verdict(path: str, case: real_models.ModelCase, timed: dict, life: dict, calls: int,
+                    ctx: Context, client_messages: tuple = ()) -> tuple[Optional[bool], str]:
+    """Graphed or not, from the counters of the timed calls (``timed``) and of the path's whole
+    life (``life``), and why."""
+    kind = kind_of(case)
+    if kind == "train" and path == "cgtreed":
+        return None, "n/a (training runs in the client)"
+    problems = []
+    if path == "reduce-overhead":
+        if life.get("cudagraph_skips", 0):
+            problems.append(f"cudagraph_skips +{life['cudagraph_skips']}")
+        if not TORCH_TREE_CALLS.installed:
+            return (False if problems else None), "; ".join(problems or [f"replays not countable ({TORCH_TREE_CALLS.problem})"])
+    else:
+        if timed.get("skipped_calls", 0):
+            problems.append(f"skipped_calls +{timed['skipped_calls']}")
+        reasons = life.get("skip_reasons") or {}
+        if timed.get("skipped_calls", 0) and reasons:
+            problems.append("skip reasons: " + ", ".join(f"{k} x{v}" for k, v in reasons.items()))
+    in_client = ""
+    if path == "cgtreed" and life.get("graphs_in_client", 0):
+        in_client = f"{life['graphs_in_client']} graph(s) ran in the client, not graphed"
+        if client_messages:
+            in_client += f" ({client_messages[0][:300]})"
+        if kind != "generate":  # generate: the decode steps decide (below); the note stays
+            problems.append(in_client)
+    replays = timed.get("replays", 0)
+    if kind == "generate":
+        per_call = ctx.args.max_new_tokens - GENERATE_REPLAY_SLACK
+        if replays < per_call * calls:
+            problems.append(f"replays +{replays} over {calls} generate call(s) (< {per_call} per call)")
+        elif in_client and not problems:
+            return True, (f"decode steps graphed: replays +{replays} over {calls} generate call(s), no skips; "
+                          f"but {in_client}")
+    elif kind == "train":
+        for part in ("forward", "backward"):
+            got = timed.get(f"replays_{part}", 0)
+            if got < calls:
+                problems.append(f"{part} replays +{got} over {calls} steps")
+    elif replays < calls:
+        problems.append(f"replays +{replays} over {calls} calls")
+    if problems:
+        return False, "; ".join(problems)
+    if kind == "train":
+        return True, (f"forward replays +{timed.get('replays_forward', 0)}, backward replays "
+                      f"+{timed.get('replays_backward', 0)} over {calls} steps, no skips")
+    return True, f"replays +{replays} over {calls} {'generate ' if kind == 'generate' else ''}calls, no skips"
+
+
+def run_path(path: str, case: real_models.ModelCase, ctx: Context, refs: dict) -> PathRow:
+    row = PathRow()
+    args = ctx.args
+    kind = kind_of(case)
+    if path == "reduce-overhead":
+        if ctx.device.type != "cuda":
+            return PathRow(status="n/a", note="needs CUDA (no CUDA graphs on CPU)")
+        TORCH_TREE_CALLS.install()
+    client_log = None
+    handler_logger = logging.getLogger(CLIENT_LOGGER)
+    logger_level = handler_logger.level
+    if path == "cgtreed":
+        client_log = ClientLog()
+        handler_logger.addHandler(client_log)
+        if handler_logger.getEffectiveLevel() > logging.INFO:
+            handler_logger.setLevel(logging.INFO)
+    prepared: Optional[Prepared] = None
+    stage = "setup"
+    try:
+        prepared = prepare(path, case, ctx, client_log)
+        built = prepared.built
+        start = prepared.snapshot()
+        worst = 0.0
+        stage = "first calls"
+        if kind == "train":
+            # Every step is checked; the first --warmup steps are untimed.
+            steps = train_steps(ctx)
+            samples, timed_before = [], None
+            for index, step in enumerate(steps):
+                if index == args.warmup:
+                    timed_before = prepared.snapshot()
+                step_args, step_kwargs = built.inputs(step), built.kwargs(step)
+                ctx.sync()
+                began = time.perf_counter_ns()
+                loss = prepared.call(step_args, step_kwargs)
+                ctx.sync()
+                elapsed = time.perf_counter_ns() - began
+                if index < COLD_START_CALLS:
+                    row.cold_start_ms = (row.cold_start_ms or []) + [elapsed / 1e6]
+                if index >= args.warmup:
+                    samples.append(elapsed)
+                worst = max(worst, _compare(kind, loss, refs[step]))
+            timed_after = prepared.snapshot()
+            row.timed_calls = len(samples)
+        else:
+            row.cold_start_ms = []
+            for index, step in enumerate(CHECK_STEPS):
+                step_args, step_kwargs = built.inputs(step), built.kwargs(step)
+                ctx.sync()
+                began = time.perf_counter_ns()
+                out = prepared.call(step_args, step_kwargs)
+                ctx.sync()
+                if index < COLD_START_CALLS:
+                    row.cold_start_ms.append((time.perf_counter_ns() - began) / 1e6)
+                got, out = _clone(out), None
+                worst = max(worst, _compare(kind, got, refs[step]))
+            stage = "timing"
+            step_args, step_kwargs = built.inputs(TIMED_STEP), built.kwargs(TIMED_STEP)
+            call = prepared.call
+            iters = args.generate_iters if kind == "generate" else args.iters
+            warmup = 1 if kind == "generate" else args.warmup
+
+            def once() -> None:
+                call(step_args, step_kwargs)  # output dropped at once
+
+            for _ in range(warmup):
+                once()
+            ctx.sync()
+            timed_before = prepared.snapshot()
+            samples = sync_samples_ns(once, iters, 0, ctx.sync)
+            timed_after = prepared.snapshot()
+            row.timed_calls = iters
+            stage = "late check"
+            got = _clone(prepared.call(built.inputs(LATE_CHECK_STEP), built.kwargs(LATE_CHECK_STEP)))
+            worst = max(worst, _compare(kind, got, refs[LATE_CHECK_STEP]))
+        stage = "counters"
+        end = prepared.snapshot()
+        row.sync = summarize_ns(samples).to_dict()
+        row.p50_us = row.sync["p50_us"]
+        row.max_rel_err = worst
+        row.counters_timed = delta(timed_after, timed_before)
+        row.counters_life = delta(end, start)
+        if "skip_reasons" in end:
+            row.counters_life["skip_reasons"] = end["skip_reasons"]
+        if "graphs_in_client" in end:
+            row.counters_life["graphs_in_client"] = end["graphs_in_client"]
+        if path != "eager":
+            row.graphed, row.graphed_note = graphed_verdict(path, case, row.counters_timed, row.counters_life,
+                                                            row.timed_calls, ctx,
+                                                            tuple(client_log.kept) if client_log is not None else ())
+        with contextlib.suppress(Exception):
+            row.details = prepared.details()
+        limit = 0.0 if kind == "generate" else MAX_REL_ERR
+        if not worst <= limit:
+            row.status = "incorrect"
+            row.note = (f"{worst:.1%} of generated tokens differ" if kind == "generate"
+                        else f"max relative error {worst:.3g} > {MAX_REL_ERR:g}")
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a model that fails on a path must not stop the run
+        row.status, row.note = "error", _error_note(stage, exc)
+        traceback.print_exc()
+        if client_log is not None and client_log.kept:
+            row.details = {"client_log": list(client_log.kept)}
+    finally:
+        if client_log is not None:
+            handler_logger.removeHandler(client_log)
+            handler_logger.setLevel(logger_level)
+        if prepared is not None:
+            with contextlib.suppress(Exception):
+                prepared.close()
+        reset_graph_state(ctx)
+    return row
+
+
+def reset_graph_state(ctx: Context) -> None:
+    """Compiled code, cgtree's managers (closed by the reset) and PyTorch's trees go."""
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+    if ctx.device.type == "cuda":
+        with contextlib.suppress(Exception):
+            from torch._inductor import cudagraph_trees
+
+            cudagraph_trees.reset_cudagraph_trees()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def run_model(case: real_models.ModelCase, ctx: Context) -> dict:
+    model = {"name": case.name, "family": case.family, "library": case.library, "status": "ok", "note": "",
+             "paths": {}}
+    missing = real_models.missing_library(case)
+    if missing is not None:
+        model["status"], model["note"] = "skipped", f"skipped: {missing}"
+        return model
+    print(f"[bench_models] {case.name} ({case.family}) ...", file=sys.stderr, flush=True)
+    try:
+        grad = contextlib.nullcontext() if kind_of(case) == "train" else torch.no_grad()
+        with grad:
+            refs = reference_outputs(case, ctx)
+    except Exception as exc:
+        model["status"], model["note"] = "error", _error_note("eager reference", exc)
+        traceback.print_exc()
+        return model
+    for path in ctx.args.paths:
+        if ctx.over_budget():
+            model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
+            continue
+        started = time.perf_counter()
+        row = run_path(path, case, ctx, refs)
+        row.details["path_wall_s"] = round(time.perf_counter() - started, 2)
+        model["paths"][path] = row.to_json()
+        print(f"[bench_models]   {path}: {row.status} {row.note} graphed={row.graphed} {row.graphed_note} "
+              f"({row.details['path_wall_s']} s)", file=sys.stderr, flush=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and reports
+
+
+def _geomean(values: list[float]) -> Optional[float]:
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summarize(models: list[dict], paths: list[str]) -> dict:
+    graphed, speedups, ratios = {}, {}, {}
+    for path in paths:
+        if path == "eager":
+            continue
+        rows = [m["paths"].get(path) for m in models]
+        counted = [r for r in rows if r is not None and (r["graphed"] is not None or r["status"] == "error")
+                   and r["status"] not in ("n/a", "skipped")]
+        graphed[path] = {"graphed": sum(1 for r in counted if r["graphed"]), "of": len(counted)}
+        values = []
+        for m in models:
+            row, eager, ro = m["paths"].get(path), m["paths"].get("eager"), m["paths"].get("reduce-overhead")
+            if not (row and eager and row["graphed"] and row["p50_us"] and eager["p50_us"]):
+                continue
+            if path != "reduce-overhead" and ro is not None and ro["status"] not in ("n/a", "skipped") and not ro["graphed"]:
+                continue
+            values.append(eager["p50_us"] / row["p50_us"])
+        speedups[path] = {"geomean": _geomean(values), "models": len(values)}
+    for path in ("cgtree", "cgtreed"):
+        if path not in paths or "reduce-overhead" not in paths:
+            continue
+        values = []
+        for m in models:
+            row, ro = m["paths"].get(path), m["paths"].get("reduce-overhead")
+            if row and ro and row["graphed"] and ro["graphed"] and row["p50_us"] and ro["p50_us"]:
+                values.append(row["p50_us"] / ro["p50_us"])
+        ratios[f"{path}/reduce-overhead"] = {"geomean": _geomean(values), "models": len(values)}
+    return {"graphed": graphed, "speedup_over_eager": speedups, "ratio_to_reduce_overhead": ratios}
+
+
+def not_graphed_where_reduce_overhead_is(models: list[dict]) -> list[str]:
+    missed = []
+    for m in models:
+        ro = m["paths"].get("reduce-overhead")
+        if not (ro and ro["graphed"]):
+            continue
+        for path in ("cgtree", "cgtreed"):
+            row = m["paths"].get(path)
+            if row is not None and row["graphed"] is False:
+                missed.append(f"{m['name']}/{path}")
+    return missed
+
+
+def failed_rows(models: list[dict]) -> list[str]:
+    failed = []
+    for m in models:
+        if m["status"] == "error":
+            failed.append(m["name"])
+        for path, row in m["paths"].items():
+            if row["status"] in ("error", "incorrect"):
+                failed.append(f"{m['name']}/{path}")
+    return failed
+
+
+def _graphed_cell(row: dict) -> str:
+    if row["status"] in ("n/a", "skipped"):
+        return "n/a"
+    if row["graphed"] is None:
+        return "n/a" if row["status"] != "error" else "-"
+    return "yes" if row["graphed"] else "NO"
+
+
+def _match_cell(row: dict) -> str:
+    if row["status"] == "error":
+        return "ERROR"
+    if row["max_rel_err"] is None:
+        return "-"
+    tag = "ok" if row["status"] == "ok" else "FAIL"
+    return f"{tag} ({row['max_rel_err']:.0e})"
+
+
+def render_markdown(report: dict) -> str:
+    env, config, models = report["environment"], report["config"], report["models"]
+    paths = config["paths"]
+    lines = [
+        "## Real models through torch.compile paths",
+        "",
+        f"torch {env['torch']} (CUDA {env['torch_cuda']}), transformers {env.get('transformers') or '-'}, "
+        f"timm {env.get('timm') or '-'}, torchvision {env.get('torchvision') or '-'}, Python {env['python']}, "
+        f"device {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else "")
+        + f", cgtree {env.get('cgtree_commit') or '?'}. Sync p50 over {config['iters']} calls "
+        f"({config['generate_iters']} generate calls; {config['train_iters']} training steps) after "
+        f"{config['warmup']} warmup calls; match: relative error <= {config['max_rel_err']:g} against eager "
+        f"(generate: identical tokens); graphed: from counters."
+        + (" CPU smoke run: the numbers mean nothing." if config.get("smoke") else ""),
+        "",
+    ]
+    header = ["model", "family"]
+    for path in paths:
+        header += [f"{path} p50 (us)"] + ([] if path == "eager" else [f"{path} graphed"]) + [f"{path} match"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---:" if "p50" in h else "---" for h in header) + "|")
+    notes: list[str] = []
+    shared_notes: list[str] = []
+    for m in models:
+        cells = [m["name"], m["family"]]
+        if m["status"] != "ok":
+            cells.append(m["note"] or m["status"])
+            cells += [""] * (len(header) - 3)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        for path in paths:
+            row = m["paths"].get(path)
+            if row is None:
+                cells += ["-"] * (2 if path == "eager" else 3)
+                continue
+            if row["status"] in ("n/a", "skipped"):
+                cells += [row["status"]] + ([] if path == "eager" else ["n/a"]) + ["-"]
+                shared = f"- {path}: {row['note'] or row['status']}"
+                if row["status"] == "n/a" and shared not in shared_notes:
+                    shared_notes.append(shared)
+                elif row["status"] == "skipped":
+                    notes.append(f"- {m['name']} / {path}: {row['note']}")
+                continue
+            cells += [_fmt(row["p50_us"])] + ([] if path == "eager" else [_graphed_cell(row)]) + [_match_cell(row)]
+            if row["status"] in ("error", "incorrect") or row["graphed"] is False or (
+                    path != "eager" and row["graphed_note"] and (row["graphed"] is None or "but" in row["graphed_note"])):
+                notes.append(f"- {m['name']} / {path}: " + "; ".join(
+                    x for x in (row["note"], row["graphed_note"]) if x))
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = report["summary"]
+    lines += ["", "| path | graphed | geomean speed-up over eager (models) |", "|---|---:|---:|"]
+    for path, counts in summary["graphed"].items():
+        speed = summary["speedup_over_eager"].get(path) or {}
+        value = "-" if speed.get("geomean") is None else f"{speed['geomean']:.2f}x ({speed['models']})"
+        lines.append(f"| {path} | {counts['graphed']} of {counts['of']} | {value} |")
+    if summary["ratio_to_reduce_overhead"]:
+        lines += ["", "| ratio (sync p50, models graphed on both) | geomean (models) |", "|---|---:|"]
+        for key, ratio in summary["ratio_to_reduce_overhead"].items():
+            value = "-" if ratio["geomean"] is None else f"{ratio['geomean']:.2f}x ({ratio['models']})"
+            lines.append(f"| {key} | {value} |")
+    if notes or shared_notes:
+        lines += ["", "Not graphed, failed, skipped or n/a, and why:", "", *shared_notes, *notes]
+    if report.get("interrupted"):
+        lines += ["", f"Stopped early: {report['interrupted']}."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    import platform
+    import subprocess
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    for name in ("transformers", "timm", "torchvision"):
+        env[name] = None
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            env[name] = version(name)
+    with contextlib.suppress(Exception):
+        env["cgtree_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v for v in value.split(",") if v]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"cuda, cuda:N or cpu (default {default_device})")
+    parser.add_argument("--models", default=None, help=f"comma-separated names (default all; --smoke: {','.join(SMOKE_MODELS)})")
+    parser.add_argument("--families", default=None, help=f"comma-separated ({', '.join(real_models.FAMILIES)})")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated (default {','.join(PATHS)}; eager always runs)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per model and path (default 200; cpu 5; smoke 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 5; smoke 2)")
+    parser.add_argument("--generate-iters", type=int, default=None, help="timed generate calls (default 5; smoke 1)")
+    parser.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 20; smoke 2)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke mode: a few small models, tiny iteration counts")
+    parser.add_argument("--cgtree-compiler", choices=("eager", "inductor"), default=None,
+                        help="backend='cgtree' options['compiler'] (default inductor on cuda, eager on cpu)")
+    parser.add_argument("--daemon-compile", choices=("eager", "inductor"), default=None,
+                        help="cgtreed's daemon.compile (default inductor on cuda, eager on cpu)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="start no model/path run after S seconds; report what ran")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "bench_models.json")
+    parser.add_argument("--md", type=Path, default=None, help="markdown table (default: --json with .md)")
+    parser.add_argument("--fresh-inductor-cache", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fail-unless-graphed", action="store_true",
+                        help="exit 3 when a model reduce-overhead graphs is not graphed by cgtree or cgtreed")
+    args = parser.parse_args(argv)
+    args.paths = _split(args.paths) or []
+    unknown = [p for p in args.paths if p not in PATHS]
+    if unknown:
+        parser.error(f"unknown path(s): {', '.join(unknown)}")
+    args.paths = ["eager"] + [p for p in PATHS[1:] if p in args.paths]
+    names, families = _split(args.models), _split(args.families)
+    if names is None and families is None and args.smoke:
+        names = list(SMOKE_MODELS)
+    try:
+        args.cases = real_models.cases(families=families, names=names)
+    except KeyError as exc:
+        parser.error(str(exc.args[0]))
+    cuda = torch.device(args.device).type == "cuda"
+    small = args.smoke or not cuda
+    args.iters = args.iters or (3 if args.smoke else (5 if not cuda else 200))
+    args.warmup = args.warmup if args.warmup is not None else (2 if small else 5)
+    args.generate_iters = args.generate_iters or (1 if small else 5)
+    args.train_iters = args.train_iters or (2 if small else 20)
+    args.cgtree_compiler = args.cgtree_compiler or ("inductor" if cuda else "eager")
+    args.daemon_compile = args.daemon_compile or ("inductor" if cuda else "eager")
+    args.max_new_tokens = real_models.GENERATE_NEW_TOKENS
+    if args.md is None:
+        args.md = args.json.with_suffix(".md")
+    return args
+
+
+class _Stop(Exception):
+    pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("CUDA is not available; use --device cpu (--smoke) for a smoke run", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    # Legacy CUDA IPC cannot share expandable segments: the inputs the cgtreed path passes by IPC
+    # come from this process's allocator (as in bench_compile.py).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    workdir = tempfile.mkdtemp(prefix="cgm-", dir="/tmp")  # short: ipc:// socket paths
+    if args.fresh_inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(workdir, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(workdir, "triton")
+    ctx = Context(args, device, workdir)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise _Stop("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    report = {
+        "benchmark": "models",
+        "schema": 1,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "config": {"device": str(device), "paths": args.paths, "models": [c.name for c in args.cases],
+                   "iters": args.iters, "warmup": args.warmup, "generate_iters": args.generate_iters,
+                   "train_iters": args.train_iters, "max_new_tokens": args.max_new_tokens,
+                   "cgtree_compiler": args.cgtree_compiler, "daemon_compile": args.daemon_compile,
+                   "max_rel_err": MAX_REL_ERR, "smoke": args.smoke, "time_budget_s": args.time_budget,
+                   "fresh_inductor_cache": args.fresh_inductor_cache},
+        "models": [],
+        "interrupted": None,
+    }
+
+    def finish() -> None:
+        report["summary"] = summarize(report["models"], args.paths)
+        report["failed"] = failed_rows(report["models"])
+        report["not_graphed_where_reduce_overhead_is"] = not_graphed_where_reduce_overhead_is(report["models"])
+        report["ok"] = not report["failed"]
+
+    started = time.monotonic()
+    try:
+        for index, case in enumerate(args.cases):
+            if ctx.over_budget():
+                report["interrupted"] = f"time budget of {args.time_budget:g} s spent after {time.monotonic() - started:.0f} s"
+                for rest in args.cases[index:]:
+                    report["models"].append({"name": rest.name, "family": rest.family, "library": rest.library,
+                                             "status": "skipped", "note": "skipped: time budget", "paths": {}})
+                break
+            report["models"].append(run_model(case, ctx))
+            finish()
+            # Rewritten after every model: a run killed from outside still leaves its rows.
+            with contextlib.suppress(Exception):
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                import json
+
+                args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    except (KeyboardInterrupt, _Stop) as exc:
+        report["interrupted"] = f"{type(exc).__name__} {exc}".strip()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ctx.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    finish()
+    write_reports(report, render_markdown(report), args.json, args.md)
+    if report["failed"]:
+        print(f"FAILED: {', '.join(report['failed'])}", file=sys.stderr)
+        return 2
+    if args.fail_unless_graphed and report["not_graphed_where_reduce_overhead_is"]:
+        print(f"not graphed where reduce-overhead is: {', '.join(report['not_graphed_where_reduce_overhead_is'])}",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``benchmarks/bench_models.py --device cpu --smoke`` runs end to end on a machine without a
+GPU (gpt2 and bert through eager, backend="cgtree" on the cpu-replay tree and a real cgtreed),
+every row matches eager and says whether it was graphed, from counters; and the model zoo
+(``benchmarks/real_models.py``) builds the same model twice from the same seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    """Import benchmarks/<name>.py by path (the repository root on sys.path would let the bare
+    cgtree/ folder shadow the installed package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+real_models = _load("real_models")
+
+
+def test_zoo_lists_cases_and_filters():
+    assert {"hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision", "hf-generate", "hf-train"} == {
+        case.family for case in real_models.CASES.values()}
+    assert all(name == case.name for name, case in real_models.CASES.items())
+    assert sum(case.family == "hf-causal-lm" for case in real_models.CASES.values()) >= 4
+    assert [c.name for c in real_models.cases(names=["bert", "gpt2"])] == ["gpt2", "bert"]
+    assert {c.family for c in real_models.cases(families=["timm"])} == {"timm"}
+    with pytest.raises(KeyError):
+        real_models.cases(names=["no-such-model"])
+    fake = real_models.ModelCase("fake", "timm", "surely_not_an_installed_library_xyz", lambda device: None)
+    assert "surely_not_an_installed_library_xyz is not installed" == real_models.missing_library(fake)
+
+
+def _run_once(built, family: str) -> torch.Tensor:
+    step_args, step_kwargs = built.inputs(1), built.kwargs(1)
+    with torch.no_grad():
+        if family == "hf-generate":
+            return built.output(built.module.generate(*step_args, **step_kwargs))
+        return built.output(built.module(*step_args, **step_kwargs))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_zoo_hf_cases_build_on_cpu_and_repeat_for_the_same_seed():
+    device = torch.device("cpu")
+    hf_cases = [c for c in real_models.cases() if c.library == "transformers"]
+    assert hf_cases and all(real_models.missing_library(c) is None for c in hf_cases)
+    for case in hf_cases:
+        first, second = case.build(device), case.build(device)
+        a, b = _run_once(first, case.family), _run_once(second, case.family)
+        assert isinstance(a, torch.Tensor) and torch.isfinite(a.float()).all(), case.name
+        assert torch.equal(a, b), case.name
+        # Fresh values per step, same shapes.
+        x0, x1 = first.inputs(0)[0], first.inputs(1)[0]
+        assert x0.shape == x1.shape and not torch.equal(x0, x1), case.name
+        assert torch.equal(first.inputs(1)[0], second.inputs(1)[0]), case.name
+        assert (case.family == "hf-train") == first.module.training, case.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_bench_models_cpu_smoke_run(tmp_path):
+    paths = ["eager", "reduce-overhead", "cgtree"]
+    if importlib.util.find_spec("zmq") is not None:
+        paths.append("cgtreed")
+    models = ["gpt2", "bert"]
+    timm_case = real_models.CASES["resnet18-timm"]
+    if real_models.missing_library(timm_case) is not None:
+        models.append(timm_case.name)  # must come back "skipped: timm is not installed"
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_models.py"), "--device", "cpu", "--smoke",
+         "--models", ",".join(models), "--paths", ",".join(paths), "--json", str(json_path), "--md", str(md_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    report = json.loads(json_path.read_text())
+    by_name = {m["name"]: m for m in report["models"]}
+    assert [m["name"] for m in report["models"]] == models
+    for name in ("gpt2", "bert"):
+        rows = by_name[name]["paths"]
+        assert rows["reduce-overhead"]["status"] == "n/a" and rows["reduce-overhead"]["graphed"] is None
+        for path in [p for p in paths if p != "reduce-overhead"]:
+            row = rows[path]
+            assert row["status"] == "ok", (name, path, row)
+            assert row["max_rel_err"] <= report["config"]["max_rel_err"], (name, path, row)
+            assert row["p50_us"] > 0 and row["timed_calls"] == report["config"]["iters"]
+            assert "graphed" in row
+        assert rows["eager"]["graphed"] is None
+        # cgtree: the verdict is the tree manager's counters over the timed calls.
+        tree = rows["cgtree"]
+        assert isinstance(tree["graphed"], bool) and tree["graphed_note"]
+        assert {"replays", "skipped_calls", "recordings", "warmups"} <= set(tree["counters_timed"])
+        expected = (tree["counters_timed"]["replays"] >= tree["timed_calls"]
+                    and tree["counters_timed"]["skipped_calls"] == 0)
+        assert tree["graphed"] == expected, tree
+        assert tree["details"]["backends"] == ["cpu-replay"]
+        if "cgtreed" in paths:
+            # cgtreed: the daemon's session counters plus the graphs the client kept.
+            daemon = rows["cgtreed"]
+            assert isinstance(daemon["graphed"], bool) and daemon["graphed_note"]
+            assert "replays" in daemon["counters_timed"] or daemon["counters_life"].get("graphs_in_client")
+            kept = daemon["counters_life"].get("graphs_in_client", 0)
+            if kept:
+                assert daemon["graphed"] is False and "ran in the client" in daemon["graphed_note"]
+            else:
+                assert daemon["graphed"] == (daemon["counters_timed"]["replays"] >= daemon["timed_calls"]
+                                             and daemon["counters_timed"]["skipped_calls"] == 0), daemon
+    if "resnet18-timm" in by_name:
+        assert by_name["resnet18-timm"]["status"] == "skipped"
+        assert by_name["resnet18-timm"]["note"] == "skipped: timm is not installed"
+    markdown = md_path.read_text()
+    assert "| gpt2 | hf-causal-lm |" in markdown and "cgtree graphed" in markdown
+    assert set(report["summary"]["graphed"]) == set(paths) - {"eager"}
