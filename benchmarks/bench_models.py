@@ -53,16 +53,33 @@ Paths, and how "graphed" is read:
 ``hf-generate`` follows HF's static-cache recipe, ``model.forward = torch.compile(model.forward,
 ...)``, with HF's own auto-compile off; graphed when every decode step after warmup was a
 replay (replays grew by at least ``max_new_tokens - 3`` per timed ``generate`` call) and no
-call was skipped. ``hf-train`` is graphed when both forward and backward graphs replayed on
-every timed step and no call was skipped.
+call was skipped (a graph kept in the client by cgtreed, e.g. the prefill, is named in the
+note). Two cases: ``llama-generate`` (``cache_implementation="static"``: HF creates the cache
+lazily inside the first, compiled, forward and cannot mark it static) and
+``llama-generate-cache`` (a ``StaticCache`` made up front, passed as ``past_key_values`` and
+reset before each call). ``hf-train`` is graphed when both forward and backward graphs
+replayed on every timed step and no call was skipped.
 
 Fairness: every path builds its own model (same seed, so the same weights) and compiles into
 a fresh dynamo state (``torch._dynamo.reset()`` between paths, which also closes cgtree's
 managers and PyTorch's trees); inductor uses an empty temporary cache
-(``--fresh-inductor-cache``). Paths run one after the other, not interleaved: the point is
-coverage across many models, not a 2% latency difference (``bench_compile.py`` does that).
-Each path's first three calls are also timed (cold start: compile, warmup, record) and kept
-in the JSON.
+(``--fresh-inductor-cache``). Float32 is float32: TF32 is off in every process of the run, the
+daemon included (cuDNN convolutions default to TF32, which alone moves a conv net's logits by
+~1e-3 against eager). Warmup is 64 calls on CUDA: a cgtreed steady loop records its plan's
+own graph after 50 runs, and the timed calls should see every path's steady state. Paths run
+one after the other, not interleaved: the point is coverage across many models, not a 2%
+latency difference (``bench_compile.py`` does that). Each path's first three calls are also
+timed (cold start: compile, warmup, record) and kept in the JSON.
+
+Isolation (``--isolate``, the default): each model runs in a child process of its own
+(``--child``, ``python -X faulthandler``), the daemon is shared (restarted if it died). A crash
+(a segfault in a kernel launch, say) makes that path an error, with the crashing thread's
+innermost frame from faulthandler in the note, and a new child takes the model's remaining
+paths. ``--model-timeout`` kills a child that hangs.
+
+Run time on an H200 (torch 2.11): about 35-45 s a model (four paths, three inductor compiles
+into an empty cache, a child process start), so the whole zoo takes about ten minutes: split
+it across calls with ``--models`` / ``--families``, or give ``--time-budget``.
 
 Summary: models graphed per path (k of n, n counting the rows where the path ran or failed);
 geomean speed-up over eager per path, over the models graphed on that path and on
@@ -121,6 +138,7 @@ COLD_START_CALLS = 3
 GENERATE_REPLAY_SLACK = 3  # a generate call may have up to this many decode steps not replayed
 SMOKE_MODELS = ("gpt2", "bert", "resnet18-timm", "mobilenet-v3-small-tv")
 CLIENT_LOGGER = "cgtree.client.compile"
+CRASH_HOOK = "BENCH_MODELS_CRASH_ON"  # "<model>/<path>": that path kills its process (tests only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,31 +294,90 @@ class PathRow:
 # Running one model on one path
 
 
+DAEMON_BOOT = (
+    # cgtreed with this benchmark's numerics: TF32 off (cuDNN convolutions default to TF32,
+    # which alone moves a conv net's float32 logits by ~1e-3), then the daemon's own main.
+    "import runpy, torch; torch.backends.cuda.matmul.allow_tf32 = False; "
+    "torch.backends.cudnn.allow_tf32 = False; runpy.run_module('cgtree.daemon.main', run_name='__main__', alter_sys=True)"
+)
+
+
+def strict_fp32() -> None:
+    """float32 means float32 here: no TF32 in matmuls or cuDNN convolutions."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float = 120.0) -> Any:
+    """``cgtreed`` as a child that dies with this process: ``bench_compile.start_daemon``'s
+    pattern (its config, bench_daemon's ``spawn``), started through ``DAEMON_BOOT``."""
+    import subprocess
+
+    from benchmarks.bench_compile import DAEMON_CONFIG, DaemonProcess, _ping
+    from benchmarks.bench_daemon import child_env, python_argv, spawn
+
+    os.makedirs(workdir, exist_ok=True)
+    config_path, log_path = os.path.join(workdir, "config.toml"), os.path.join(workdir, "cgtreed.log")
+    socket_path = os.path.join(workdir, "s")
+    Path(config_path).write_text(DAEMON_CONFIG.format(compile=compile_mode))
+    with open(log_path, "ab") as log:
+        # cwd is the work directory: the repository root on sys.path would let its bare
+        # cgtree/ folder shadow the installed package.
+        proc = spawn([*python_argv(), "-c", DAEMON_BOOT, "--config", config_path,
+                      "--endpoint", "ipc://" + socket_path, "--devices", devices],
+                     env=child_env(), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess("ipc://" + socket_path, proc, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cgtreed exited with {proc.returncode} at start: {Path(log_path).read_text()[-2000:]}")
+        if os.path.exists(socket_path) and _ping(daemon.endpoint, 1.0):
+            return daemon
+        time.sleep(0.1)
+    daemon.stop()
+    raise RuntimeError(f"cgtreed did not answer ping within {timeout_s:.0f} s: {Path(log_path).read_text()[-2000:]}")
+
+
 class Context:
-    def __init__(self, args: argparse.Namespace, device: torch.device, workdir: str) -> None:
+    """One process's run: the device, the time budget, and the daemon (started by the parent
+    process on first need and restarted if it died; a child process is handed its endpoint)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, workdir: str,
+                 endpoint: Optional[str] = None, budget_s: Optional[float] = None) -> None:
         self.args = args
         self.device = device
         self.workdir = workdir
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.daemon: Any = None
         self.daemon_error: Optional[str] = None
-        self.deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        self.daemon_starts = 0
+        self.endpoint = endpoint
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
 
     def over_budget(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
+    def budget_left(self) -> Optional[float]:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def daemon_endpoint(self) -> str:
+        if self.endpoint is not None:
+            return self.endpoint
         if self.daemon_error is not None:
             raise RuntimeError(self.daemon_error)
+        if self.daemon is not None and self.daemon.proc.poll() is not None:
+            print(f"[bench_models] cgtreed exited ({self.daemon.proc.returncode}); starting a new one",
+                  file=sys.stderr, flush=True)
+            self.daemon = None
         if self.daemon is None:
-            from benchmarks.bench_compile import start_daemon
-
             devices = str(self.device) if self.device.type == "cuda" else "cpu"
             try:
-                self.daemon = start_daemon(devices, os.path.join(self.workdir, "d"), self.args.daemon_compile)
+                self.daemon = start_daemon(devices, os.path.join(self.workdir, f"d{self.daemon_starts}"),
+                                           self.args.daemon_compile)
             except Exception as exc:
                 self.daemon_error = f"cgtreed did not start: {type(exc).__name__}: {_first_line(exc)}"
                 raise
+            self.daemon_starts += 1
         return self.daemon.endpoint
 
     def close(self) -> None:
@@ -369,6 +446,9 @@ def _make_call(kind: str, built: real_models.Built, fn: Callable, device: torch.
     module, output = built.module, built.output
     if kind == "generate":
         def call(args: tuple, kwargs: dict) -> torch.Tensor:
+            cache = kwargs.get("past_key_values")
+            if cache is not None:
+                cache.reset()  # a cache made up front (real_models: llama-generate-cache) is reused
             with torch.no_grad():
                 return output(module.generate(*args, **kwargs))
         return call
@@ -497,6 +577,8 @@ def graphed_verdict(path: str, case: real_models.ModelCase, timed: dict, life: d
                 problems.append(f"{part} replays +{got} over {calls} steps")
     elif replays < calls:
         problems.append(f"replays +{replays} over {calls} calls")
+    if problems and (timed.get("warmups", 0) or timed.get("recordings", 0)):
+        problems.append(f"timed calls also had warmups +{timed.get('warmups', 0)}, recordings +{timed.get('recordings', 0)}")
     if problems:
         return False, "; ".join(problems)
     if kind == "train":
@@ -633,14 +715,20 @@ def reset_graph_state(ctx: Context) -> None:
         torch.cuda.empty_cache()
 
 
-def run_model(case: real_models.ModelCase, ctx: Context) -> dict:
-    model = {"name": case.name, "family": case.family, "library": case.library, "status": "ok", "note": "",
-             "paths": {}}
+def new_model_entry(case: real_models.ModelCase) -> dict:
+    return {"name": case.name, "family": case.family, "library": case.library, "status": "ok", "note": "",
+            "paths": {}}
+
+
+def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
+              progress: Callable[[dict], None] = lambda model: None) -> dict:
+    """``paths`` of one model in this process; ``progress`` gets the entry after each path."""
+    model = new_model_entry(case)
     missing = real_models.missing_library(case)
     if missing is not None:
         model["status"], model["note"] = "skipped", f"skipped: {missing}"
         return model
-    print(f"[bench_models] {case.name} ({case.family}) ...", file=sys.stderr, flush=True)
+    print(f"[bench_models] {case.name} ({case.family}): {', '.join(paths)} ...", file=sys.stderr, flush=True)
     try:
         grad = contextlib.nullcontext() if kind_of(case) == "train" else torch.no_grad()
         with grad:
@@ -649,17 +737,176 @@ def run_model(case: real_models.ModelCase, ctx: Context) -> dict:
         model["status"], model["note"] = "error", _error_note("eager reference", exc)
         traceback.print_exc()
         return model
-    for path in ctx.args.paths:
+    for path in paths:
         if ctx.over_budget():
             model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
             continue
+        print(f"[bench_models]   {path} ...", file=sys.stderr, flush=True)
+        if os.environ.get(CRASH_HOOK) == f"{case.name}/{path}":  # tests: a child dying on a path
+            os.kill(os.getpid(), signal.SIGSEGV)
         started = time.perf_counter()
         row = run_path(path, case, ctx, refs)
         row.details["path_wall_s"] = round(time.perf_counter() - started, 2)
         model["paths"][path] = row.to_json()
         print(f"[bench_models]   {path}: {row.status} {row.note} graphed={row.graphed} {row.graphed_note} "
               f"({row.details['path_wall_s']} s)", file=sys.stderr, flush=True)
+        progress(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per model (the parent), so that a crash (a segfault in a compiler or a graph
+# replay) costs one path of one model, not the run
+
+
+CHILD_ARGS = ("device", "iters", "warmup", "generate_iters", "train_iters", "cgtree_compiler", "daemon_compile",
+              "max_new_tokens", "smoke")
+
+
+def _signal_name(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+        return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def crash_report(stderr_text: str) -> str:
+    """The faulthandler block of a crashed child ("Fatal Python error: ..." and its frames)."""
+    lines = stderr_text.splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("Fatal Python error"):
+            block = [line for line in lines[index:index + 200] if not line.startswith("Extension modules")]
+            return "\n".join(block)
+    return "\n".join(lines[-15:])
+
+
+def _innermost_frame(crash: str) -> str:
+    """The crashing thread's innermost frame (faulthandler lists that thread as "Current thread")."""
+    lines = crash.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
+    frames = [line.strip() for line in lines[start:] if line.strip().startswith("File ")]
+    return frames[0] if frames else ""
+
+
+def run_model_isolated(case: real_models.ModelCase, ctx: Context) -> dict:
+    """The model's paths in child processes (``--child``): one child normally; after a child dies
+    on a path, that path is an error and a new child takes the remaining ones."""
+    import json
+    import subprocess
+
+    from benchmarks.bench_daemon import child_env, python_argv, spawn, stop_process
+
+    args = ctx.args
+    model = new_model_entry(case)
+    missing = real_models.missing_library(case)
+    if missing is not None:
+        model["status"], model["note"] = "skipped", f"skipped: {missing}"
+        return model
+    remaining = list(args.paths)
+    attempt = 0
+    while remaining:
+        if ctx.over_budget():
+            for path in remaining:
+                model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
+            break
+        endpoint = None
+        if "cgtreed" in remaining:
+            try:
+                endpoint = ctx.daemon_endpoint()
+            except Exception as exc:
+                model["paths"]["cgtreed"] = PathRow(status="error", note=_error_note("cgtreed", exc)).to_json()
+                remaining.remove("cgtreed")
+                continue
+        attempt += 1
+        base = os.path.join(ctx.workdir, f"{case.name}.{attempt}")
+        out_path, err_path = base + ".json", base + ".stderr"
+        budget = ctx.budget_left()
+        config = {"args": {k: getattr(args, k) for k in CHILD_ARGS}, "model": case.name, "paths": remaining,
+                  "endpoint": endpoint, "budget_s": budget, "out": out_path}
+        Path(base + ".config.json").write_text(json.dumps(config))
+        timeout = args.model_timeout if budget is None else min(args.model_timeout, budget + 120.0)
+        with open(err_path, "wb") as err:
+            proc = spawn([*python_argv(), "-X", "faulthandler", str(Path(__file__).resolve()), "--child",
+                          base + ".config.json"], env=child_env(), cwd=ctx.workdir, stdout=err, stderr=subprocess.STDOUT)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            stop_process(proc, grace_s=5.0)
+        stderr_text = Path(err_path).read_text(errors="replace")
+        sys.stderr.write(stderr_text)
+        sys.stderr.flush()
+        done: dict = {}
+        with contextlib.suppress(Exception):
+            child_model = json.loads(Path(out_path).read_text())
+            done = child_model.get("paths") or {}
+            if child_model.get("status") not in (None, "ok"):
+                model["status"], model["note"] = child_model["status"], child_model.get("note", "")
+        model["paths"].update(done)
+        if model["status"] != "ok":
+            break
+        left = [p for p in remaining if p not in done]
+        if not left:
+            break
+        failed_path, remaining = left[0], left[1:]
+        if timed_out:
+            note = f"child process timed out after {timeout:.0f} s during this path (--model-timeout)"
+            crash = ""
+        else:
+            crash = crash_report(stderr_text)
+            note = f"child process died ({_signal_name(proc.returncode)}) during this path"
+            frame = _innermost_frame(crash)
+            if frame:
+                note += f"; innermost frame: {frame}"
+            caller = _model_frame(crash)
+            if caller and caller != frame:
+                note += f"; in the model's code: {caller}"
+        model["paths"][failed_path] = PathRow(status="error", note=note, details={"crash": crash}).to_json()
+        print(f"[bench_models]   {failed_path}: error {note}", file=sys.stderr, flush=True)
+    model["paths"] = {p: model["paths"][p] for p in args.paths if p in model["paths"]}
+    return model
+
+
+def _model_frame(crash: str) -> str:
+    """The crashing thread's innermost frame in a model library (transformers, timm, torchvision)."""
+    lines = crash.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
+    for line in lines[start:]:
+        if line.strip().startswith("File ") and any(f"/{lib}/" in line for lib in ("transformers", "timm", "torchvision")):
+            return line.strip()
+    return ""
+
+
+def child_main(config_path: str) -> int:
+    """``--child CONFIG``: one model's paths in this process; the entry is written to the
+    config's ``out`` after every path."""
+    import json
+
+    config = json.loads(Path(config_path).read_text())
+    args = argparse.Namespace(**config["args"])
+    device = _setup_device(args.device)
+    strict_fp32()
+    ctx = Context(args, device, os.path.dirname(config_path), endpoint=config["endpoint"], budget_s=config["budget_s"])
+    case = real_models.CASES[config["model"]]
+
+    def progress(model: dict) -> None:
+        tmp = config["out"] + ".tmp"
+        Path(tmp).write_text(json.dumps(model, default=str))
+        os.replace(tmp, config["out"])
+
+    progress(run_model(case, ctx, config["paths"], progress))
+    return 0
+
+
+def _setup_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,7 +1091,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--families", default=None, help=f"comma-separated ({', '.join(real_models.FAMILIES)})")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated (default {','.join(PATHS)}; eager always runs)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per model and path (default 200; cpu 5; smoke 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 5; smoke 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 64; cpu 5; smoke 2)")
     parser.add_argument("--generate-iters", type=int, default=None, help="timed generate calls (default 5; smoke 1)")
     parser.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 20; smoke 2)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke mode: a few small models, tiny iteration counts")
@@ -857,6 +1104,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "bench_models.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown table (default: --json with .md)")
     parser.add_argument("--fresh-inductor-cache", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                        help="each model in a child process (default): a crash costs one path, not the run")
+    parser.add_argument("--model-timeout", type=float, default=None, metavar="S",
+                        help="kill a model's child process after S seconds (default 480; cpu 240)")
     parser.add_argument("--fail-unless-graphed", action="store_true",
                         help="exit 3 when a model reduce-overhead graphs is not graphed by cgtree or cgtreed")
     args = parser.parse_args(argv)
@@ -875,7 +1126,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cuda = torch.device(args.device).type == "cuda"
     small = args.smoke or not cuda
     args.iters = args.iters or (3 if args.smoke else (5 if not cuda else 200))
-    args.warmup = args.warmup if args.warmup is not None else (2 if small else 5)
+    # 64 on CUDA: a cgtreed steady loop gets its plan's own recording after 50 runs
+    # (daemon/plans.py DIRECT_AFTER_RUNS); the timed calls should see the steady state of every path.
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else (5 if not cuda else 64))
+    args.model_timeout = args.model_timeout or (240.0 if not cuda else 480.0)
     args.generate_iters = args.generate_iters or (1 if small else 5)
     args.train_iters = args.train_iters or (2 if small else 20)
     args.cgtree_compiler = args.cgtree_compiler or ("inductor" if cuda else "eager")
@@ -891,14 +1145,15 @@ class _Stop(Exception):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"] and len(argv) == 2:
+        return child_main(argv[1])
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("CUDA is not available; use --device cpu (--smoke) for a smoke run", file=sys.stderr)
-            return 2
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu (--smoke) for a smoke run", file=sys.stderr)
+        return 2
+    device = _setup_device(args.device)
+    strict_fp32()
     # Legacy CUDA IPC cannot share expandable segments: the inputs the cgtreed path passes by IPC
     # come from this process's allocator (as in bench_compile.py).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
@@ -906,7 +1161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.fresh_inductor_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(workdir, "inductor")
         os.environ["TRITON_CACHE_DIR"] = os.path.join(workdir, "triton")
-    ctx = Context(args, device, workdir)
+    ctx = Context(args, device, workdir, budget_s=args.time_budget)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise _Stop("SIGTERM")
@@ -922,7 +1177,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "train_iters": args.train_iters, "max_new_tokens": args.max_new_tokens,
                    "cgtree_compiler": args.cgtree_compiler, "daemon_compile": args.daemon_compile,
                    "max_rel_err": MAX_REL_ERR, "smoke": args.smoke, "time_budget_s": args.time_budget,
-                   "fresh_inductor_cache": args.fresh_inductor_cache},
+                   "fresh_inductor_cache": args.fresh_inductor_cache, "tf32": False,
+                   "isolate": args.isolate, "model_timeout_s": args.model_timeout},
         "models": [],
         "interrupted": None,
     }
@@ -942,7 +1198,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     report["models"].append({"name": rest.name, "family": rest.family, "library": rest.library,
                                              "status": "skipped", "note": "skipped: time budget", "paths": {}})
                 break
-            report["models"].append(run_model(case, ctx))
+            if args.isolate:
+                report["models"].append(run_model_isolated(case, ctx))
+            else:
+                report["models"].append(run_model(case, ctx, args.paths))
             finish()
             # Rewritten after every model: a run killed from outside still leaves its rows.
             with contextlib.suppress(Exception):
@@ -955,6 +1214,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         ctx.close()
+        with contextlib.suppress(Exception):
+            from benchmarks.bench_daemon import stop_all_processes
+
+            stop_all_processes()
+        report["daemon_starts"] = ctx.daemon_starts
         shutil.rmtree(workdir, ignore_errors=True)
     report["wall_s"] = round(time.monotonic() - started, 1)
     finish()

@@ -21,6 +21,10 @@ Families:
 - ``hf-generate``: HF llama; the benchmark calls ``module.generate(*inputs(step),
   **kwargs(step))`` (static cache, greedy, ``max_new_tokens`` in the kwargs, HF's own
   auto-compile off so that eager is eager); output the generated token ids.
+  ``llama-generate``: ``cache_implementation="static"`` (the cache is created lazily, inside
+  the first forward). ``llama-generate-cache``: a ``StaticCache`` made and initialized at build
+  time, passed as ``past_key_values``; a ``past_key_values`` in the kwargs must be ``reset()``
+  by the caller before each ``generate`` call.
 - ``hf-train``: HF llama causal LM in train mode (no dropout in the config); one step is
   ``output(module(*inputs(step), **kwargs(step)))`` (the loss, ``labels`` = the input ids),
   backward, then ``torch.optim.SGD(lr=TRAIN_LR)``.
@@ -198,6 +202,30 @@ def _hf_generate(device: torch.device) -> Built:
     )
 
 
+def _hf_generate_with_cache(device: torch.device) -> Built:
+    """As ``_hf_generate``, with a ``StaticCache`` made and initialized up front and passed as
+    ``past_key_values`` (HF's other documented way): its tensors are created outside any compiled
+    region, so HF marks them static (``torch._dynamo.mark_static_address``). With
+    ``cache_implementation="static"`` the cache is created lazily inside the first (compiled)
+    forward, where HF cannot mark it. The caller resets the cache before each ``generate``."""
+    from transformers import StaticCache
+
+    built = _hf_generate(device)
+    config = built.module.config
+    cache = StaticCache(config=config, max_cache_len=GENERATE_PROMPT + GENERATE_NEW_TOKENS)
+    cache.early_initialization(LM_BATCH, config.num_key_value_heads, config.hidden_size // config.num_attention_heads,
+                               torch.float32, device)
+    base_kwargs = built.kwargs
+
+    def kwargs(step: int) -> dict:
+        out = {k: v for k, v in base_kwargs(step).items() if k != "cache_implementation"}
+        out["past_key_values"] = cache
+        return out
+
+    built.kwargs = kwargs
+    return built
+
+
 def _hf_train(device: torch.device) -> Built:
     from transformers import AutoModelForCausalLM
 
@@ -258,6 +286,7 @@ CASES: dict[str, ModelCase] = dict([
     _case("convnext-atto-timm", "timm", "timm", _timm("convnext_atto")),
     _case("mobilenet-v3-small-tv", "torchvision", "torchvision", _torchvision("mobilenet_v3_small")),
     _case("llama-generate", "hf-generate", "transformers", _hf_generate),
+    _case("llama-generate-cache", "hf-generate", "transformers", _hf_generate_with_cache),
     _case("llama-train", "hf-train", "transformers", _hf_train),
 ])
 

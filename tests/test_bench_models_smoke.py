@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,21 @@ def test_bench_models_cpu_smoke_run(tmp_path):
     markdown = md_path.read_text()
     assert "| gpt2 | hf-causal-lm |" in markdown and "cgtree graphed" in markdown
     assert set(report["summary"]["graphed"]) == set(paths) - {"eager"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_bench_models_child_crash_costs_one_path(tmp_path):
+    # A child dying on a path (SIGSEGV through the script's test hook) is an error row for that
+    # path; a new child runs the model's remaining paths; the run still reports and exits 2.
+    json_path = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_models.py"), "--device", "cpu", "--smoke",
+         "--models", "bert", "--paths", "eager,cgtree", "--json", str(json_path), "--md", str(tmp_path / "bench.md")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BENCH_MODELS_CRASH_ON": "bert/eager"},
+    )
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-8000:]
+    rows = json.loads(json_path.read_text())["models"][0]["paths"]
+    assert rows["eager"]["status"] == "error" and "SIGSEGV" in rows["eager"]["note"], rows["eager"]
+    assert "Fatal Python error" in rows["eager"]["details"]["crash"]
+    assert rows["cgtree"]["status"] == "ok" and rows["cgtree"]["max_rel_err"] <= 1e-3, rows["cgtree"]
