@@ -88,6 +88,7 @@ class _Variant:
         "rerecords",
         "has_recording",
         "cpu_inputs_to_move",
+        "cpu_scalars",
         "hot_root",
     )
 
@@ -102,6 +103,7 @@ class _Variant:
         self.rerecords: Counter = Counter()  # parent graph id (or None) -> re-recordings
         self.has_recording = False
         self.cpu_inputs_to_move: tuple[int, ...] = ()
+        self.cpu_scalars: tuple[int, ...] = ()  # 0-dim CPU tensors the graphs take on the device
         self.hot_root: Optional[RecordedNode] = None  # the root last replayed (fast path)
 
 
@@ -417,7 +419,8 @@ class TreeManager:
     # ---------------------------------------------------------------- variants and skips
     def _new_variant(self, function: GraphedFunction, inputs: Sequence[Any]) -> _Variant:
         variant = _Variant(FunctionId(next(self._variant_ids)), function)
-        tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        variant.cpu_scalars = rules.cpu_scalar_positions(self.device, inputs)
+        tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and i not in variant.cpu_scalars]
         variant.static_skip = rules.device_skip_reason(
             self.device,
             ((f"arg{i}", x.device) for i, x in tensors),
@@ -567,6 +570,8 @@ class TreeManager:
 
     # ---------------------------------------------------------------- warmup / record / replay
     def _warmup(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
+        if variant.cpu_scalars:  # as the recording will see them (its buffers are on the device)
+            inputs = self._move_cpu_inputs(inputs, variant.cpu_scalars)
         inspector = None if variant.inspected else Inspector(input_storage_index(inputs))
         outputs = self.backend.warmup(variant.function.fn, inputs, inspector)
         node = WarmupNode(variant.id, variant.function.name, self._current)

@@ -44,6 +44,25 @@ def shape_key(inputs: Sequence[Any]) -> tuple:
     return tuple(key)
 
 
+def is_cpu_scalar(value: Any) -> bool:
+    """A 0-dim CPU tensor: what CUDA kernels accept beside device tensors (saved scalars of
+    backward graphs, SDPA's RNG seed and offset, step counters)."""
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() == 0
+
+
+def cpu_scalar_positions(manager_device: torch.device, inputs: Sequence[Any]) -> tuple[int, ...]:
+    """Inputs a CUDA manager's graphs take as device scalars: 0-dim CPU tensors.
+
+    A capture would bake a CPU scalar's value into the graph (kernels read it at launch), so
+    such an input is copied into a device buffer of the recording instead, like any copied
+    input, on every replay: a value that changes between calls is never replayed stale. What
+    the graph computes from it then lives on the device. A CPU manager takes them as they are.
+    """
+    if manager_device.type == "cpu":
+        return ()
+    return tuple(i for i, value in enumerate(inputs) if is_cpu_scalar(value))
+
+
 def device_skip_reason(
     manager_device: torch.device,
     input_devices: Iterable[tuple[str, torch.device]],
@@ -52,7 +71,8 @@ def device_skip_reason(
 ) -> Optional[SkipReason]:
     """Why inputs on these devices cannot run under this manager's graphs, or None.
 
-    ``input_devices`` yields (argument name, device) for every tensor input.
+    ``input_devices`` yields (argument name, device) for every tensor input, except the CPU
+    scalars ``cpu_scalar_positions`` names (they go to the device).
     """
     named = list(input_devices)
     distinct_accelerators = {dev for _, dev in named if dev.type != "cpu"}

@@ -83,12 +83,14 @@ class Backend:
         raise NotImplementedError
 
 
-def dense_buffer_like(value: torch.Tensor) -> torch.Tensor:
-    """An uninitialized buffer for a copied input: same strides when they are dense and
-    non-overlapping, contiguous otherwise (an expanded input cannot be copied into itself)."""
+def dense_buffer_like(value: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+    """An uninitialized buffer for a copied input, on ``device`` (default: the input's): same
+    strides when they are dense and non-overlapping, contiguous otherwise (an expanded input
+    cannot be copied into itself)."""
+    device = value.device if device is None else device
     if _is_non_overlapping_and_dense(value):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-    return torch.empty(value.shape, dtype=value.dtype, device=value.device)
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    return torch.empty(value.shape, dtype=value.dtype, device=device)
 
 
 def _is_non_overlapping_and_dense(value: torch.Tensor) -> bool:

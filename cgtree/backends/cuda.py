@@ -126,7 +126,7 @@ class CudaGraphBackend(Backend):
         owning_buffers = {}
         with self._allocating_in_pool():
             for idx in copied_idxs:
-                buffer = dense_buffer_like(inputs[idx])
+                buffer = dense_buffer_like(inputs[idx], self.device)  # a CPU scalar's buffer too
                 buffer.copy_(inputs[idx])
                 owning_buffers[idx] = buffer
                 graph_inputs[idx] = buffer

@@ -63,3 +63,17 @@ def test_shape_key_separates_shapes_dtypes_and_scalars():
     assert a != rules.shape_key([torch.ones(3), 3])
     assert a != rules.shape_key([torch.ones(2, dtype=torch.float64), 3])
     assert a != rules.shape_key([torch.ones(2), 4])
+
+
+def test_cpu_scalars_go_to_a_cuda_manager_and_are_no_cpu_device_skip():
+    import torch
+
+    from cgtree import policy as rules
+
+    inputs = (torch.ones(3), torch.tensor(2.0), 4, torch.ones(1))
+    assert rules.cpu_scalar_positions(torch.device("cuda", 0), inputs) == (1,)
+    assert rules.cpu_scalar_positions(torch.device("cpu"), inputs) == ()
+    # the manager leaves the scalars out of the device check: only the 1-dim CPU tensors remain
+    named = [(f"arg{i}", x.device) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and i != 1]
+    reason = rules.device_skip_reason(torch.device("cuda", 0), named, move_cpu_inputs=False)
+    assert reason is not None and "arg0" in str(reason)
