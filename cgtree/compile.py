@@ -351,12 +351,34 @@ def boxed(fn: Callable) -> Callable:
 # Static inputs
 
 
-def forward_static_inputs(num_inputs: int) -> list[int]:
+def forward_static_inputs(num_inputs: int, kept_state: "_KeptState | None" = None) -> list[int]:
     """Static inputs of an inference/forward graph: AOT's ``static_input_indices``
-    (parameters, buffers, ``mark_static_address``); none when AOT has no tracing context."""
+    (parameters, buffers, ``mark_static_address``), plus state the caller keeps on an object
+    that the graph writes (``graph_facts.kept_state_positions``); none when AOT has no tracing
+    context."""
     context = torch._guards.TracingContext.try_get()
-    indices = getattr(getattr(context, "fw_metadata", None), "static_input_indices", None) or []
-    return [i for i in indices if 0 <= i < num_inputs]
+    metadata = getattr(context, "fw_metadata", None)
+    indices = set(getattr(metadata, "static_input_indices", None) or [])
+    if kept_state is not None:
+        infos = getattr(metadata, "input_info", None) or []
+        written = {i for i, info in enumerate(infos) if getattr(info, "mutates_data", False)}
+        indices |= written & kept_state.aot_positions(num_inputs)
+    return sorted(i for i in indices if 0 <= i < num_inputs)
+
+
+class _KeptState:
+    """Which dynamo placeholders are state kept on an object, in AOT's input numbering (AOT
+    puts the parameters it lifts first, then dynamo's placeholders in order)."""
+
+    def __init__(self, dynamo_gm: torch.fx.GraphModule) -> None:
+        self.num_dynamo_inputs = len(graph_facts.placeholders(dynamo_gm))
+        self.positions = graph_facts.kept_state_positions(dynamo_gm)
+
+    def aot_positions(self, num_aot_inputs: int) -> set[int]:
+        lifted = num_aot_inputs - self.num_dynamo_inputs
+        if lifted < 0:  # not the layout this reading assumes: mark nothing
+            return set()
+        return {lifted + position for position in self.positions}
 
 
 def backward_static_inputs(bw_gm: torch.fx.GraphModule, forward_static: Optional[set[int]]) -> list[int]:
@@ -415,10 +437,11 @@ def _compile_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> C
     from torch._dynamo.backends.common import aot_autograd
 
     memo = _ForwardMemo()
+    kept_state = _KeptState(gm)
 
     def forward_compiler(kind: str):
         def compile_graph(aot_gm: torch.fx.GraphModule, aot_inputs: Sequence[Any]) -> Callable:
-            static = forward_static_inputs(len(aot_inputs))
+            static = forward_static_inputs(len(aot_inputs), kept_state)
             name = _graph_name(aot_gm, kind)
             memo.remember(static, name)
             return tree_graph(aot_gm, aot_inputs, kind=kind, static_input_idxs=static, name=name)
@@ -446,13 +469,15 @@ def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     memo = _ForwardMemo()
+    kept_state = _KeptState(gm)
 
     def inner_compile(aot_gm: torch.fx.GraphModule, aot_inputs: Sequence[Any], **kwargs: Any) -> Any:
         kind = "backward" if kwargs.get("is_backward") else ("inference" if kwargs.get("is_inference") else "forward")
         if kind == "backward":
             static, name = memo.backward_static_inputs(aot_gm), memo.backward_name(aot_gm)
         else:
-            static, name = list(kwargs.get("static_input_idxs") or ()), _graph_name(aot_gm, kind)
+            static = sorted(set(kwargs.get("static_input_idxs") or ()) | set(forward_static_inputs(len(aot_inputs), kept_state)))
+            name = _graph_name(aot_gm, kind)
             memo.remember(static, name)
         if needs_eager_runner(aot_gm, static):
             log.info("cgtree: %s runs its ATen code instead of inductor's: it mutates an input or holds "

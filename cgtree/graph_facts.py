@@ -133,6 +133,30 @@ def incompatible_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [node for node in gm.graph.nodes if is_incompatible(node)]
 
 
+def _through_attribute(source: Any) -> bool:
+    """Whether a dynamo source reaches its value through an object attribute somewhere in its
+    chain (``L['cache'].layers[0].keys``), as opposed to a tensor passed as an argument
+    (``L['x']``, ``L['kwargs']['input_ids']``)."""
+    while source is not None:
+        if type(source).__name__ == "AttrSource":
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+def kept_state_positions(dynamo_gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of a dynamo graph's placeholders that are state the caller keeps on an object
+    (read through an attribute: caches, counters), by dynamo's ``_dynamo_source``.
+
+    Such a tensor is the same buffer from call to call (transformers' ``StaticCache`` keeps its
+    key/value tensors and position counter this way; tensors a compiled region created cannot be
+    ``mark_static_address``-ed there, so nothing else marks them). Written in place by the
+    graph, it is used in place like a static input: the write lands in the caller's buffer, and
+    a buffer that moved records a sibling graph."""
+    return [position for position, node in enumerate(placeholders(dynamo_gm))
+            if _through_attribute(getattr(node, "_dynamo_source", None))]
+
+
 def saved_tensor_count(bw_gm: torch.fx.GraphModule) -> int:
     """Leading backward inputs that are saved activations (static: the forward's outputs or
     tensors it kept), as opposed to incoming gradients and RNG state."""

@@ -58,6 +58,7 @@ COUNTER_NAMES = (
     "rerecords",
     "overwritten_outputs",
     "dynamic_shape_warnings",
+    "relocated_outputs",
 )
 
 
@@ -348,6 +349,10 @@ class TreeManager:
                 self._pending_backward = False
 
     def _dispatch(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
+        # A backward's static inputs are its forward's saved outputs: tree-managed by design.
+        if (variant.function.static_input_idxs and variant.function.kind is not FunctionKind.BACKWARD
+                and self._current is not None and self._current.path_any_live()):
+            self._relocate_kept_outputs(variant, inputs)
         state = self._path_state
         if state is PathState.WARMUP or state is PathState.RECORDING:
             self._try_end_path()
@@ -383,6 +388,28 @@ class TreeManager:
             if self._current is not None:
                 self._checkpoint()
         return self._record(variant, inputs)
+
+    def _relocate_kept_outputs(self, variant: _Variant, inputs: Sequence[Any]) -> None:
+        """Static inputs that are live outputs of the current path: the caller kept a graph's
+        output as its own state (a KV cache a compiled prefill created, a buffer assigned in a
+        compiled region). Pool memory is given up at the next generation, so each such tensor
+        is moved onto a copy of its storage outside the pool (``Tensor.set_``: the caller's
+        object keeps its identity) before the path can end. Checked on the general dispatch
+        while the path holds live outputs (the steady loop's fast path never gets here); the
+        caching allocator tends to hand a moved buffer the block its predecessor had, so a new
+        cache of the same size usually lands where the recording expects it."""
+        positions = self._path_storage_positions()
+        if not positions:
+            return
+        for idx in variant.function.static_input_idxs:
+            value = inputs[idx] if idx < len(inputs) else None
+            if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() not in positions:
+                continue
+            with torch.no_grad():
+                value.set_(value.untyped_storage().clone(), value.storage_offset(), value.size(), value.stride())
+            self.counters["relocated_outputs"] += 1
+            log.info("cgtree: input %d of %s is an output of an earlier graph kept as state: moved out of the pool",
+                     idx, variant.function.name)
 
     def _fast_root_replay(self, variant: _Variant, node: RecordedNode, inputs: Sequence[Any]) -> Optional[bool]:
         """The steady state of inference loops, decided without the general dispatch: the
