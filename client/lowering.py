@@ -306,19 +306,35 @@ def _lower_traced(
         user_inputs = [t.clone() for t in user_inputs]
     flat = _flat_function(fn, [name for name, _ in state], weight_positions, user_positions)
 
+    table = _decomposition_table()
+
     def trace(function: Callable[..., Any]) -> torch.fx.GraphModule:
         return make_fx(
             torch.func.functionalize(function, remove="mutations"),
-            decomposition_table=_decomposition_table(),
+            decomposition_table=table,
             tracing_mode=tracing_mode,
             _allow_non_fake_inputs=True,  # tensors the function closes over become constants
         )(*weights, *user_inputs)
 
-    try:
+    def trace_all() -> torch.fx.GraphModule:
         traced = trace(flat)
         if require_functional and _in_place_nodes(traced.graph, len(weights)):
             # Once more over the ATen graph: functionalize now sees the decompositions' writes.
             traced = trace(traced)
+        return traced
+
+    try:
+        try:
+            traced = trace_all()
+        except Exception as exc:  # noqa: BLE001 - retried once, below, for a stride-dependent view
+            if not _is_view_stride_error(exc):
+                raise
+            # A decomposition left a tensor laid out otherwise than the kernel the graph was
+            # written against: views then become reshapes (a copy where the layout needs one).
+            log.info("lowering: a view depends on a kernel's output strides (%s); tracing views as reshapes",
+                     str(exc).splitlines()[0][:200])
+            table = {**table, torch.ops.aten.view.default: _view_any_layout}
+            traced = trace_all()
     except LoweringError:
         raise
     except Exception as exc:
@@ -433,8 +449,35 @@ def _decomposition_table() -> dict:
         batch_norm = getattr(decompositions, "native_batch_norm_decomposition", None)
         if batch_norm is not None:
             table.setdefault(torch.ops.aten.native_batch_norm.default, batch_norm)
+        for op in [op for op in table if _is_fused_attention(op)]:
+            del table[op]
         _DECOMPOSITIONS = table
     return _DECOMPOSITIONS
+
+
+def _is_view_stride_error(exc: BaseException) -> bool:
+    while exc is not None:
+        if "Cannot view a tensor" in str(exc) or "view size is not compatible" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _view_any_layout(tensor: torch.Tensor, size: Sequence[Any]) -> torch.Tensor:
+    """``aten.view`` that also accepts a layout it cannot view: a contiguous copy is viewed
+    then (``reshape``'s rule). Only for a retrace whose first attempt failed on a view."""
+    if not tensor.is_contiguous():
+        tensor = torch.ops.aten.clone.default(tensor, memory_format=torch.contiguous_format)
+    return torch.ops.aten._unsafe_view.default(tensor, size)
+
+
+def _is_fused_attention(op: Any) -> bool:
+    """Fused attention kernels stay fused in lowered graphs. Their decompositions lay the output
+    out differently from the kernels (the CPU flash kernel returns [B, H, T, D] stored as
+    [B, T, H, D], its math decomposition a contiguous one), so a graph traced from real
+    strides (an AOT graph, a model that views the transposed attention output) cannot be
+    retraced through them; and the daemon runs the kernel itself, as eager would."""
+    return "scaled_dot_product" in str(op)
 
 
 def _lift_constants(
