@@ -40,6 +40,11 @@ def _value(node: Any) -> Any:
     return node.meta.get("val", node.meta.get("fake_result"))
 
 
+def placeholder_value(node: torch.fx.Node) -> Any:
+    """A placeholder's example value (a fake tensor, a SymInt, an int), None when unknown."""
+    return _value(node)
+
+
 def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value

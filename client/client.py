@@ -344,8 +344,14 @@ class Client:
         return self._with_recovery("ping", lambda: self._call("ping", {})[0])
 
     def status(self, session_only: bool = False) -> dict:
-        """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md)."""
-        return self._with_recovery("status", lambda: self._call("status", {"session_only": bool(session_only)})[0])
+        """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md); with
+        ``"compile_backend"`` (``cgtree.client.compile_backend.CompileStats``) once a
+        ``cgtree.client.backend(client)`` compiled graphs: which ran here instead, and why."""
+        state = self._with_recovery("status", lambda: self._call("status", {"session_only": bool(session_only)})[0])
+        stats = getattr(self, "compile_stats", None)
+        if stats is not None:  # what cgtree.client.backend(self) kept in this process, and why
+            state = {**state, "compile_backend": stats.as_dict()}
+        return state
 
     def register(self, graph: Any, example_inputs: Sequence[Any] = (), *, device: Optional[str] = None) -> GraphHandle:
         """Lower (if needed), encode and register ``graph``; returns a handle for ``submit``.

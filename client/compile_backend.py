@@ -73,11 +73,74 @@ log = logging.getLogger("cgtree.client.compile")
 MAX_WEIGHT_REFRESHES = 1
 
 
+class CompileStats:
+    """What one ``backend(client)`` did with the graphs dynamo gave it; ``client.status()``
+    reports it under ``"compile_backend"``. Nothing stays in the client unseen: a graph that
+    runs here is counted, with its reason, and logged."""
+
+    def __init__(self) -> None:
+        self.graphs_to_daemon = 0
+        self.specializations = 0  # daemon graphs registered for concrete int/size values
+        self.in_client: list[dict] = []  # {"graph", "reason"}
+
+    def ran_in_client(self, name: str, reason: str) -> None:
+        self.in_client.append({"graph": name, "reason": reason})
+
+    def as_dict(self) -> dict:
+        return {"graphs_to_daemon": self.graphs_to_daemon, "specializations": self.specializations,
+                "graphs_in_client": len(self.in_client), "in_client": list(self.in_client)}
+
+
+class _Registration:
+    """One graph as registered with the daemon: its handle, which inputs travel with each
+    submit, and the weights' identities and versions when they were uploaded."""
+
+    __slots__ = ("handle", "user_positions", "weights")
+
+    def __init__(self, handle: Any, user_positions: list[int], weights: list[tuple[int, Any, int]]) -> None:
+        self.handle = handle
+        self.user_positions = user_positions
+        self.weights = weights  # (position, tensor, version)
+
+    def changed_weights(self, inputs: Sequence[Any]) -> list[int]:
+        return [i for i, tensor, version in self.weights if inputs[i] is not tensor or inputs[i]._version != version]
+
+
+def specialization_key(inputs: Sequence[Any]) -> tuple:
+    """What a graph with int inputs or symbolic sizes is registered per: the values of its
+    non-tensor inputs and the shapes of its tensors (PyTorch's trees record per int value too)."""
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in inputs)
+
+
+def _with_constants(gm: torch.fx.GraphModule, inputs: Sequence[Any], tensor_positions: list[int]) -> Callable:
+    """``gm`` as a function of its tensor inputs, the other inputs fixed at these values: traced
+    with concrete tensors, every size the graph computes from them is a constant."""
+    constants = {i: v for i, v in enumerate(inputs) if i not in set(tensor_positions)}
+
+    def specialized(*tensors: Any) -> Any:
+        args: list[Any] = [None] * len(inputs)
+        for position, value in constants.items():
+            args[position] = value
+        for position, value in zip(tensor_positions, tensors):
+            args[position] = value
+        return gm(*args)
+
+    return specialized
+
+
 class DaemonGraph:
-    """One AOT inference graph served by the daemon; a boxed callable (``f(args_list)``)."""
+    """One AOT inference graph served by the daemon; a boxed callable (``f(args_list)``).
+
+    A graph whose inputs are all tensors of fixed shapes is registered once. A graph with int
+    (SymInt) inputs or symbolic sizes (HF generate's prefill, ``dynamic=True``) is registered
+    once per ``specialization_key``: each registration is a static graph the daemon records,
+    compiles and checks like any other; a warning says when their number passes the policy's
+    ``dynamic_shape_warn_limit``, as the tree's own warning would.
+    """
 
     def __init__(self, client: Any, gm: torch.fx.GraphModule, device: str, static_input_idxs: Sequence[int],
-                 mutated_input_idxs: Sequence[int], name: str, written_in_graph: Sequence[int] = ()) -> None:
+                 mutated_input_idxs: Sequence[int], name: str, written_in_graph: Sequence[int] = (),
+                 stats: Optional[CompileStats] = None) -> None:
         self.client = client
         self.gm = gm
         # Inputs whose new values the graph writes itself (see the module docstring); AOT
@@ -86,46 +149,68 @@ class DaemonGraph:
         self.device = device
         self.name = name
         self.weight_positions = sorted(set(static_input_idxs) - set(mutated_input_idxs))
+        self.specialized = graph_facts.is_dynamic(gm) or any(
+            not isinstance(graph_facts.placeholder_value(node), torch.Tensor) for node in graph_facts.placeholders(gm))
         self.refreshes: dict[int, int] = {}
-        self.handle: Any = None
-        self.user_positions: list[int] = []
-        self.registered_weights: list[tuple[int, Any, int]] = []  # (position, tensor, version)
+        self.registrations: dict[Any, _Registration] = {}
+        self.stats = stats or CompileStats()
         self.local: Optional[Callable] = None  # set when the daemon cannot take this graph
         self._boxed_call = True
 
     # -- registration ------------------------------------------------------------------------
 
-    def _register(self, inputs: Sequence[Any]) -> None:
+    def _register(self, inputs: Sequence[Any], key: Any) -> Optional[_Registration]:
         from cgtree.client import lowering
 
+        tensor_positions = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+        weights = [p for p in self.weight_positions if p in set(tensor_positions)]
         try:
-            lowered = lowering.lower(self.gm, list(inputs), tracing_mode="fake",
-                                     weight_input_indices=self.weight_positions)
+            if self.specialized:
+                function = _with_constants(self.gm, inputs, tensor_positions)
+                lowered = lowering.lower(function, [inputs[i] for i in tensor_positions], tracing_mode="fake",
+                                         weight_input_indices=[tensor_positions.index(p) for p in weights])
+            else:
+                lowered = lowering.lower(self.gm, list(inputs), tracing_mode="fake", weight_input_indices=weights)
             encoded = lowering.encode(lowered)
         except (lowering.LoweringError, Exception) as exc:  # noqa: B014 - any refusal: run here
-            log.warning("cgtree: graph %s cannot go to cgtreed (%s): it runs in this process, eagerly", self.name, exc)
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            log.warning("cgtree: graph %s cannot go to cgtreed (%s): it runs in this process, eagerly", self.name, reason)
+            self.stats.ran_in_client(self.name, reason)
             self.local = self.gm.forward
-            return
-        self.handle = self.client.register(encoded, device=self.device)
-        self.user_positions = [i for i in range(len(inputs)) if i not in set(self.weight_positions)]
-        self.registered_weights = [(i, inputs[i], inputs[i]._version) for i in self.weight_positions]
-        log.info("cgtree: graph %s registered with cgtreed on %s (%d weights, %d inputs per call)",
-                 self.name, self.device, len(self.weight_positions), len(self.user_positions))
+            return None
+        handle = self.client.register(encoded, device=self.device)
+        user_positions = [i for i in tensor_positions if i not in set(weights)]
+        registration = _Registration(handle, user_positions, [(i, inputs[i], inputs[i]._version) for i in weights])
+        self.registrations[key] = registration
+        if self.specialized:
+            self.stats.specializations += 1
+            self._warn_on_many_specializations()
+        else:
+            self.stats.graphs_to_daemon += 1
+        log.info("cgtree: graph %s registered with cgtreed on %s (%d weights, %d inputs per call%s)",
+                 self.name, self.device, len(weights), len(user_positions),
+                 f"; specialization {len(self.registrations)}: {key}" if self.specialized else "")
+        return registration
 
-    def _changed_weights(self, inputs: Sequence[Any]) -> list[int]:
-        return [i for i, tensor, version in self.registered_weights
-                if inputs[i] is not tensor or inputs[i]._version != version]
+    def _warn_on_many_specializations(self) -> None:
+        from cgtree.compile import policy
 
-    def _refresh(self, inputs: Sequence[Any], changed: list[int]) -> None:
+        limit = policy().dynamic_shape_warn_limit
+        if len(self.registrations) == limit + 1:
+            log.warning("cgtree: graph %s has been registered with cgtreed for %d distinct int values / sizes (more "
+                        "than dynamic_shape_warn_limit=%d); each costs a lowering, a registration and recordings",
+                        self.name, len(self.registrations), limit)
+
+    def _refresh(self, inputs: Sequence[Any], key: Any, changed: list[int]) -> Optional[_Registration]:
         """Weights changed since registration: register again with their new content; one that
         keeps changing becomes an input passed on every submit."""
         for position in changed:
             self.refreshes[position] = self.refreshes.get(position, 0) + 1
-            if self.refreshes[position] > MAX_WEIGHT_REFRESHES:
+            if self.refreshes[position] > MAX_WEIGHT_REFRESHES and position in self.weight_positions:
                 self.weight_positions.remove(position)
                 log.info("cgtree: graph %s input %d changes between calls: it now travels with each submit",
                          self.name, position)
-        self._register(inputs)
+        return self._register(inputs, key)
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -134,15 +219,17 @@ class DaemonGraph:
         args.clear()
         if self.local is not None:
             return self.local(*inputs)
-        if self.handle is None:
-            self._register(inputs)
-            if self.local is not None:
-                return self.local(*inputs)
+        key = specialization_key(inputs) if self.specialized else None
+        registration = self.registrations.get(key)
+        if registration is None:
+            registration = self._register(inputs, key)
         else:
-            changed = self._changed_weights(inputs)
+            changed = registration.changed_weights(inputs)
             if changed:
-                self._refresh(inputs, changed)
-        outputs = self.client.submit(self.handle, [inputs[i] for i in self.user_positions])
+                registration = self._refresh(inputs, key, changed)
+        if registration is None:
+            return self.local(*inputs)
+        outputs = self.client.submit(registration.handle, [inputs[i] for i in registration.user_positions])
         if self.written_in_graph:
             return [*(inputs[i] for i in self.written_in_graph), *outputs]
         return list(outputs)
@@ -203,12 +290,17 @@ def backend(client: Any) -> Callable:
     """A dynamo backend that runs inference graphs in cgtreed through ``client``."""
     from torch._dynamo.backends.common import aot_autograd
 
+    stats = getattr(client, "compile_stats", None)
+    if stats is None:  # one record per client (client.status() reports it), shared by its backends
+        stats = client.compile_stats = CompileStats()
+
     def inference_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         static, mutated, leading = _aot_metadata()
         device = _device_name(graph_facts.device_of(gm, example_inputs))
         name = _graph_name(gm, "inference")
         if device is None:
             log.info("cgtree: graph %s has no cpu/cuda tensors: it runs in this process", name)
+            stats.ran_in_client(name, "no cpu/cuda tensors")
             return _boxed(gm.forward)
         written: list[int] = []
         if device.startswith("cuda") and leading:
@@ -217,13 +309,14 @@ def backend(client: Any) -> Callable:
             except ValueError as exc:  # keep the functional form: correct, only slower
                 log.info("cgtree: graph %s keeps its input writes outside the graph: %s", name, exc)
         return DaemonGraph(client, gm, device, [i for i in static if i < len(example_inputs)], mutated, name,
-                           written_in_graph=written)
+                           written_in_graph=written, stats=stats)
 
     def training_compiler(kind: str) -> Callable:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
             log.warning("cgtree: %s is a training (%s) graph: cgtreed serves inference graphs, so it runs in "
                         "this process, eagerly (use torch.no_grad() for inference, or backend=\"cgtree\" in-process)",
                         _graph_name(gm, kind), kind)
+            stats.ran_in_client(_graph_name(gm, kind), f"training ({kind}) graph: cgtreed serves inference graphs")
             return _boxed(gm.forward)
 
         return compile_graph
