@@ -1,0 +1,146 @@
+"""Real model definitions (transformers; timm and torchvision where installed) under cgtree's
+trees, in-process (backend="cgtree") and through a real cgtreed: values equal eager's, and every
+call after warmup replays, read from the counters (a fallback would match eager too).
+
+On a machine without CUDA both paths run the CPU replay backend, whose skip decisions are the
+tree's own: a model that skips here skips on CUDA. ``-m gpu`` runs the same checks on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_helpers import case_or_skip, grew, in_process_counters, session_counters, zoo
+
+pytest.importorskip("transformers")
+
+INFERENCE = [c.name for c in zoo.cases(families=["hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision"])]
+# Through the daemon: one or two per family (each costs a lowering and a registration).
+THROUGH_DAEMON = ["gpt2", "llama", "qwen2", "bert", "vit-hf", "resnet18-timm", "mobilenet-v3-small-tv"]
+WARMUP_CALLS, CHECKED_CALLS = 2, 2
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def _devices():
+    yield pytest.param("cpu", id="cpu")
+    yield pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
+DEVICES = list(_devices())
+
+
+def _run_steps(built, call, steps, reference):
+    for step in steps:
+        inputs, kwargs = built.inputs(step), built.kwargs(step)
+        torch.testing.assert_close(built.output(call(*inputs, **kwargs)), built.output(reference(*inputs, **kwargs)),
+                                   **TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", INFERENCE)
+def test_in_process_every_call_after_warmup_replays(name, device):
+    built = case_or_skip(name).build(torch.device(device))
+    compiled = torch.compile(built.module, backend="cgtree")
+    with torch.no_grad():
+        _run_steps(built, compiled, range(WARMUP_CALLS), built.module)
+        before = in_process_counters()
+        _run_steps(built, compiled, range(WARMUP_CALLS, WARMUP_CALLS + CHECKED_CALLS), built.module)
+    after = in_process_counters()
+    assert after.get("skipped_calls", 0) == 0, after
+    assert grew(after, before, "replays") >= CHECKED_CALLS
+    assert grew(after, before, "recordings") == 0 and grew(after, before, "warmups") == 0
+
+
+@pytest.fixture(scope="module")
+def daemon_client(cgtreed):
+    from cgtree.client import Client
+
+    with Client(cgtreed.endpoint, timeout_s=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("name", THROUGH_DAEMON)
+def test_through_cgtreed_every_call_after_warmup_replays(name, daemon_client):
+    from cgtree.client import backend
+
+    built = case_or_skip(name).build(torch.device("cpu"))
+    compiled = torch.compile(built.module, backend=backend(daemon_client))
+    with torch.no_grad():
+        _run_steps(built, compiled, range(WARMUP_CALLS), built.module)
+        before = session_counters(daemon_client)
+        _run_steps(built, compiled, range(WARMUP_CALLS, WARMUP_CALLS + CHECKED_CALLS), built.module)
+    after = session_counters(daemon_client)
+    assert daemon_client.status()["compile_backend"]["graphs_in_client"] == 0
+    assert grew(after, before, "skipped_calls") == 0, after
+    assert grew(after, before, "replays") >= CHECKED_CALLS
+    assert grew(after, before, "recordings") == 0
+
+
+def _generate(built, module, step):
+    return module.generate(*built.inputs(step), **built.kwargs(step))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_cache_generate_replays_every_decode_step_in_process(device):
+    """HF's recipe: ``model.forward = torch.compile(model.forward)`` with
+    ``cache_implementation="static"``: the cache is created inside the first compiled forward,
+    written in place by every decode step, and must outlive the prefill's generation."""
+    built = case_or_skip("llama-generate").build(torch.device(device))
+    reference = [_generate(built, built.module, step) for step in range(3)]
+    built.module.forward = torch.compile(built.module.forward, backend="cgtree")
+    with torch.no_grad():
+        assert torch.equal(_generate(built, built.module, 0), reference[0])  # warmup and recordings
+        before = in_process_counters()
+        for step in (1, 2):
+            assert torch.equal(_generate(built, built.module, step), reference[step])
+    after = in_process_counters()
+    new_tokens = built.kwargs(0)["max_new_tokens"]
+    assert after["skipped_calls"] == 0 and after["overwritten_outputs"] == 0, after
+    # every decode step but the first of a generate call replays (that one meets a new cache)
+    assert grew(after, before, "replays") >= 2 * (new_tokens - 2)
+
+
+def test_static_cache_generate_through_cgtreed(daemon_client):
+    """The prefill has int inputs (its sizes): it reaches the daemon too, as one registration
+    per concrete size; decode steps write the cache in place and replay."""
+    from cgtree.client import backend
+
+    built = case_or_skip("llama-generate").build(torch.device("cpu"))
+    reference = [_generate(built, built.module, step) for step in range(2)]
+    built.module.forward = torch.compile(built.module.forward, backend=backend(daemon_client))
+    with torch.no_grad():
+        assert torch.equal(_generate(built, built.module, 0), reference[0])
+        before = session_counters(daemon_client)
+        assert torch.equal(_generate(built, built.module, 1), reference[1])
+    after = session_counters(daemon_client)
+    compile_stats = daemon_client.status()["compile_backend"]
+    assert compile_stats["graphs_in_client"] == 0, compile_stats
+    assert grew(after, before, "skipped_calls") == 0
+    assert grew(after, before, "replays") >= built.kwargs(0)["max_new_tokens"] - 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_graphs_forward_and_backward(device):
+    """Loss + backward + SGD through backend="cgtree": both graphs replay, losses equal eager's
+    (on CUDA the backward takes SDPA's 0-dim CPU seed and offset, which go to the device)."""
+    case = case_or_skip("llama-train")
+    built, twin = case.build(torch.device(device)), case.build(torch.device(device))
+    compiled = torch.compile(built.module, backend="cgtree")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2) for m in (built.module, twin.module)]
+
+    def step(module, call, optimizer, index):
+        loss = built.output(call(*built.inputs(index), **built.kwargs(index)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    for index in range(4):
+        if index == 2:
+            before = in_process_counters()
+        torch.testing.assert_close(step(built.module, compiled, optimizers[0], index),
+                                   step(twin.module, twin.module, optimizers[1], index), **TOLERANCE)
+    after = in_process_counters()
+    assert after["skipped_calls"] == 0, after
+    assert grew(after, before, "replays") >= 4  # a forward and a backward per step
