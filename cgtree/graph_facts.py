@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Iterable, Optional
+import logging
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -25,6 +26,8 @@ from torch._ops import OpOverload
 
 from cgtree.capturability import incompatible_fx_node
 from cgtree.user_frames import located_call, parse_stack_trace
+
+log = logging.getLogger("cgtree.graph_facts")
 
 # Backward placeholders that are not saved activations (aot_autograd's names).
 _NOT_SAVED_MARKERS = ("tangents", "bwd_seed", "bwd_base_offset", "bwd_rng_state")
@@ -132,6 +135,24 @@ def is_incompatible(node: torch.fx.Node) -> bool:
     """Whether a CUDA graph cannot hold this node (``cgtree.capturability``'s rule: host
     syncs, unsafe tags, sizes that depend on tensor values)."""
     return incompatible_fx_node(node, _operator_of(node)) is not None
+
+
+def propagate_fake_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Give every node of ``gm`` a fake ``meta["val"]`` by running it on fake copies of the
+    examples (a decoded payload has none), so that ``is_incompatible`` decides by values, as
+    for AOT graphs: an integer gather is then capturable. False when propagation failed (the
+    nodes then keep what they had; a tagged node without a value counts as incompatible)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception as exc:  # noqa: BLE001 - facts stay unknown; the cautious answer follows
+        log.debug("fake propagation over %s failed: %s", type(gm).__name__, exc)
+        return False
+    return True
 
 
 def incompatible_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

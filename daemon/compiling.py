@@ -47,27 +47,38 @@ from cgtree.payload import DTYPES
 log = logging.getLogger("cgtree.daemon.compiling")
 
 
-def eager_reason(decoded: Any) -> Optional[str]:
-    """Why ``decoded`` runs as ATen code rather than compiled; None when it can be compiled."""
-    specs = getattr(decoded, "input_specs", None)
-    if getattr(decoded, "dynamic", False) or specs is None or any(dim is None for spec in specs for dim in spec.shape):
+def eager_reason(decoded: Any, module: Optional[torch.fx.GraphModule] = None) -> Optional[str]:
+    """Why ``decoded`` runs as ATen code rather than compiled; None when it can be compiled.
+    ``module``: a copy of its module whose nodes carry fake values (``compile_graph`` makes
+    one), so that ops are judged by ``cgtree.capturability``'s value rule; without values a
+    tagged op (an integer gather too) counts as incompatible."""
+    if _has_symbolic_shapes(decoded):
         return "it has symbolic shapes"
-    if graph_facts.incompatible_nodes(decoded.module):
+    if graph_facts.incompatible_nodes(decoded.module if module is None else module):
         return "it holds an op a CUDA graph cannot hold"
     return None
+
+
+def _has_symbolic_shapes(decoded: Any) -> bool:
+    specs = getattr(decoded, "input_specs", None)
+    return getattr(decoded, "dynamic", False) or specs is None or any(dim is None for spec in specs for dim in spec.shape)
 
 
 def compile_graph(decoded: Any, weights: Sequence[torch.Tensor], device: torch.device, name: str) -> Callable:
     """``decoded``'s function compiled by inductor (``(*weights, *inputs) -> outputs``), or its
     ATen module when ``eager_reason`` says so (logged)."""
-    reason = eager_reason(decoded)
+    examples, judged = [], None
+    if not _has_symbolic_shapes(decoded):
+        examples = [*weights, *(torch.zeros(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
+        judged = copy.deepcopy(decoded.module)  # fake values only for the decision; inductor gets a clean copy
+        graph_facts.propagate_fake_values(judged, examples)
+    reason = eager_reason(decoded, judged)
     if reason is not None:
         log.info("graph %s runs its ATen code, not inductor's: %s", name, reason)
         return decoded.module
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    examples = [*weights, *(torch.zeros(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
     started = time.perf_counter()
     try:
         with inductor_config.patch({"triton.cudagraphs": False}):

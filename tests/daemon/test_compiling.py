@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -55,3 +56,22 @@ def test_a_graph_inductor_cannot_compile_keeps_its_aten_code(monkeypatch, caplog
         fn = compile_graph(decoded, [], torch.device("cpu"), "Scale")
     assert fn is decoded.module
     assert "inductor could not compile it (RuntimeError: no C++ compiler found)" in caplog.text
+
+
+class GathersRows(torch.nn.Module):
+    """An integer gather (aten.index.Tensor, as HF's mask code does): capturable."""
+
+    def forward(self, table, rows):
+        return table[rows] * 2
+
+
+def test_an_integer_gather_is_judged_by_its_values_and_compiles():
+    from cgtree import graph_facts
+
+    decoded = _decoded(GathersRows(), torch.randn(6, 4), torch.tensor([0, 3]))
+    # a decoded payload has no fake values: without them the tagged op is refused ...
+    assert eager_reason(decoded) == "it holds an op a CUDA graph cannot hold"
+    # ... with them, the value rule sees fixed sizes
+    judged = copy.deepcopy(decoded.module)
+    assert graph_facts.propagate_fake_values(judged, [torch.randn(6, 4), torch.tensor([0, 3])])
+    assert eager_reason(decoded, judged) is None
