@@ -144,3 +144,28 @@ def test_training_step_graphs_forward_and_backward(device):
     after = in_process_counters()
     assert after["skipped_calls"] == 0, after
     assert grew(after, before, "replays") >= 4  # a forward and a backward per step
+
+
+@pytest.fixture(scope="module")
+def gpu_daemon_client(cgtreed_gpu):
+    from cgtree.client import Client
+
+    with Client(cgtreed_gpu.endpoint, timeout_s=120) as client:
+        yield client
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_through_cgtreed_on_cuda_every_call_after_warmup_replays(name, gpu_daemon_client):
+    from cgtree.client import backend
+
+    built = case_or_skip(name).build(torch.device("cuda"))
+    compiled = torch.compile(built.module, backend=backend(gpu_daemon_client))
+    with torch.no_grad():
+        _run_steps(built, compiled, range(WARMUP_CALLS), built.module)
+        before = session_counters(gpu_daemon_client)
+        _run_steps(built, compiled, range(WARMUP_CALLS, WARMUP_CALLS + CHECKED_CALLS), built.module)
+    after = session_counters(gpu_daemon_client)
+    assert gpu_daemon_client.status()["compile_backend"]["graphs_in_client"] == 0
+    assert grew(after, before, "skipped_calls") == 0, after
+    assert grew(after, before, "replays") >= CHECKED_CALLS
