@@ -198,8 +198,10 @@ def _ping(endpoint: str, timeout_s: float) -> bool:
         sock.close(0)
 
 
-def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float = 120.0) -> DaemonProcess:
-    """``cgtreed`` as a child that dies with this process (bench_daemon's ``spawn``)."""
+def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float = 120.0,
+                 boot: tuple[str, ...] = ("-m", "cgtree.daemon.main")) -> DaemonProcess:
+    """``cgtreed`` as a child that dies with this process (bench_daemon's ``spawn``); ``boot``:
+    how Python starts it (bench_models sets up the process first with ``-c``)."""
     from benchmarks.bench_daemon import child_env, python_argv, spawn
 
     os.makedirs(workdir, exist_ok=True)
@@ -209,7 +211,7 @@ def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float
     with open(log_path, "ab") as log:
         # cwd is the work directory: the repository root on sys.path would let its bare
         # cgtree/ folder shadow the installed package.
-        proc = spawn([*python_argv(), "-m", "cgtree.daemon.main", "--config", config_path,
+        proc = spawn([*python_argv(), *boot, "--config", config_path,
                       "--endpoint", "ipc://" + socket_path, "--devices", devices],
                      env=child_env(), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     daemon = DaemonProcess("ipc://" + socket_path, proc, log_path)

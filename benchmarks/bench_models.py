@@ -309,33 +309,11 @@ def strict_fp32() -> None:
 
 
 def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float = 120.0) -> Any:
-    """``cgtreed`` as a child that dies with this process: ``bench_compile.start_daemon``'s
-    pattern (its config, bench_daemon's ``spawn``), started through ``DAEMON_BOOT``."""
-    import subprocess
+    """``cgtreed`` as a child that dies with this process: ``bench_compile.start_daemon``,
+    started through ``DAEMON_BOOT``."""
+    from benchmarks.bench_compile import start_daemon as start_compile_daemon
 
-    from benchmarks.bench_compile import DAEMON_CONFIG, DaemonProcess, _ping
-    from benchmarks.bench_daemon import child_env, python_argv, spawn
-
-    os.makedirs(workdir, exist_ok=True)
-    config_path, log_path = os.path.join(workdir, "config.toml"), os.path.join(workdir, "cgtreed.log")
-    socket_path = os.path.join(workdir, "s")
-    Path(config_path).write_text(DAEMON_CONFIG.format(compile=compile_mode))
-    with open(log_path, "ab") as log:
-        # cwd is the work directory: the repository root on sys.path would let its bare
-        # cgtree/ folder shadow the installed package.
-        proc = spawn([*python_argv(), "-c", DAEMON_BOOT, "--config", config_path,
-                      "--endpoint", "ipc://" + socket_path, "--devices", devices],
-                     env=child_env(), cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    daemon = DaemonProcess("ipc://" + socket_path, proc, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cgtreed exited with {proc.returncode} at start: {Path(log_path).read_text()[-2000:]}")
-        if os.path.exists(socket_path) and _ping(daemon.endpoint, 1.0):
-            return daemon
-        time.sleep(0.1)
-    daemon.stop()
-    raise RuntimeError(f"cgtreed did not answer ping within {timeout_s:.0f} s: {Path(log_path).read_text()[-2000:]}")
+    return start_compile_daemon(devices, workdir, compile_mode, timeout_s, boot=("-c", DAEMON_BOOT))
 
 
 class Context:

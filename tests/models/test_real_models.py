@@ -60,21 +60,26 @@ def daemon_client(cgtreed):
         yield client
 
 
-@pytest.mark.parametrize("name", THROUGH_DAEMON)
-def test_through_cgtreed_every_call_after_warmup_replays(name, daemon_client):
+def _check_through_daemon(name: str, device: str, client) -> None:
+    """Values equal eager's; no graph stays in the client; every call after warmup replays."""
     from cgtree.client import backend
 
-    built = case_or_skip(name).build(torch.device("cpu"))
-    compiled = torch.compile(built.module, backend=backend(daemon_client))
+    built = case_or_skip(name).build(torch.device(device))
+    compiled = torch.compile(built.module, backend=backend(client))
     with torch.no_grad():
         _run_steps(built, compiled, range(WARMUP_CALLS), built.module)
-        before = session_counters(daemon_client)
+        before = session_counters(client)
         _run_steps(built, compiled, range(WARMUP_CALLS, WARMUP_CALLS + CHECKED_CALLS), built.module)
-    after = session_counters(daemon_client)
-    assert daemon_client.status()["compile_backend"]["graphs_in_client"] == 0
+    after = session_counters(client)
+    assert client.status()["compile_backend"]["graphs_in_client"] == 0
     assert grew(after, before, "skipped_calls") == 0, after
     assert grew(after, before, "replays") >= CHECKED_CALLS
     assert grew(after, before, "recordings") == 0
+
+
+@pytest.mark.parametrize("name", THROUGH_DAEMON)
+def test_through_cgtreed_every_call_after_warmup_replays(name, daemon_client):
+    _check_through_daemon(name, "cpu", daemon_client)
 
 
 def _generate(built, module, step):
@@ -157,15 +162,4 @@ def gpu_daemon_client(cgtreed_gpu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_through_cgtreed_on_cuda_every_call_after_warmup_replays(name, gpu_daemon_client):
-    from cgtree.client import backend
-
-    built = case_or_skip(name).build(torch.device("cuda"))
-    compiled = torch.compile(built.module, backend=backend(gpu_daemon_client))
-    with torch.no_grad():
-        _run_steps(built, compiled, range(WARMUP_CALLS), built.module)
-        before = session_counters(gpu_daemon_client)
-        _run_steps(built, compiled, range(WARMUP_CALLS, WARMUP_CALLS + CHECKED_CALLS), built.module)
-    after = session_counters(gpu_daemon_client)
-    assert gpu_daemon_client.status()["compile_backend"]["graphs_in_client"] == 0
-    assert grew(after, before, "skipped_calls") == 0, after
-    assert grew(after, before, "replays") >= CHECKED_CALLS
+    _check_through_daemon(name, "cuda", gpu_daemon_client)
