@@ -17,7 +17,10 @@ Pipeline, per graph dynamo hands over:
    on the first run, and inductor kernels bypass ATen.
 3. The runner goes to the ``TreeManager`` of the graph's device (``get_manager``): CUDA graphs
    to ``cuda:N``'s, CPU graphs to the cpu-replay manager. Static inputs are the ones AOT
-   reports (parameters, buffers, ``mark_static_address``); a backward's are its saved tensors.
+   reports (parameters, buffers, ``mark_static_address``), plus state the caller keeps on an
+   object that the graph writes (read through an attribute, by dynamo's source: transformers'
+   ``StaticCache`` created inside a compiled prefill, which HF cannot mark there); a
+   backward's are its saved tensors.
    Kinds: ``inference`` (no backward will come), ``forward``, ``backward``.
 
 Invariants:

@@ -48,9 +48,12 @@ Invariants:
 - Each submit is its own top-level invocation in the daemon (its trees start a new generation
   per submit), so ``torch.compiler.cudagraph_mark_step_begin()`` needs nothing from this
   backend.
-- Training graphs (forward/backward) and graphs the daemon cannot take (symbolic sizes, non-
-  tensor inputs, ops the lowering refuses) run in this process, eagerly, with one log line
-  saying why: the daemon's protocol serves inference graphs.
+- Graphs with int inputs or symbolic sizes go to the daemon once per concrete values
+  (``DaemonGraph``): static graphs the daemon records, compiles and checks like any other.
+- Training graphs (forward/backward) and graphs the daemon cannot take (ops the lowering
+  refuses) run in this process, eagerly, with one log line saying why, and are counted with
+  their reason in ``client.status()["compile_backend"]`` (``CompileStats``): the daemon's
+  protocol serves inference graphs.
 """
 
 from __future__ import annotations
