@@ -190,7 +190,7 @@ def _export(module: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shap
 
 def _lower_exported_program(program: torch.export.ExportedProgram) -> LoweredGraph:
     """Decompose to ATen, then turn export's signature into the flat (*weights, *inputs) form."""
-    program = program.run_decompositions()
+    program = program.run_decompositions(_export_decompositions())
     signature = program.graph_signature
     old_graph = program.graph_module.graph
     old_placeholders = [n for n in old_graph.nodes if n.op == "placeholder"]
@@ -453,6 +453,15 @@ def _decomposition_table() -> dict:
             del table[op]
         _DECOMPOSITIONS = table
     return _DECOMPOSITIONS
+
+
+def _export_decompositions() -> Any:
+    """export's default table without the fused attention kernels' decompositions (see
+    ``_is_fused_attention``)."""
+    table = torch.export.default_decompositions()
+    for op in [op for op in list(table.keys()) if _is_fused_attention(op)]:
+        table.pop(op)
+    return table
 
 
 def _is_view_stride_error(exc: BaseException) -> bool:

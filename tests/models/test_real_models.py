@@ -163,3 +163,55 @@ def gpu_daemon_client(cgtreed_gpu):
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_through_cgtreed_on_cuda_every_call_after_warmup_replays(name, gpu_daemon_client):
     _check_through_daemon(name, "cuda", gpu_daemon_client)
+
+
+def _aot_inference_graph(module, *args, **kwargs):
+    """The AOT inference graph dynamo + AOT make of ``module`` (what the compile backends lower)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    captured = []
+
+    def keep(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(module, backend=aot_autograd(fw_compiler=keep, inference_compiler=keep))(*args, **kwargs)
+    return captured[0]
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_lowering_an_aot_attention_graph_does_not_depend_on_kernel_strides(name):
+    """The CPU flash-attention kernel lays its output out as [B, T, H, D]; its decomposition
+    does not, and retracing an AOT graph through it failed at the next view."""
+    from cgtree.client import lowering
+
+    built = case_or_skip(name).build(torch.device("cpu"))
+    gm, example_inputs = _aot_inference_graph(built.module, *built.inputs(0), **built.kwargs(0))
+    lowered = lowering.lower(gm, example_inputs, tracing_mode="fake")
+    # AOT hands its compiler fake examples: real ones of the same shapes (zero ids, ones masks)
+    real = [torch.randn(x.shape, dtype=x.dtype) if x.is_floating_point() else torch.ones(x.shape, dtype=x.dtype)
+            if x.dtype == torch.bool else torch.zeros(x.shape, dtype=x.dtype) for x in example_inputs]
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(*real), tuple(gm(*real)), **TOLERANCE)
+
+
+def test_client_submit_of_an_hf_module_replays(daemon_client):
+    built = case_or_skip("gpt2").build(torch.device("cpu"))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, mask):
+            return self.model(ids, attention_mask=mask).logits
+
+    module = Logits(built.module)
+    modes = []
+    with torch.no_grad():
+        for step in range(4):
+            ids, mask = built.inputs(step)[0], built.kwargs(step)["attention_mask"]
+            torch.testing.assert_close(daemon_client.submit(module, [ids, mask])[0], module(ids, mask), **TOLERANCE)
+            modes.append(daemon_client.last_execution["mode"])
+    assert modes[2:] == ["replayed", "replayed"]
