@@ -181,7 +181,18 @@ class DaemonGraph:
             self.stats.ran_in_client(self.name, reason)
             self.local = self.gm.forward
             return None
-        handle = self.client.register(encoded, device=self.device)
+        try:
+            handle = self.client.register(encoded, device=self.device)
+        except Exception as exc:
+            if getattr(exc, "code", None) != "payload_rejected":
+                raise  # transport trouble or a bug: the caller must hear of it
+            # The daemon refuses the graph (an operator of a namespace it does not allow, e.g. a
+            # library's custom op): correct, and said once; the graph runs here from now on.
+            log.warning("cgtree: cgtreed refused graph %s (%s): it runs in this process, eagerly", self.name,
+                        getattr(exc, "message", exc))
+            self.stats.ran_in_client(self.name, f"refused by cgtreed: {getattr(exc, 'message', exc)}"[:300])
+            self.local = self.gm.forward
+            return None
         user_positions = [i for i in tensor_positions if i not in set(weights)]
         registration = _Registration(handle, user_positions, [(i, inputs[i], inputs[i]._version) for i in weights])
         self.registrations[key] = registration

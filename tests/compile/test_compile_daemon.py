@@ -131,3 +131,30 @@ def test_mutations_into_graph_writes_the_inputs_and_drops_their_outputs():
     torch.testing.assert_close(written[0], functional[1])
     copies = [n for n in rewritten.graph.nodes if n.target is torch.ops.aten.copy_.default]
     assert len(copies) == 1 and copies[0].args[0].op == "placeholder"
+
+
+@torch.library.custom_op("cgtreetest::scaled", mutates_args=())
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+@_scaled.register_fake
+def _scaled_fake(x):
+    return torch.empty_like(x)
+
+
+def test_a_graph_the_daemon_refuses_runs_here_counted_with_its_reason(client):
+    """An operator of a namespace cgtreed does not allow (a library's custom op, as
+    transformers' MoE ``grouped_mm_fallback``): the graph runs in this process, and
+    client.status() says which and why."""
+
+    def f(x):
+        return torch.ops.cgtreetest.scaled(x) + 1
+
+    compiled = torch.compile(f, backend=backend(client))
+    x = torch.randn(4)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), x * 3 + 1)
+    stats = client.status()["compile_backend"]
+    assert stats["graphs_in_client"] == 1
+    assert "refused by cgtreed" in stats["in_client"][0]["reason"] and "cgtreetest" in stats["in_client"][0]["reason"]
