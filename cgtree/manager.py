@@ -352,7 +352,7 @@ class TreeManager:
         # A backward's static inputs are its forward's saved outputs: tree-managed by design.
         if (variant.function.static_input_idxs and variant.function.kind is not FunctionKind.BACKWARD
                 and self._current is not None and self._current.path_any_live()):
-            self._relocate_kept_outputs(variant, inputs)
+            self._relocate_kept_outputs(variant, inputs, self._state_positions(variant))
         state = self._path_state
         if state is PathState.WARMUP or state is PathState.RECORDING:
             self._try_end_path()
@@ -389,7 +389,16 @@ class TreeManager:
                 self._checkpoint()
         return self._record(variant, inputs)
 
-    def _relocate_kept_outputs(self, variant: _Variant, inputs: Sequence[Any]) -> None:
+    @staticmethod
+    def _state_positions(variant: _Variant) -> frozenset[int]:
+        """Static inputs that may be caller state kept from a graph's outputs: all of them until
+        the first run showed what the function writes, then the static inputs it writes (a
+        cache is written by every step; parameters, never), so a graph-broken model's pieces
+        do not check every parameter on every call."""
+        static = variant.function.static_input_idxs
+        return static if not variant.inspected else variant.mutated_idxs & static
+
+    def _relocate_kept_outputs(self, variant: _Variant, inputs: Sequence[Any], positions: frozenset[int]) -> None:
         """Static inputs that are live outputs of the current path: the caller kept a graph's
         output as its own state (a KV cache a compiled prefill created, a buffer assigned in a
         compiled region). Pool memory is given up at the next generation, so each such tensor
@@ -398,12 +407,12 @@ class TreeManager:
         while the path holds live outputs (the steady loop's fast path never gets here); the
         caching allocator tends to hand a moved buffer the block its predecessor had, so a new
         cache of the same size usually lands where the recording expects it."""
-        positions = self._path_storage_positions()
         if not positions:
             return
-        for idx in variant.function.static_input_idxs:
+        path_outputs = self._path_storage_positions()
+        for idx in positions:
             value = inputs[idx] if idx < len(inputs) else None
-            if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() not in positions:
+            if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() not in path_outputs:
                 continue
             with torch.no_grad():
                 value.set_(value.untyped_storage().clone(), value.storage_offset(), value.size(), value.stride())
