@@ -234,8 +234,9 @@ class TreeGraph:
     """
 
     def __init__(self, runner: Callable, device: torch.device, static_input_idxs: Sequence[int],
-                 kind: str, name: str, dynamic: bool) -> None:
+                 kind: str, name: str, dynamic: bool, written_input_idxs: Sequence[int] = ()) -> None:
         self.runner = runner
+        self.written_input_idxs = tuple(written_input_idxs)  # writes compiled kernels hide
         self.device = device
         self.static_input_idxs = tuple(static_input_idxs)
         self.kind = kind
@@ -253,7 +254,7 @@ class TreeGraph:
         self.tree = _tree_for(self.device)
         self.graphed = self.tree.manager.cudagraphify(
             self.runner, inputs, self.static_input_idxs, name=self.name, kind=self.kind,
-            dynamic=self.dynamic, top_level=False,
+            dynamic=self.dynamic, top_level=False, written_input_idxs=self.written_input_idxs,
         )
 
     def __call__(self, args: list) -> Any:
@@ -323,11 +324,11 @@ def tree_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, kind:
 
 
 def _under_tree(runner: Callable, device: Optional[torch.device], static_input_idxs: Sequence[int],
-                kind: str, name: str, dynamic: bool) -> Callable:
+                kind: str, name: str, dynamic: bool, written_input_idxs: Sequence[int] = ()) -> Callable:
     if device is None or device.type not in ("cuda", "cpu"):
         log.info("cgtree: %s has no cpu/cuda tensors (device %s): it runs without a tree", name, device)
         return boxed(runner)
-    return TreeGraph(runner, _normalize(device), static_input_idxs, kind, name, dynamic)
+    return TreeGraph(runner, _normalize(device), static_input_idxs, kind, name, dynamic, written_input_idxs)
 
 
 def needs_eager_runner(gm: torch.fx.GraphModule, static_input_idxs: Sequence[int]) -> bool:
@@ -487,9 +488,10 @@ def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
                      "an op graphs cannot hold, which cgtree must see op by op", name)
             return tree_graph(aot_gm, aot_inputs, kind=kind, static_input_idxs=static, name=name)
         device = graph_facts.device_of(aot_gm, aot_inputs)  # read before inductor rewrites the graph
+        written = sorted(graph_facts.mutated_inputs(aot_gm))  # inductor's kernels hide these writes
         compiled = compile_fx_inner(aot_gm, aot_inputs, **{**kwargs, "cudagraphs": _boxed_false()})
         graphed = _under_tree(_boxed_runner(_as_boxed_callable(compiled)), device, static, kind, name,
-                              graph_facts.is_dynamic(aot_gm))
+                              graph_facts.is_dynamic(aot_gm), written)
         if hasattr(compiled, "current_callable"):  # CompiledFxGraph: keep inductor's wrapper object
             compiled.current_callable = graphed
             return compiled

@@ -120,8 +120,10 @@ class GraphedFunction:
         kind: FunctionKind,
         dynamic: bool,
         top_level: bool,
+        written_input_idxs: Sequence[int] = (),
     ) -> None:
         self.manager = manager
+        self.written_input_idxs = frozenset(written_input_idxs)
         self.fn = fn
         self.name = name
         self.static_input_idxs = frozenset(static_input_idxs)
@@ -191,6 +193,7 @@ class TreeManager:
         kind: str | FunctionKind = FunctionKind.INFERENCE,
         dynamic: bool = False,
         top_level: bool = True,
+        written_input_idxs: Sequence[int] = (),
     ) -> GraphedFunction:
         """Put ``fn`` (tensors -> tensor or tuple/list of tensors) under the tree's control.
 
@@ -203,6 +206,9 @@ class TreeManager:
         top_level: each call is a new top-level invocation (like a torch.compile'd function),
             so it may start a new generation. Pass False for pieces of one invocation (graph
             breaks) and call ``begin_invocation()`` yourself at each top-level entry.
+        written_input_idxs: inputs the function writes, declared by a caller whose kernels hide
+            their writes from the first-run inspection (inductor's): static ones among them are
+            checked for caller-kept graph outputs (``_relocate_kept_outputs``).
         ``example_inputs`` are only validated here; nothing runs until the first call.
         """
         self._check_open()
@@ -217,6 +223,7 @@ class TreeManager:
             FunctionKind(kind),
             dynamic,
             top_level,
+            written_input_idxs,
         )
         self._functions.append(graphed)
         return graphed
@@ -396,7 +403,9 @@ class TreeManager:
         cache is written by every step; parameters, never), so a graph-broken model's pieces
         do not check every parameter on every call."""
         static = variant.function.static_input_idxs
-        return static if not variant.inspected else variant.mutated_idxs & static
+        if not variant.inspected:
+            return static
+        return (variant.mutated_idxs | variant.function.written_input_idxs) & static
 
     def _relocate_kept_outputs(self, variant: _Variant, inputs: Sequence[Any], positions: frozenset[int]) -> None:
         """Static inputs that are live outputs of the current path: the caller kept a graph's

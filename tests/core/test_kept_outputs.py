@@ -54,3 +54,18 @@ def test_parameters_are_not_checked_once_the_first_run_showed_what_is_written(de
         assert mgr._state_positions(variant) == frozenset({1})
     finally:
         mgr.close()
+
+
+def test_writes_declared_by_the_caller_count_when_kernels_hide_them(device):
+    """Compiled kernels (inductor's) write without ATen ops the inspector could see: the
+    compile backend declares the written inputs, and they stay checked."""
+    mgr = TreeManager(device, policy=Policy(skip_warmup=False))
+    try:
+        f = mgr.cudagraphify(lambda w, s, x: w * x + s, static_input_idxs=(0, 1), written_input_idxs=(1,), name="f")
+        for _ in range(3):
+            f(torch.ones(4, device=device), torch.zeros(4, device=device), torch.ones(4, device=device))
+        variant = next(iter(f.variants.values()))
+        assert variant.inspected and not variant.mutated_idxs
+        assert mgr._state_positions(variant) == frozenset({1})
+    finally:
+        mgr.close()
