@@ -125,6 +125,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks import real_models  # noqa: E402
+from benchmarks.bench_compile import relative_error  # noqa: E402
 from benchmarks.report import fmt as _fmt, write_reports  # noqa: E402
 from benchmarks.timing import summarize_ns, sync_samples_ns  # noqa: E402
 
@@ -376,15 +377,6 @@ def _error_note(where: str, exc: BaseException) -> str:
 
 def kind_of(case: real_models.ModelCase) -> str:
     return {"hf-generate": "generate", "hf-train": "train"}.get(case.family, "forward")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if out.shape != ref.shape:
-        return float("inf")
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return (out64 - ref64).norm().item() / (ref64.norm().item() or 1.0)
 
 
 def token_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -142,14 +142,19 @@ def _causal_lm(model_type: str) -> Callable[[torch.device], Built]:
 
         config = _causal_lm_config(model_type)
         module = _seeded(lambda: AutoModelForCausalLM.from_config(config), device)
-        return Built(
-            module,
-            inputs=lambda step: (_token_ids(device, step, LM_BATCH, LM_TOKENS, LM_VOCAB),),
-            kwargs=lambda step: {"attention_mask": torch.ones(LM_BATCH, LM_TOKENS, dtype=torch.long, device=device)},
-            output=lambda out: out.logits,
-        )
+        return _with_token_inputs(module, device, output=lambda out: out.logits)
 
     return build
+
+
+def _with_token_inputs(module: torch.nn.Module, device: torch.device, output: Callable[[Any], torch.Tensor]) -> Built:
+    """A text model called as users call it: token ids and an all-ones attention mask."""
+    return Built(
+        module,
+        inputs=lambda step: (_token_ids(device, step, LM_BATCH, LM_TOKENS, LM_VOCAB),),
+        kwargs=lambda step: {"attention_mask": torch.ones(LM_BATCH, LM_TOKENS, dtype=torch.long, device=device)},
+        output=output,
+    )
 
 
 def _encoder(model_type: str) -> Callable[[torch.device], Built]:
@@ -160,12 +165,7 @@ def _encoder(model_type: str) -> Callable[[torch.device], Built]:
                             num_attention_heads=4, max_position_embeddings=128, vocab_size=LM_VOCAB,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
         module = _seeded(lambda: AutoModel.from_config(config, add_pooling_layer=False), device)
-        return Built(
-            module,
-            inputs=lambda step: (_token_ids(device, step, LM_BATCH, LM_TOKENS, LM_VOCAB),),
-            kwargs=lambda step: {"attention_mask": torch.ones(LM_BATCH, LM_TOKENS, dtype=torch.long, device=device)},
-            output=lambda out: out.last_hidden_state,
-        )
+        return _with_token_inputs(module, device, output=lambda out: out.last_hidden_state)
 
     return build
 

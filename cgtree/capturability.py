@@ -69,13 +69,9 @@ def _index_put_ops() -> frozenset:
 _INDEX_PUT_OPS = _index_put_ops()
 
 
-def _op_name(op: Any) -> str:
-    return str(op)
-
-
 def _unsafe_by_name_or_tag(op: Any) -> Optional[str]:
     """Why ``op`` can never be captured, whatever its arguments, or None."""
-    if _op_name(op) in FORBIDDEN_OPS:
+    if str(op) in FORBIDDEN_OPS:
         return "host synchronization"
     if not isinstance(op, OpOverload):
         return None
@@ -130,8 +126,8 @@ def _output_size_depends_on_values(op: OpOverload, args: tuple, kwargs: dict) ->
         with mode:
             op(*fake_args, **fake_kwargs)
     except (DynamicOutputShapeException, DataDependentOutputException):
-        return True
-    except Exception:  # noqa: BLE001 - fake propagation failed: stay cautious for a tagged op
+        return True  # the answer the fake run exists to give
+    except Exception:  # noqa: BLE001 - it failed otherwise: for a tagged op, the cautious answer
         return True
     return False
 

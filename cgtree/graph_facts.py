@@ -16,8 +16,8 @@ Invariants:
 from __future__ import annotations
 
 import functools
-import os
 import logging
+import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch

@@ -166,7 +166,7 @@ class DaemonGraph:
         from cgtree.client import lowering
 
         tensor_positions = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
-        weights = [p for p in self.weight_positions if p in set(tensor_positions)]
+        weights = [p for p in self.weight_positions if isinstance(inputs[p], torch.Tensor)]
         try:
             if self.specialized:
                 function = _with_constants(self.gm, inputs, tensor_positions)
@@ -176,35 +176,36 @@ class DaemonGraph:
                 lowered = lowering.lower(self.gm, list(inputs), tracing_mode="fake", weight_input_indices=weights)
             encoded = lowering.encode(lowered)
         except (lowering.LoweringError, Exception) as exc:  # noqa: B014 - any refusal: run here
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            log.warning("cgtree: graph %s cannot go to cgtreed (%s): it runs in this process, eagerly", self.name, reason)
-            self.stats.ran_in_client(self.name, reason)
-            self.local = self.gm.forward
-            return None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return self._run_here(f"cannot go to cgtreed ({reason[:300]})")
+        from cgtree.client.client import DaemonError
+
         try:
             handle = self.client.register(encoded, device=self.device)
-        except Exception as exc:
-            if getattr(exc, "code", None) != "payload_rejected":
-                raise  # transport trouble or a bug: the caller must hear of it
-            # The daemon refuses the graph (an operator of a namespace it does not allow, e.g. a
-            # library's custom op): correct, and said once; the graph runs here from now on.
-            log.warning("cgtree: cgtreed refused graph %s (%s): it runs in this process, eagerly", self.name,
-                        getattr(exc, "message", exc))
-            self.stats.ran_in_client(self.name, f"refused by cgtreed: {getattr(exc, 'message', exc)}"[:300])
-            self.local = self.gm.forward
-            return None
-        user_positions = [i for i in tensor_positions if i not in set(weights)]
+        except DaemonError as exc:
+            if exc.code != "payload_rejected":
+                raise  # anything but a refusal of the graph itself: the caller must hear of it
+            # e.g. an operator of a namespace the daemon does not allow (a library's custom op)
+            return self._run_here(f"refused by cgtreed ({exc.message[:300]})")
+        user_positions = [i for i in tensor_positions if i not in weights]
         registration = _Registration(handle, user_positions, [(i, inputs[i], inputs[i]._version) for i in weights])
+        first = key not in self.registrations  # not a weight refresh of a known registration
         self.registrations[key] = registration
-        if self.specialized:
+        if first and self.specialized:
             self.stats.specializations += 1
             self._warn_on_many_specializations()
-        else:
+        elif first:
             self.stats.graphs_to_daemon += 1
         log.info("cgtree: graph %s registered with cgtreed on %s (%d weights, %d inputs per call%s)",
                  self.name, self.device, len(weights), len(user_positions),
                  f"; specialization {len(self.registrations)}: {key}" if self.specialized else "")
         return registration
+
+    def _run_here(self, reason: str) -> None:
+        """From now on the graph runs in this process, eagerly: said once, and counted."""
+        log.warning("cgtree: graph %s %s: it runs in this process, eagerly", self.name, reason)
+        self.stats.ran_in_client(self.name, reason)
+        self.local = self.gm.forward
 
     def _warn_on_many_specializations(self) -> None:
         from cgtree.compile import policy

@@ -449,16 +449,18 @@ def _decomposition_table() -> dict:
         batch_norm = getattr(decompositions, "native_batch_norm_decomposition", None)
         if batch_norm is not None:
             table.setdefault(torch.ops.aten.native_batch_norm.default, batch_norm)
-        for op in [op for op in table if _is_fused_attention(op)]:
-            del table[op]
-        _DECOMPOSITIONS = table
+        _DECOMPOSITIONS = _without_fused_attention(table)
     return _DECOMPOSITIONS
 
 
 def _export_decompositions() -> Any:
     """export's default table without the fused attention kernels' decompositions (see
     ``_is_fused_attention``)."""
-    table = torch.export.default_decompositions()
+    return _without_fused_attention(torch.export.default_decompositions())
+
+
+def _without_fused_attention(table: Any) -> Any:
+    """``table`` (a dict or export's decomposition table) less the fused attention kernels."""
     for op in [op for op in list(table.keys()) if _is_fused_attention(op)]:
         table.pop(op)
     return table
