@@ -22,7 +22,8 @@ between consecutive stages over the loop. Both processes read ``time.perf_counte
     python3 benchmarks/submit_stages.py --model gpt --json results/stages_gpt.json
 
 Models: ``tiny``/``mlp24`` (``benchmarks/models.py``) submitted directly with one handle;
-``gpt`` (``benchmarks/gpt.py``) through ``torch.compile(backend=cgtree.client.backend(client))``
+``gpt`` (``benchmarks/gpt.py``) and the inference cases of ``benchmarks/real_models.py`` (``gpt2``,
+``llama``, ``bert``, ...) through ``torch.compile(backend=cgtree.client.backend(client))``
 with ``daemon.compile = "inductor"``. Stamps are function wrappers (a fraction of a
 microsecond each); read the figures as a breakdown, and take latency targets from
 ``bench_daemon.py`` / ``bench_compile.py``. Plan runs need CUDA: without it the script says so
@@ -214,12 +215,45 @@ def _model_call(name: str, client: Any, device: Any) -> tuple[Callable[[], Any],
         compiled = torch.compile(build_gpt(cfg, device, seed=0), backend=backend(client), fullgraph=True)
         inputs = step_inputs(cfg, device, cfg.max_seq // 2)
         return (lambda: compiled(*inputs)), build_gpt(cfg, device, seed=0), inputs
+    if name not in ("tiny", "mlp24"):
+        return _real_model_call(name, client, device)
     from benchmarks.models import build_model
 
     model = build_model(name, device, seed=0)
     with torch.enable_grad():
         handle = client.register(model.module, list(model.inputs), device=str(device))
     return (lambda: client.submit(handle, model.inputs)), model.module, tuple(model.inputs)
+
+
+def _real_model_call(name: str, client: Any, device: Any) -> tuple[Callable[[], Any], Any, tuple]:
+    """A ``benchmarks/real_models.py`` inference case (gpt2, llama, bert, ...) through
+    ``torch.compile(backend=cgtree.client.backend(client))``, called as ``bench_models.py`` calls it."""
+    import torch
+
+    from benchmarks import real_models
+    from cgtree.client import backend
+
+    case = next(iter(real_models.cases(names=[name])))
+    built = case.build(device)
+    inputs, kwargs = built.inputs(0), built.kwargs(0)
+    compiled = torch.compile(built.module, backend=backend(client))
+    call = _with_kwargs(built.module, kwargs)
+    return (lambda: compiled(*inputs, **kwargs)), call, inputs
+
+
+def _with_kwargs(module: Any, kwargs: dict) -> Any:
+    """``module`` called with ``kwargs`` added: the in-process paths compile this."""
+    import torch
+
+    class WithKwargs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(*args, **kwargs)
+
+    return WithKwargs()
 
 
 def _stamped_loop(call: Callable[[], Any], stamps: list, warmup: int, iters: int) -> None:
@@ -246,7 +280,7 @@ def _through_daemon(args: argparse.Namespace, work: Path) -> tuple[list, Any, An
     from benchmarks.bench_daemon import DAEMON_CONFIG, child_env
     from cgtree.client import Client
 
-    (work / "config.toml").write_text(COMPILE_CONFIG.format(compile="inductor") if args.model == "gpt" else DAEMON_CONFIG)
+    (work / "config.toml").write_text(COMPILE_CONFIG.format(compile="inductor") if args.model not in ("tiny", "mlp24") else DAEMON_CONFIG)
     socket_path, stamps_path = work / "s", work / "stamps.json"
     log = open(work / "cgtreed.log", "wb")
     env = child_env({STAMPS_ENV: str(stamps_path), LANE_ENV: "1" if args.lane else "0"})
@@ -283,11 +317,11 @@ def run(args: argparse.Namespace) -> dict:
     table, execution, module, inputs = _through_daemon(args, work)
     stamps: list = []
     install_stamps(TREE_STAMPS, stamps)  # only the in-process loop below runs a tree manager in this process
-    in_process = torch.compile(module, backend="cgtree", options={"compiler": "inductor"}, fullgraph=True)
+    in_process = torch.compile(module, backend="cgtree", options={"compiler": "inductor"})
     with torch.no_grad():
         _stamped_loop(lambda: in_process(*inputs), stamps, args.warmup, args.iters)
     in_process_table = stage_table(client_sequences(stamps), [])
-    reference = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    reference = torch.compile(module, mode="reduce-overhead")
     reference_stamps: list = []
     with torch.no_grad():
         _stamped_loop(lambda: reference(*inputs), reference_stamps, args.warmup, args.iters)
@@ -308,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--daemon"]:
         return daemon_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "mlp24", "gpt"), default="tiny")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, mlp24, gpt, or an inference case of benchmarks/real_models.py (gpt2, llama, bert, ...)")
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=500, help="untimed calls first (plans and their recordings settle)")
     parser.add_argument("--lane", action="store_true", help="plan runs on the lane's datagrams (Client(doorbell=False))")

@@ -1,7 +1,7 @@
 """The ``torch.compile`` backend "cgtree": every graph dynamo captures runs through cgtree's trees.
 
-    model = torch.compile(model, backend="cgtree")                       # eager ATen kernels
-    model = torch.compile(model, backend="cgtree", options={"compiler": "inductor"})
+    model = torch.compile(model, backend="cgtree")    # inductor's kernels on CUDA, ATen's on CPU
+    model = torch.compile(model, backend="cgtree", options={"compiler": "eager"})     # ATen always
     torch.compiler.cudagraph_mark_step_begin()                           # works as with PyTorch
 
 Pipeline, per graph dynamo hands over:
@@ -12,7 +12,8 @@ Pipeline, per graph dynamo hands over:
    KV-cache write is captured with the rest); forward/backward graphs get them applied by AOT.
 2. Each AOT graph gets a kernel runner: ``compiler="eager"`` runs the graph's own ATen code;
    ``compiler="inductor"`` compiles it with inductor, inductor's own CUDA graphs off (cgtree
-   records them). A graph that mutates a non-static input, or holds an op graphs cannot hold,
+   records them); the default ``"auto"`` is inductor for graphs on a CUDA device and eager on
+   the CPU (``resolve_compiler`` says why). A graph that mutates a non-static input, or holds an op graphs cannot hold,
    keeps the eager runner even then: the tree manager learns such facts by watching ATen ops
    on the first run, and inductor kernels bypass ATen.
 3. The runner goes to the ``TreeManager`` of the graph's device (``get_manager``): CUDA graphs
@@ -66,7 +67,7 @@ __all__ = ["backend", "cgtree_backend", "close_managers", "configure", "get_mana
 log = logging.getLogger("cgtree.compile")
 
 BACKEND_NAME = "cgtree"
-COMPILERS = ("eager", "inductor")
+COMPILERS = ("auto", "eager", "inductor")
 DEFAULT_POLICY = Policy(support_input_mutation=True)
 
 _UNSET = object()
@@ -409,7 +410,7 @@ def backward_static_inputs(bw_gm: torch.fx.GraphModule, forward_static: Optional
 
 def _parse_options(options: Optional[dict]) -> str:
     options = dict(options or {})
-    compiler = options.pop("compiler", "eager")
+    compiler = options.pop("compiler", "auto")
     if options:
         raise ValueError(f"unknown cgtree backend option(s) {sorted(options)}; known: ['compiler']")
     if compiler not in COMPILERS:
@@ -520,16 +521,30 @@ def cgtree_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
     ``mode`` is accepted and ignored: the tree policy comes from ``configure()``.
     """
-    compiler = _parse_options(options)
+    compiler = resolve_compiler(_parse_options(options), graph_facts.device_of(gm, example_inputs))
     if compiler == "inductor":
         return _compile_inductor(gm, example_inputs)
     return _compile_eager(gm, example_inputs)
 
 
+def resolve_compiler(compiler: str, device: Optional[torch.device]) -> str:
+    """``"auto"`` -> inductor for a graph on a CUDA device (what reduce-overhead runs), ATen
+    kernels otherwise. Why not inductor on the CPU replay backend too, measured on the 2-core
+    development machine (torch 2.13, ``.probe``-style loop of 50 calls, docs/PERFORMANCE.md
+    section 11): inductor's CPU kernels run 2-14x faster per call (llama 2 layers: 1.5 ms
+    against 22 ms), but its first call costs 10-20 s of C++ compilation against 2-3 s, so it
+    pays off only after about a thousand calls; the CPU backend is where cgtree is tried and
+    tested (CI compiles hundreds of graphs), so it keeps the quick ATen path. Pass
+    ``compiler="inductor"`` for a long-running CPU job."""
+    if compiler != "auto":
+        return compiler
+    return "inductor" if device is not None and device.type == "cuda" else "eager"
+
+
 cgtree_backend.reset = close_managers  # torch._dynamo.reset() calls a cached backend's reset()
 
 
-def backend(compiler: str = "eager") -> Callable:
+def backend(compiler: str = "auto") -> Callable:
     """A backend callable for ``torch.compile(backend=...)`` with the compiler fixed."""
     _parse_options({"compiler": compiler})
 

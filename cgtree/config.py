@@ -90,7 +90,10 @@ class DaemonConfig:
     allowed_op_namespaces: operator namespaces a graph payload may use besides the built-in
         ``aten``, ``prims`` and the symbolic-int ``operator`` functions.
     compile: ``"eager"`` replays decoded ATen graphs as they are; ``"inductor"`` compiles them
-        first (inductor's own cudagraphs off: cgtree does the graphs).
+        first, in a compile worker process (inductor's own cudagraphs off: cgtree does the
+        graphs); ``"auto"`` (default) is inductor on CUDA devices and eager on the CPU replay
+        backend (``cgtree.daemon.compiling.resolve_compile_mode`` says why).
+    compile_timeout_s: a compile that takes longer is stopped; the graph keeps its ATen code.
     cache_dir: inductor's on-disk cache (so a restarted daemon does not recompile); empty means
         inductor's default.
     shutdown_timeout_s: SIGTERM/SIGINT finish in-flight work within this deadline, then exit.
@@ -114,7 +117,8 @@ class DaemonConfig:
     session_linger_s: float = 60.0
     reap_interval_s: float = 1.0
     allowed_op_namespaces: tuple[str, ...] = ()
-    compile: str = "eager"
+    compile: str = "auto"
+    compile_timeout_s: float = 600.0
     cache_dir: str = ""
     shutdown_timeout_s: float = 10.0
     log_level: str = "INFO"
@@ -150,8 +154,9 @@ class DaemonConfig:
         namespaces = _freeze_list(self, "allowed_op_namespaces")
         if not isinstance(namespaces, tuple) or not all(isinstance(n, str) and n.isidentifier() for n in namespaces):
             raise ConfigError(f"daemon.allowed_op_namespaces must be a list of namespace names, got {namespaces!r}")
-        if self.compile not in ("eager", "inductor"):
-            raise ConfigError(f"daemon.compile must be \"eager\" or \"inductor\", got {self.compile!r}")
+        if self.compile not in ("auto", "eager", "inductor"):
+            raise ConfigError(f"daemon.compile must be \"auto\", \"eager\" or \"inductor\", got {self.compile!r}")
+        _check_number("daemon.compile_timeout_s", self.compile_timeout_s, minimum=1.0)
         _check_type("daemon.cache_dir", self.cache_dir, str)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"daemon.log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")

@@ -101,6 +101,12 @@ ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
 IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", "release", "reset"})
 # Room for the envelope next to data frames when splitting uploads under max_message_bytes.
 ENVELOPE_ALLOWANCE = 64 * 1024
+# A graph cgtreed is compiling (its compile worker, off the serving loop) is asked for again
+# after 50 ms, then at most every 0.5 s; the wait is said in the log at once (INFO) and, when it
+# lasts, every COMPILE_NOTE_EVERY_S (WARNING: a user sees why the first call takes seconds).
+COMPILE_POLL_FIRST_S = 0.05
+COMPILE_POLL_MAX_S = 0.5
+COMPILE_NOTE_EVERY_S = 10.0
 CLIENT_NAME = "cgtree.client 0.1"
 
 CAN_RAISE_ON_OVERWRITTEN_OUTPUT = CAN_RAISE_ON_OVERWRITTEN_ACCESS
@@ -628,7 +634,22 @@ class Client:
         self._register_payload(handle)
 
     def _register_payload(self, handle: GraphHandle) -> None:
-        """Send the graph; then, in messages under the size limit, the weights the daemon lacks."""
+        """Send the graph; then, in messages under the size limit, the weights the daemon lacks;
+        then wait while the daemon compiles it."""
+        reply = self._send_graph(handle)
+        if reply.get("compiling"):
+            reply = self._wait_for_compile(handle, reply)
+            if reply.get("need_payload"):  # the daemon restarted while it compiled: send it all again
+                reply = self._wait_for_compile(handle, self._send_graph(handle))
+        if not reply.get("registered"):
+            raise ClientError(f"graph {handle.short_name} was not registered: daemon still lacks {reply.get('missing_weights')}")
+        if reply.get("graph") != handle.graph_id:
+            raise ClientError(f"the daemon registered {reply.get('graph')} for graph {handle.graph_id}")
+        if reply.get("mutated_inputs") is not None:
+            handle.mutated_inputs = tuple(reply["mutated_inputs"])
+        self._registered.add((handle.device, handle.graph_id))
+
+    def _send_graph(self, handle: GraphHandle) -> dict:
         encoded = handle.encoded
         base = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
         reply, _ = self._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
@@ -637,13 +658,29 @@ class Client:
             frames = [encoded.graph_bytes] + [encoded.weights[h].data for h in batch]
             weights = {h: i + 1 for i, h in enumerate(batch)}
             reply, _ = self._session_call("register", {**base, "weights": weights}, frames)
-        if not reply.get("registered"):
-            raise ClientError(f"graph {handle.short_name} was not registered: daemon still lacks {reply.get('missing_weights')}")
-        if reply.get("graph") != handle.graph_id:
-            raise ClientError(f"the daemon registered {reply.get('graph')} for graph {handle.graph_id}")
-        if reply.get("mutated_inputs") is not None:
-            handle.mutated_inputs = tuple(reply["mutated_inputs"])
-        self._registered.add((handle.device, handle.graph_id))
+        return reply
+
+    def _wait_for_compile(self, handle: GraphHandle, reply: dict) -> dict:
+        """Ask for ``handle``'s graph again (by id only) while cgtreed compiles it; the last reply.
+        No overall deadline: the daemon bounds a compile (``daemon.compile_timeout_s``) and each
+        ask is an ordinary request under ``timeout_s``, so a daemon that died is still noticed."""
+        body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "name": handle.name, "weights": {}}
+        started = time.monotonic()
+        delay, note_at = COMPILE_POLL_FIRST_S, started + COMPILE_NOTE_EVERY_S
+        log.info("cgtreed is compiling graph %s (%s)", handle.short_name, _compile_progress(reply["compiling"]))
+        while reply.get("compiling"):
+            time.sleep(delay)
+            delay = min(2 * delay, COMPILE_POLL_MAX_S)
+            reply, _ = self._session_call("register", body)
+            now = time.monotonic()
+            if reply.get("compiling") and now >= note_at:
+                note_at = now + COMPILE_NOTE_EVERY_S
+                log.warning("cgtreed is still compiling graph %s: %s (once per graph: later clients and a restarted "
+                            "daemon load it compiled)", handle.short_name, _compile_progress(reply["compiling"]))
+        if reply.get("registered"):
+            log.info("graph %s compiled by cgtreed: registered after %.1f s, runs %s kernels", handle.short_name,
+                     time.monotonic() - started, reply.get("kernels") or "its")
+        return reply
 
     # ------------------------------------------------------------------------------ tensors
 
@@ -1270,6 +1307,12 @@ def _lower_and_encode(graph: Any, inputs: list, cache: Any = None) -> Any:
     from cgtree.client import graph_cache
 
     return graph_cache.lower_and_encode(graph, inputs, cache=cache)
+
+
+def _compile_progress(progress: dict) -> str:
+    ahead = progress.get("ahead") or 0
+    queue = f", {ahead} graph{'s' if ahead != 1 else ''} ahead of it" if ahead else ""
+    return f"{progress.get('state', 'compiling')} for {progress.get('elapsed_s', 0)} s{queue}"
 
 
 def _batches(missing: list, blobs: dict, limit: int) -> list[list]:

@@ -1,42 +1,46 @@
-"""``daemon.compile = "inductor"``: a decoded graph compiled by inductor once, when it is
-registered, into a callable the tree manager records like any other.
+"""What cgtreed compiles, and how a compiled graph is kept on disk: ``daemon.compile`` =
+``"inductor"`` (``"auto"``: on CUDA devices) compiles a decoded graph once, into a callable the
+tree manager records like any other.
 
 Why at registration and not lazily (``torch.compile``): the tree manager's first call of a
 function runs under its inspection mode (a ``TorchDispatchMode``, ``cgtree.inspection``), and
 dynamo does not compile under an active dispatch mode: a lazily compiled graph ran, and was
-recorded, as plain ATen kernels. On the H200 host the GPT decoder step of bench_compile was
-recorded with 122 ATen kernels (520 us of GPU time a step) instead of inductor's 78 (400 us)
-(docs/PERFORMANCE.md section 8).
+recorded, as plain ATen kernels (docs/PERFORMANCE.md section 8).
 
-Policy (``eager_reason``, pure): a graph runs its ATen code instead when it has symbolic shapes
-(a compile per shape is inductor's business under dynamo; the daemon does not guess the
-ranges) or holds an op a graph cannot hold (inductor's kernels would hide it from inspection,
-and the tree must see it to skip the graph with its reason).
+Policy (``eager_reason``, ``resolve_compile_mode``: pure): a graph runs its ATen code instead
+when it has symbolic shapes (a compile per shape is inductor's business under dynamo; the
+daemon does not guess the ranges) or holds an op a graph cannot hold (inductor's kernels would
+hide it from inspection, and the tree must see it to skip the graph with its reason).
 
-Mechanism (``compile_graph``): ``compile_fx`` on a copy of the decoded module, with the
-graph's weights and zero-filled example inputs of its input specs, inductor's own CUDA graphs
-off (cgtree records). A compile that fails (no C++ compiler on a CPU host, an op inductor
-lacks) is logged and the graph keeps its ATen code: registration never fails for it.
-Inductor's on-disk caches live under ``daemon.cache_dir`` when set, so a restarted daemon does
-not build its kernels again. It still lowers the graph and generates the kernels' code again:
-``compile_fx`` called outside dynamo with real example tensors bypasses inductor's FX graph
-cache ("No shape env"). On the CPU that is 2.4 s of a 10.5 s cold compile for mlp24, against
-1.5 s when the graph itself comes from the cache; the fix (a tracing context with a shape
-environment and static-shape fakes) is on branch ``compile-cache-restart``, waiting for a GPU
-run (it changes how a CUDA daemon compiles).
+Mechanism: inductor's ``standalone_compile`` (its precompilation API) turns the decoded module,
+with empty weights and inputs of the graph's specs, into an *artifact*: a file under
+``artifact_dir()`` named after the graph id, the device and torch's version. A compile worker
+process writes it (``cgtree.daemon.compile_worker``: the serving loop never compiles) and the
+daemon loads it (``load_artifact``: tenths of a second); a restarted daemon finds the file and
+loads it without compiling (warm restart). ``compile_artifact`` runs in the worker, or in the
+daemon itself where no worker is used (``DeviceGraphs`` built without one: direct tests).
 
 Invariants:
 - The decoded module is never changed: it stays the ATen function of the graph, which a submit
   whose graph writes a CPU input runs instead (those writes land in a copy the daemon sends
   back; the tree must see them op by op, and compiled kernels would hide them).
 - Nothing here executes the graph; compiling traces it with fake tensors.
+- Artifacts hold pickled code (inductor's cache format): they are written by the daemon's own
+  worker only, into a directory of the daemon user's, mode 0700, and never read from a
+  directory another user can write (``artifact_dir`` refuses it).
+- A compile or a load that fails is logged and the graph keeps its ATen code: registration
+  never fails for it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import os
+import stat
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -46,48 +50,139 @@ from cgtree.payload import DTYPES
 
 log = logging.getLogger("cgtree.daemon.compiling")
 
+COMPILE_MODES = ("auto", "eager", "inductor")
+# Bumped when what goes into an artifact changes (options, calling convention): old files are
+# then simply not found.
+ARTIFACT_FORMAT = 1
+# Inductor's own CUDA graphs stay off: cgtree records the graphs.
+INDUCTOR_OPTIONS = {"config_patches": {"triton.cudagraphs": False}}
+
+
+def resolve_compile_mode(mode: str, device: torch.device) -> str:
+    """``daemon.compile`` for one device: ``"auto"`` is inductor on CUDA devices (what
+    reduce-overhead runs) and ATen on the CPU replay backend, where an inductor compile costs
+    5-10x an ATen warmup in C++ compilation (``cgtree.compile.resolve_compiler`` has the
+    figures)."""
+    if mode != "auto":
+        return mode
+    return "inductor" if device.type == "cuda" else "eager"
+
 
 def eager_reason(decoded: Any, module: Optional[torch.fx.GraphModule] = None) -> Optional[str]:
     """Why ``decoded`` runs as ATen code rather than compiled; None when it can be compiled.
-    ``module``: a copy of its module whose nodes carry fake values (``compile_graph`` makes
+    ``module``: a copy of its module whose nodes carry fake values (``judged_copy`` makes
     one), so that ops are judged by ``cgtree.capturability``'s value rule; without values a
     tagged op (an integer gather too) counts as incompatible."""
-    if _has_symbolic_shapes(decoded):
+    if has_symbolic_shapes(decoded):
         return "it has symbolic shapes"
     if graph_facts.incompatible_nodes(decoded.module if module is None else module):
         return "it holds an op a CUDA graph cannot hold"
     return None
 
 
-def _has_symbolic_shapes(decoded: Any) -> bool:
+def has_symbolic_shapes(decoded: Any) -> bool:
     specs = getattr(decoded, "input_specs", None)
     return getattr(decoded, "dynamic", False) or specs is None or any(dim is None for spec in specs for dim in spec.shape)
 
 
-def compile_graph(decoded: Any, weights: Sequence[torch.Tensor], device: torch.device, name: str) -> Callable:
-    """``decoded``'s function compiled by inductor (``(*weights, *inputs) -> outputs``), or its
-    ATen module when ``eager_reason`` says so (logged)."""
-    examples, judged = [], None
-    if not _has_symbolic_shapes(decoded):
-        examples = [*weights, *(torch.zeros(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
-        judged = copy.deepcopy(decoded.module)  # fake values only for the decision; inductor gets a clean copy
-        graph_facts.propagate_fake_values(judged, examples)
-    reason = eager_reason(decoded, judged)
+def example_inputs(decoded: Any, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialized weights and inputs of ``decoded``'s specs (weights are stored contiguous
+    on the device, as ``DeviceGraphs`` materializes them): compiling reads only their metadata."""
+    weights = [torch.empty(tuple(spec.shape), dtype=DTYPES[spec.dtype], device=device) for spec in _weight_specs(decoded)]
+    return [*weights, *(torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
+
+
+def _weight_specs(decoded: Any) -> list:
+    by_hash = {spec.hash: spec for spec in decoded.weight_specs}
+    return [by_hash[h] for h in decoded.weight_hashes]
+
+
+def compile_decision(decoded: Any, weights: Sequence[torch.Tensor], device: torch.device) -> Optional[str]:
+    """``eager_reason`` judged on fake values of the graph's weights and input specs (on a
+    copy: the decoded module stays clean for inductor and for the ATen path)."""
+    if has_symbolic_shapes(decoded):
+        return eager_reason(decoded)
+    judged = copy.deepcopy(decoded.module)
+    inputs = [torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs]
+    graph_facts.propagate_fake_values(judged, [*weights, *inputs])
+    return eager_reason(decoded, judged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def artifact_dir() -> Path:
+    """Where compiled graphs are kept: ``cgtree-graphs`` in inductor's cache directory
+    (``TORCHINDUCTOR_CACHE_DIR``, which ``daemon.cache_dir`` and the systemd unit set), so the
+    artifacts live and go with the kernels they use. Created mode 0700; refused when another
+    user owns it or may write to it (its files are loaded as code)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = Path(cache_dir()) / "cgtree-graphs"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path} is not private to this user (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}): "
+                              "compiled graphs are not read from or written to it")
+    return path
+
+
+def artifact_name(graph_id: str, device: torch.device) -> str:
+    """The file of ``graph_id`` compiled for ``device``: the generated code names the device
+    index and the kernels its architecture, and an artifact only loads in the torch that wrote it."""
+    where = str(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where += f"-sm{major}{minor}"
+    build = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{ARTIFACT_FORMAT}".encode()).hexdigest()[:12]
+    return f"{graph_id}.{where.replace(':', '')}.{build}.bin"
+
+
+def compile_artifact(decoded: Any, device: torch.device, path: Path) -> float:
+    """Compile ``decoded`` for ``device`` with inductor and save it at ``path`` (atomically);
+    seconds taken. Raises what inductor raises (no C++ compiler, an op it lacks)."""
+    from torch._inductor import standalone_compile
+
+    started = time.perf_counter()
+    artifact = standalone_compile(decoded.module, example_inputs(decoded, device), dynamic_shapes="from_example_inputs",
+                                  options=INDUCTOR_OPTIONS)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    artifact.save(path=str(partial), format="binary")
+    os.replace(partial, path)
+    return time.perf_counter() - started
+
+
+def load_artifact(path: Path) -> Callable:
+    """The compiled function saved at ``path``: ``(*weights, *inputs) -> tuple``."""
+    from torch._inductor import CompiledArtifact
+
+    artifact = CompiledArtifact.load(path=str(path), format="binary")
+
+    def compiled(*args: Any) -> tuple:
+        return tuple(artifact(*args))
+
+    return compiled
+
+
+def describe_failure(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def compile_in_process(decoded: Any, weights: Sequence[torch.Tensor], device: torch.device, name: str) -> Callable:
+    """``decoded``'s compiled function, compiled here (or loaded, when an artifact exists), or
+    its ATen module when it cannot be compiled (logged). For a daemon without compile worker."""
+    reason = compile_decision(decoded, weights, device)
     if reason is not None:
         log.info("graph %s runs its ATen code, not inductor's: %s", name, reason)
         return decoded.module
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx
-
-    started = time.perf_counter()
     try:
-        with inductor_config.patch({"triton.cudagraphs": False}):
-            compiled = compile_fx(copy.deepcopy(decoded.module), examples)
+        path = artifact_dir() / artifact_name(decoded.graph_id, device)
+        if not path.exists():
+            seconds = compile_artifact(decoded, device, path)
+            log.info("graph %s compiled by inductor in %.1f s", name, seconds)
+        return load_artifact(path)
     except Exception as exc:  # noqa: BLE001 - no compiler, an op inductor lacks...: the graph still serves
-        log.warning("graph %s runs its ATen code: inductor could not compile it (%s: %s)", name, type(exc).__name__,
-                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        log.warning("graph %s runs its ATen code: inductor could not compile it (%s)", name, describe_failure(exc))
         return decoded.module
-    log.info("graph %s compiled by inductor in %.1f s", name, time.perf_counter() - started)
-    # Called with positional arguments, as the module: compile_fx keeps a flat GraphModule's
-    # calling convention (whatever ``_boxed_call`` attribute it copied from inner functions).
-    return compiled

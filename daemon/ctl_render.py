@@ -35,6 +35,7 @@ def format_status(document: dict) -> str:
     ]
     lines += table(["DEVICE", "BACKEND", "GRAPHS", "WEIGHTS", "WEIGHT BYTES", "SESSIONS", "POOL", "LIVE BLOCKS", "OUTPUT BUFFERS"], device_rows)
     lines.append("")
+    lines += compile_lines(daemon.get("compile") or {})
     rows = []
     for s in document.get("sessions", []):
         devices = s.get("devices") or {"-": {}}
@@ -52,6 +53,18 @@ def format_status(document: dict) -> str:
     else:
         lines.append("no sessions")
     return "\n".join(lines)
+
+
+def compile_lines(compile_state: dict) -> list[str]:
+    """The compile worker's queue (what a registering client is waiting for), if any."""
+    jobs = compile_state.get("jobs") or []
+    if not jobs:
+        return []
+    lines = [f"compiling (daemon.compile {compile_state.get('mode')}, worker pid {compile_state.get('worker_pid') or '-'}):"]
+    lines += table(["DEVICE", "GRAPH", "NAME", "STATE", "FOR"],
+                   [[j.get("device"), (j.get("graph") or "-")[:16], j.get("name"), j.get("state"), _duration(j.get("elapsed_s", 0))]
+                    for j in jobs])
+    return lines + [""]
 
 
 # -------------------------------------------------------------------------------------- tree
@@ -148,9 +161,9 @@ def format_graphs(rows: Iterable[dict]) -> str:
     if not rows:
         return "no graphs registered"
     return "\n".join(table(
-        ["DEVICE", "GRAPH", "NAME", "WEIGHTS", "WEIGHT BYTES", "INPUTS", "MUTATES", "SESSIONS"],
-        [[r.get("device"), (r.get("graph") or "-")[:16], r.get("name"), r.get("weights"), _bytes(r.get("weight_bytes")),
-          r.get("inputs"), r.get("mutated_inputs") or "-", r.get("sessions", [])] for r in rows],
+        ["DEVICE", "GRAPH", "NAME", "KERNELS", "WEIGHTS", "WEIGHT BYTES", "INPUTS", "MUTATES", "SESSIONS"],
+        [[r.get("device"), (r.get("graph") or "-")[:16], r.get("name"), r.get("kernels", "-"), r.get("weights"),
+          _bytes(r.get("weight_bytes")), r.get("inputs"), r.get("mutated_inputs") or "-", r.get("sessions", [])] for r in rows],
     ))
 
 

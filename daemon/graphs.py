@@ -15,6 +15,10 @@ Invariants:
   holds one per weight it uses. A graph is dropped when its last session lets go; a weight
   when its last graph does. Nothing else frees them.
 - Weights are static inputs: allocated once, outside every graph pool, never written.
+- A graph's kernels are chosen once, when it is registered (``_choose_kernels``): with
+  ``daemon.compile`` resolving to inductor it is *compiling* (``entry.compiling``) until the
+  compile worker's artifact is loaded, and nobody submits it meanwhile (the register command
+  answers "compiling" and submit refuses it); a failed compile leaves its ATen code.
 - ``DeviceRuntime.backend`` is the tree manager's own ``backend_name`` (``cuda`` or
   ``cpu-replay``): what the logs and status say is what runs.
 """
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from cgtree.daemon.compiling import compile_graph
+from cgtree.daemon.compiling import (artifact_dir, artifact_name, compile_decision, compile_in_process, describe_failure,
+                                     load_artifact, resolve_compile_mode)
 from cgtree.daemon.protocol import ProtocolError
 
 log = logging.getLogger("cgtree.daemon.graphs")
@@ -89,6 +95,8 @@ class GraphEntry:
     input_specs: Any = None
     dynamic: bool = False
     name: Optional[str] = None  # a label from the first client that named it (e.g. the model's class)
+    kernels: str = "aten"  # what fn runs: "aten" (the decoded module) or "inductor"
+    compiling: Any = None  # the CompileJob while the compile worker compiles it (not usable yet)
 
     @property
     def short_name(self) -> str:
@@ -119,10 +127,13 @@ class DeviceGraphs:
     """Decoded graphs and content-addressed weights of one device."""
 
     def __init__(self, device: torch.device, *, allowed_namespaces: Callable[[], Sequence[str]],
-                 compile_mode: Callable[[], str] = lambda: "eager") -> None:
+                 compile_mode: Callable[[], str] = lambda: "eager", compiler: Any = None) -> None:
         self.device = device
         self._allowed_namespaces = allowed_namespaces
         self._compile_mode = compile_mode
+        # A CompileService (cgtree.daemon.compile_service): compiles happen in its worker; None
+        # compiles here, in the caller's thread (direct use, tests).
+        self._compiler = compiler
         self.graphs: dict[str, GraphEntry] = {}
         self.weights: dict[str, WeightEntry] = {}
 
@@ -180,8 +191,8 @@ class DeviceGraphs:
             fn=decoded.module, input_specs=getattr(decoded, "input_specs", None),
             dynamic=bool(getattr(decoded, "dynamic", False)), name=name,
         )
-        entry.fn = self._callable(entry)
         self.graphs[graph_id] = entry
+        self._choose_kernels(entry, payload)
         log.info("graph %s registered on %s: %d weights (%d new)", entry.display_name, self.device, len(weights), added)
         return RegisterOutcome(graph_id, entry, new=True, weights_added=added)
 
@@ -201,10 +212,67 @@ class DeviceGraphs:
             raise ProtocolError("payload_rejected", f"weight {spec.hash}: {exc}") from None
         return cpu_tensor.to(self.device, copy=True).contiguous()
 
-    def _callable(self, entry: GraphEntry) -> Callable:
-        if self._compile_mode() == "inductor":
-            return compile_graph(entry.decoded, entry.weights, self.device, entry.display_name)
-        return entry.decoded.module
+    def _choose_kernels(self, entry: GraphEntry, payload: memoryview) -> None:
+        """Set ``entry.fn``: its ATen module, or inductor's code: loaded from an artifact a
+        compile left on disk (a restart), else compiled by the compile worker (``entry.compiling``
+        until it is done) or, without one, here."""
+        entry.fn = entry.decoded.module
+        if resolve_compile_mode(self._compile_mode(), self.device) != "inductor":
+            return
+        if self._compiler is None:
+            entry.fn = compile_in_process(entry.decoded, entry.weights, self.device, entry.display_name)
+            entry.kernels = "aten" if entry.fn is entry.decoded.module else "inductor"
+            return
+        reason = compile_decision(entry.decoded, entry.weights, self.device)
+        if reason is not None:
+            log.info("graph %s runs its ATen code, not inductor's: %s", entry.display_name, reason)
+            return
+        try:
+            path = artifact_dir() / artifact_name(entry.graph_id, self.device)
+        except Exception as exc:  # noqa: BLE001 - no usable cache directory: the graph still serves
+            log.warning("graph %s runs its ATen code: %s", entry.display_name, describe_failure(exc))
+            return
+        if path.exists() and self._load(entry, path, "compiled before (artifact on disk)"):
+            return
+        entry.compiling = self._compiler.submit(
+            graph_id=entry.graph_id, device=str(self.device), name=entry.display_name, path=path, payload=bytes(payload),
+            namespaces=tuple(self._allowed_namespaces()), on_done=self._compiled)
+
+    def _compiled(self, result: Any) -> None:
+        """The compile worker finished ``result.job``: load its artifact, or keep the ATen code."""
+        entry = self.graphs.get(result.job.graph_id)
+        if entry is None or entry.compiling is not result.job:
+            return  # released while it compiled: the artifact stays on disk for next time
+        entry.compiling = None
+        if not result.ok:
+            log.warning("graph %s runs its ATen code: inductor could not compile it (%s)", entry.display_name, result.error)
+            return
+        self._load(entry, result.job.path, f"compiled by inductor in {result.seconds:.1f} s")
+
+    def _load(self, entry: GraphEntry, path: Any, how: str) -> bool:
+        started = time.perf_counter()
+        try:
+            entry.fn = load_artifact(path)
+        except Exception as exc:  # noqa: BLE001 - a stale or broken file: compile again / keep ATen
+            log.warning("graph %s: compiled artifact %s did not load (%s); removed", entry.display_name, path.name,
+                        describe_failure(exc))
+            path.unlink(missing_ok=True)
+            return False
+        entry.kernels = "inductor"
+        log.info("graph %s runs inductor's code: %s, loaded in %.2f s", entry.display_name, how, time.perf_counter() - started)
+        return True
+
+    def compile_progress(self, entry: GraphEntry) -> Optional[dict]:
+        """None when ``entry`` is usable; else where its compile stands (the register reply's
+        ``compiling``)."""
+        if entry.compiling is None:
+            return None
+        return self._compiler.progress(entry.compiling)
+
+    def settle_compiles(self) -> None:
+        """Let finished compiles land (the register command asks before answering)."""
+        if self._compiler is not None:
+            self._compiler.poll()
 
     # -- references ------------------------------------------------------------------------------
 
@@ -237,6 +305,7 @@ class DeviceGraphs:
                 "weights": len(weights), "weight_bytes": sum(self.weights[h].nbytes for h in weights if h in self.weights),
                 "inputs": len(entry.input_specs) if entry.input_specs is not None else None,
                 "mutated_inputs": list(entry.mutated_inputs), "dynamic": entry.dynamic,
+                "kernels": "compiling" if entry.compiling is not None else entry.kernels,
                 "sessions": sessions_using(entry.graph_id),
             })
         return rows
@@ -249,11 +318,13 @@ class DeviceGraphs:
 class DeviceRuntime:
     """One served device: its name, the backend its tree managers run, its graph store."""
 
-    def __init__(self, name: str, *, allowed_namespaces: Callable[[], Sequence[str]], compile_mode: Callable[[], str]) -> None:
+    def __init__(self, name: str, *, allowed_namespaces: Callable[[], Sequence[str]], compile_mode: Callable[[], str],
+                 compiler: Any = None) -> None:
         self.name = name
         self.device = torch.device(name)
         self.is_cuda = self.device.type == "cuda"
-        self.graphs = DeviceGraphs(self.device, allowed_namespaces=allowed_namespaces, compile_mode=compile_mode)
+        self.graphs = DeviceGraphs(self.device, allowed_namespaces=allowed_namespaces, compile_mode=compile_mode,
+                                   compiler=compiler)
         # The GPU's UUID lets clients with another CUDA_VISIBLE_DEVICES numbering find it.
         self.uuid = None
         if self.is_cuda:

@@ -43,6 +43,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "session_in_use": (False, "a live client already holds the named session"),
     "unknown_graph": (True, "no graph of that id is registered in this session on that device: register it"),
     "unknown_device": (False, "the daemon does not serve that device"),
+    "graph_compiling": (True, "the graph is still being compiled by the daemon: register it again to wait for it"),
     "plan_expired": (True, "the prepared submit no longer applies (outputs released, trees reset, session adopted): submit normally"),
     "bad_tensor": (False, "a tensor descriptor is invalid (dtype, shape, strides, size, device, handle)"),
     "payload_rejected": (False, "the graph payload failed to decode or uses a disallowed operator"),

@@ -62,6 +62,7 @@ from cgtree.config import Config, ConfigError, load_config
 from cgtree.daemon import commands as command_registry
 from cgtree.daemon import notify
 from cgtree.daemon.commands import CommandContext
+from cgtree.daemon.compile_service import CompileService
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
 from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
 from cgtree.daemon.doorbell import ON_LANE, REPLAYED, Doorbell, doorbell_policy, is_kick
@@ -176,6 +177,8 @@ class Daemon:
         self.exit_code: Optional[int] = None  # set when the loop must end (sticky CUDA error)
         self.watchdog = Watchdog(notify.watchdog_interval_s(), clock=clock)
         self._plan_services: Optional[PlanServices] = None  # built on the first plan run
+        # Compiles run in a worker process (cgtree.daemon.compile_worker): never on this loop.
+        self.compiler = CompileService(timeout_s=config.daemon.compile_timeout_s)
         self.status_reporter = StatusReporter()
         self._buffer_ids = itertools.count(1)
         self._pending_signals: list[int] = []
@@ -213,6 +216,7 @@ class Daemon:
             self.watchdog.ping_if_due()
         if self.exit_code is not None:  # fatal (sticky CUDA error): no orderly teardown possible
             self._refuse_queued(self.clock() + STOP_DRAIN_S)
+            self.compiler.close()
             self._close_socket()
             return self.exit_code
         return self.stop()
@@ -239,6 +243,7 @@ class Daemon:
                     name,
                     allowed_namespaces=lambda: self.config.daemon.allowed_op_namespaces,
                     compile_mode=lambda: self.config.daemon.compile,
+                    compiler=self.compiler,
                 )
             except Exception as exc:
                 raise StartError(f"device {name}: {exc}") from exc
@@ -763,6 +768,7 @@ class Daemon:
             import torch
 
             torch.cuda.ipc_collect()  # free output buffers whose clients closed their mappings
+        self.compiler.poll()  # finished compiles land even when nobody asks (a registering client died)
         self.metrics.set_sessions(len(self.sessions))
         if self.metrics.port:  # metrics served: per-device pool gauges
             self._update_pool_gauges()
@@ -807,6 +813,7 @@ class Daemon:
             log.warning("%s: %s changed; it takes effect at the next restart", trigger, key)
         self.config = plan.config
         self.sessions.linger_s = self.config.daemon.session_linger_s
+        self.compiler.timeout_s = self.config.daemon.compile_timeout_s
         if plan.policy_changed:
             for session in self.sessions.sessions.values():
                 for state in session.devices.values():
@@ -843,6 +850,7 @@ class Daemon:
         timer = self._arm_hard_deadline(seconds)
         refused = self._refuse_queued(min(deadline, self.clock() + STOP_DRAIN_S))
         finished = self.sessions.close_all("the daemon is stopping", deadline=deadline, should_stop=self._between_sessions)
+        self.compiler.close()
         self._close_socket()
         self.metrics.stop()
         self._restore_signal_handlers()
@@ -973,6 +981,8 @@ class Daemon:
             "lane_path": self.lanes.path if self.lanes is not None else None,
             "spin_us": self.config.daemon.spin_us,
             "doorbell": dict(zip(("enabled", "why"), self.doorbell_decision())),
+            "compile": {"mode": self.config.daemon.compile, "worker_pid": self.compiler.worker_pid(),
+                        "jobs": self.compiler.describe(), **self.compiler.counters},
             "counters": dict(self.counters),
         }
 

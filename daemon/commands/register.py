@@ -11,20 +11,26 @@ name. The payload is decoded with the operator allow-list (``aten``, ``prims``, 
 and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated. ``name`` is an
 optional label (printable, at most 64 characters; e.g. the model's class name) shown by
 ``cgtreectl`` and in the logs; the first client to name a graph names it for everyone. With
-``daemon.compile = "inductor"`` the register that completes a new graph also compiles it
-(``cgtree.daemon.compiling``: seconds, once per graph and daemon; inductor's disk cache makes a
-restarted daemon's compile quick): allow for it in the client's timeout.
+``daemon.compile`` resolving to ``"inductor"`` (the default ``"auto"`` on CUDA devices) a new
+graph is compiled by the daemon's compile worker, off the serving loop (seconds, tens for a
+large model; once per graph: a restarted daemon loads the compiled graph from disk): the
+register that completes it answers ``registered: false`` with ``compiling``, and the client
+sends the register again (``graph`` only) until it is ``registered``. Other sessions are served
+meanwhile.
 
 Reply: ``{"graph": str, "registered": bool, "need_payload": bool,
 "missing_weights": [str], "new": bool, "weights_added": int, "inputs": int | None,
-"mutated_inputs": [int] | None}``.
+"mutated_inputs": [int] | None, "compiling": {"state": "queued" | "compiling",
+"elapsed_s": float, "ahead": int} | None, "kernels": "aten" | "inductor" | None}``.
 ``registered`` false means the graph is not usable yet: send the request again with the
 payload (``need_payload``) and/or the listed weight blobs, in as many messages as
 ``max_message_bytes`` requires (blobs already received are kept for this session until the
 graph is complete or the session ends). ``new`` says this register decoded the
 graph; ``weights_added`` how many weights it put on the device. ``mutated_inputs`` (once
 registered) lists the user inputs the graph writes in place: a client must not re-send such a
-submit blindly when the daemon died before answering it (it may have run).
+submit blindly when the daemon died before answering it (it may have run). ``compiling`` (with
+``registered: false``) says the graph is complete but still being compiled: how long since it
+was queued and how many compiles are ahead of it; ``kernels`` (once registered) what runs.
 
 Errors: ``no_session``, ``unknown_device``, ``bad_request`` (frame index out of range, bad
 hash), ``payload_rejected`` (the payload does not decode, a weight does not match its hash,
@@ -58,15 +64,18 @@ def execute(ctx, session, body, frames) -> Reply:
         blobs[check_graph_id(weight_hash, "weight")] = _frame(frames, index, f"weight {weight_hash}")
     name = check_graph_name(field_of(body, "name", str, None))
     staged = session.staged_weights.setdefault(runtime.name, {})
-    # A new graph may be compiled here (daemon.compile = "inductor": seconds): feed the watchdog.
+    runtime.graphs.settle_compiles()  # a compile that finished since lands before the answer
+    # Loading a compiled graph (or compiling it, without a compile worker) takes a moment.
     ctx.keepalive()
     outcome = runtime.graphs.register(payload, claimed, blobs, staged, name=name)
     ctx.keepalive()
-    registered = outcome.entry is not None
-    if registered:
+    entry = outcome.entry
+    if entry is not None:
         key = (runtime.name, outcome.graph_id)
-        if key not in session.graphs:
-            session.graphs[key] = runtime.graphs.acquire(outcome.entry)
+        if key not in session.graphs:  # held while it compiles too: the session's end releases it
+            session.graphs[key] = runtime.graphs.acquire(entry)
+    compiling = runtime.graphs.compile_progress(entry) if entry is not None else None
+    registered = entry is not None and compiling is None
     inputs = mutated_inputs = None
     if registered:
         specs = outcome.entry.input_specs
@@ -81,4 +90,6 @@ def execute(ctx, session, body, frames) -> Reply:
         "weights_added": outcome.weights_added,
         "inputs": inputs,
         "mutated_inputs": mutated_inputs,
+        "compiling": compiling,
+        "kernels": entry.kernels if registered else None,
     })

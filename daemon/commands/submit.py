@@ -44,7 +44,8 @@ so their new contents come back in ``written_inputs`` (CPU descriptors over repl
 ``input`` naming the position) and the client copies them in.
 
 Errors: ``no_session``, ``unknown_device``, ``unknown_graph`` (not registered in this session
-on that device), ``bad_tensor`` (naming the input index: wrong dtype, shape, strides, size,
+on that device), ``graph_compiling`` (registered but still being compiled: register it again
+until it is registered), ``bad_tensor`` (naming the input index: wrong dtype, shape, strides, size,
 device, stale handle, overwritten output, count), ``cuda_error``.
 """
 
@@ -81,6 +82,9 @@ def execute(ctx, session, body, frames) -> Reply:
     entry = session.graphs.get((runtime.name, graph_id))
     if entry is None:
         raise ProtocolError("unknown_graph", f"graph {graph_id} is not registered in this session on {runtime.name}: register it first")
+    if entry.compiling is not None:
+        raise ProtocolError("graph_compiling", f"graph {entry.display_name} is still being compiled on {runtime.name}: "
+                                               "register it again until the reply says registered")
     state = ctx.session_device(session, runtime)
     raw = field_of(body, "inputs", (list, bytes))
     remembered = state.input_memo.get(graph_id, raw) if isinstance(raw, bytes) else None

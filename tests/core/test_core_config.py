@@ -48,7 +48,7 @@ def test_policy_table_loads_into_policy(tmp_path):
         ("[policy]\ncapture_sizes = [2, 2]\n", "duplicates"),
         ("[daemon]\ndevices = \"gpu\"\n", "daemon.devices"),
         ("[daemon]\nendpoint = \"tcp://0.0.0.0:5\"\n", "daemon.endpoint"),
-        ("[daemon]\ncompile = \"tensorrt\"\n", "daemon.compile must be \"eager\" or \"inductor\", got 'tensorrt'"),
+        ("[daemon]\ncompile = \"tensorrt\"\n", "daemon.compile must be \"auto\", \"eager\" or \"inductor\", got 'tensorrt'"),
         ("[daemon]\nlog_level = \"LOUD\"\n", "daemon.log_level"),
         ("[daemon]\nmetrics_port = 70000\n", "daemon.metrics_port must be at most 65535, got 70000"),
         ("[daemon]\nallowed_op_namespaces = [\"os.path\"]\n", "daemon.allowed_op_namespaces"),

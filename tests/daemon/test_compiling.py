@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import types
 
+import pytest
 import torch
 
 from cgtree.client import lowering
@@ -42,36 +43,78 @@ def test_symbolic_shapes_and_graph_breaking_ops_keep_the_aten_code():
 
 
 
-def test_a_graph_inductor_cannot_compile_keeps_its_aten_code(monkeypatch, caplog):
+def test_a_graph_inductor_cannot_compile_keeps_its_aten_code(monkeypatch, caplog, tmp_path):
     import torch._inductor.compile_fx as inductor_compile_fx
 
-    from cgtree.daemon.compiling import compile_graph
+    from cgtree.daemon.compiling import compile_in_process
 
     def refuse(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", refuse)
     decoded = _decoded(Scale(), torch.randn(4, 4))
     with caplog.at_level("WARNING", logger="cgtree.daemon.compiling"):
-        fn = compile_graph(decoded, [], torch.device("cpu"), "Scale")
+        fn = compile_in_process(decoded, [], torch.device("cpu"), "Scale")
     assert fn is decoded.module
     assert "inductor could not compile it (RuntimeError: no C++ compiler found)" in caplog.text
 
 
-class GathersRows(torch.nn.Module):
-    """An integer gather (aten.index.Tensor, as HF's mask code does): capturable."""
+def test_auto_compiles_with_inductor_on_cuda_devices_only():
+    from cgtree.daemon.compiling import resolve_compile_mode
 
-    def forward(self, table, rows):
-        return table[rows] * 2
+    assert resolve_compile_mode("auto", torch.device("cuda:1")) == "inductor"
+    assert resolve_compile_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_compile_mode("eager", torch.device("cuda:0")) == "eager"
+    assert resolve_compile_mode("inductor", torch.device("cpu")) == "inductor"
 
 
-def test_an_integer_gather_is_judged_by_its_values_and_compiles():
-    from cgtree import graph_facts
+def test_artifact_names_tell_graph_device_and_torch_apart():
+    from cgtree.daemon.compiling import artifact_name
 
-    decoded = _decoded(GathersRows(), torch.randn(6, 4), torch.tensor([0, 3]))
-    # a decoded payload has no fake values: without them the tagged op is refused ...
-    assert eager_reason(decoded) == "it holds an op a CUDA graph cannot hold"
-    # ... with them, the value rule sees fixed sizes
-    judged = copy.deepcopy(decoded.module)
-    assert graph_facts.propagate_fake_values(judged, [torch.randn(6, 4), torch.tensor([0, 3])])
-    assert eager_reason(decoded, judged) is None
+    name = artifact_name("abc123" * 4, torch.device("cpu"))
+    assert name.startswith("abc123abc123abc123abc123.cpu.") and name.endswith(".bin")
+    assert artifact_name("f" * 24, torch.device("cpu")) != name
+
+
+def test_the_artifact_directory_must_be_private(monkeypatch, tmp_path):
+    """Artifacts are loaded as code: a directory others may write to is refused."""
+    import os
+
+    from cgtree.daemon.compiling import artifact_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    path = artifact_dir()
+    assert path == tmp_path / "cgtree-graphs" and (path.stat().st_mode & 0o777) == 0o700
+    os.chmod(path, 0o777)
+    with pytest.raises(PermissionError, match="not private"):
+        artifact_dir()
+
+
+def test_a_compiled_artifact_loads_in_another_process_and_matches_aten(tmp_path, monkeypatch):
+    """The worker's product: saved by compile_artifact, loaded by load_artifact in a fresh
+    interpreter (as a restarted daemon does), computing what the ATen module computes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from cgtree.daemon.compiling import compile_artifact
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    decoded = _decoded(Scale(), torch.randn(4, 4))
+    path = tmp_path / "scale.bin"
+    assert compile_artifact(decoded, torch.device("cpu"), path) > 0
+    assert path.exists() and not list(tmp_path.glob("*.partial"))
+    script = textwrap.dedent(f"""
+        import torch
+        from cgtree.daemon.compiling import load_artifact
+        fn = load_artifact({str(path)!r})
+        x = torch.arange(16.0).reshape(4, 4)
+        out = fn(x)
+        assert isinstance(out, tuple) and len(out) == 1, out
+        torch.testing.assert_close(out[0], x * 2)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
