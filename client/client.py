@@ -264,8 +264,10 @@ class Client:
 
     def __init__(self, endpoint: Optional[str] = None, *, session: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, lanes: bool = True, spin_us: Optional[int] = None,
-                 graph_cache: Any = None, doorbell: Optional[bool] = None) -> None:
+                 graph_cache: Any = None, doorbell: Optional[bool] = None, device: Optional[str] = None) -> None:
         self.endpoint = endpoint or os.environ.get("CGTREE_ENDPOINT") or default_endpoint()
+        # Where graphs with CPU inputs run when no call names a device (see target_device).
+        self.default_device = _device_name_only(device or os.environ.get("CGTREE_DEVICE") or None)
         self.session_name = session
         self.timeout_s = float(timeout_s)
         self.session_id: Optional[int] = None
@@ -370,7 +372,7 @@ class Client:
             self._with_recovery("register", lambda: self._ensure_registered(graph))
             return graph
         inputs = _as_input_list(example_inputs)
-        device = _normalize_device(device) if device is not None else _device_of(inputs)
+        device = self.target_device(device, inputs)
         key = _spec_key(inputs, device)
         by_spec = self._cache_for(graph)
         if by_spec is not None and key in by_spec:
@@ -385,6 +387,28 @@ class Client:
         if by_spec is not None:
             by_spec[key] = handle
         return handle
+
+    def target_device(self, device: Optional[str], inputs: Sequence[Any] = ()) -> str:
+        """The daemon device a graph runs on: ``device`` when given; else where its CUDA inputs
+        are; else (CPU inputs) ``Client(device=...)`` / ``$CGTREE_DEVICE`` when set, ``cpu`` when
+        the daemon serves it, and otherwise the daemon's one device: a client without CUDA
+        (``CUDA_VISIBLE_DEVICES=""``) runs on the daemon's GPU and gets CPU outputs back."""
+        if device is not None:
+            return _normalize_device(device)
+        found = _device_of(list(inputs))
+        if found != "cpu":
+            return found
+        if self.default_device is not None:
+            return self.default_device
+        with self._lock:
+            self._with_recovery("hello", self._ensure_session)
+            served = [d.get("device") for d in self.devices]
+        if not served or "cpu" in served:
+            return "cpu"
+        if len(served) == 1:
+            return served[0]
+        raise ClientError(f"the inputs are on the CPU and cgtreed serves {', '.join(served)} but not cpu: name the device "
+                          "(device=..., Client(device=...) or $CGTREE_DEVICE)")
 
     def submit(self, graph: Any, inputs: Sequence[Any], *, device: Optional[str] = None) -> tuple:
         """Run ``graph`` on ``inputs`` in the daemon; returns its outputs as a tuple.
@@ -1283,6 +1307,14 @@ def _normalize_device(device: Any) -> str:
 def _cuda_uuid(index: int) -> Optional[str]:
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     return str(uuid) if uuid is not None else None
+
+
+def _device_name_only(name: Optional[str]) -> Optional[str]:
+    """``"cuda"`` -> ``"cuda:0"`` without touching CUDA (this process may have none)."""
+    if name is None:
+        return None
+    device = torch.device(name)
+    return f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
 
 
 def _device_of(inputs: list) -> str:

@@ -181,7 +181,8 @@ class DaemonGraph:
         from cgtree.client.client import DaemonError
 
         try:
-            handle = self.client.register(encoded, device=self.device)
+            # A CPU graph runs where the client sends CPU inputs (the daemon's GPU when it serves no CPU).
+            handle = self.client.register(encoded, device=None if self.device == "cpu" else self.device)
         except DaemonError as exc:
             if exc.code != "payload_rejected":
                 raise  # anything but a refusal of the graph itself: the caller must hear of it

@@ -52,3 +52,35 @@ def test_a_written_input_is_written_straight_from_its_new_value():
     out = lowered.graph_module(*lowered.weights, cache, x, pos)
     torch.testing.assert_close(cache, expected_cache)
     torch.testing.assert_close(out[0], expected_cache.sum(0))
+
+
+def test_cpu_inputs_go_to_the_daemons_only_device_unless_a_device_is_named(monkeypatch):
+    """Client.target_device: a client without CUDA needs no device argument when the daemon
+    serves one device; CUDA inputs, an explicit device, Client(device=) and $CGTREE_DEVICE win."""
+    import pytest as _pytest
+
+    from cgtree.client.client import Client, ClientError
+
+    monkeypatch.delenv("CGTREE_DEVICE", raising=False)
+    client = Client("ipc:///nonexistent/cgtree-target-device")
+    try:
+        client.session_id = 1  # as after hello: no daemon needed for the decision
+        x = torch.randn(2)
+        client.devices = [{"device": "cuda:0"}]
+        assert client.target_device(None, [x]) == "cuda:0"
+        assert client.target_device("cpu", [x]) == "cpu"
+        client.devices = [{"device": "cpu"}, {"device": "cuda:0"}]
+        assert client.target_device(None, [x]) == "cpu"
+        client.devices = [{"device": "cuda:0"}, {"device": "cuda:1"}]
+        with _pytest.raises(ClientError, match="name the device"):
+            client.target_device(None, [x])
+        client.default_device = "cuda:1"
+        assert client.target_device(None, [x]) == "cuda:1"
+    finally:
+        client.close(timeout_s=0.1)
+    monkeypatch.setenv("CGTREE_DEVICE", "cuda")
+    named = Client("ipc:///nonexistent/cgtree-target-device", device=None)
+    try:
+        assert named.default_device == "cuda:0"
+    finally:
+        named.close(timeout_s=0.1)

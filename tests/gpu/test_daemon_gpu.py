@@ -503,3 +503,43 @@ def test_two_processes_ringing_at_once_each_get_their_own_finished_outputs(gpu_d
     for report in reports:
         assert report["doorbell"] is True and report["wrong"] == 0, reports
         assert report["rung"] >= 200, reports  # back to back: most steps find the daemon awake
+
+
+PLAIN_CLIENT_WITHOUT_CUDA = """
+import json, os, sys
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # as if started so: this process sees no GPU at all
+os.environ["CGTREE_ENDPOINT"] = sys.argv[1]
+import torch
+from cgtree.client import Client, backend
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+modes, compiled_modes = [], []
+with Client() as client, torch.no_grad():
+    for _ in range(4):
+        x = torch.randn(16, 64)
+        (out,) = client.submit(model, [x])
+        assert out.device.type == "cpu", out.device
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+        modes.append(client.last_execution["mode"])
+    compiled = torch.compile(model, backend=backend(client))
+    for _ in range(4):
+        x = torch.randn(16, 64)
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+        compiled_modes.append(client.last_execution["mode"])
+    devices = sorted(g["device"] for g in client.status(session_only=True)["sessions"][0]["graphs"])
+print(json.dumps({"modes": modes, "compiled_modes": compiled_modes, "devices": devices,
+                  "cuda_available": torch.cuda.is_available()}))
+"""
+
+
+def test_a_client_started_without_cuda_runs_on_the_daemons_gpu_with_a_plain_client(gpu_daemon, client_scripts):
+    """Issue 13: CUDA_VISIBLE_DEVICES="" and Client() with no arguments: the daemon's one GPU
+    runs the graphs (Client.submit and torch.compile alike), CPU outputs come back."""
+    result = client_scripts.run(PLAIN_CLIENT_WITHOUT_CUDA, gpu_daemon.endpoint, timeout_s=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["cuda_available"] is False
+    assert report["devices"] and set(report["devices"]) == {"cuda:0"}
+    assert report["modes"][-2:] == ["replayed", "replayed"], report
+    assert report["compiled_modes"][-2:] == ["replayed", "replayed"], report
