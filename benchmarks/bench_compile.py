@@ -13,13 +13,14 @@ Paths:
 - ``eager``: ``model(tokens, pos)``.
 - ``reduce-overhead``: ``torch.compile(model, mode="reduce-overhead", fullgraph=True)``:
   inductor kernels under PyTorch's CUDA graph trees.
-- ``cgtree``: ``torch.compile(model, backend="cgtree", options={"compiler": "inductor"})``:
-  the same inductor kernels, under cgtree's trees in this process. Compared with
-  reduce-overhead, only the tree machinery differs.
-- ``cgtree-aten``: ``backend="cgtree"`` with its default compiler: AOT's ATen graph recorded
-  as it is (no kernel fusion); shows what the kernels are worth.
+- ``cgtree``: ``torch.compile(model, backend="cgtree")`` with its defaults (on CUDA: the same
+  inductor kernels), under cgtree's trees in this process. Compared with reduce-overhead,
+  only the tree machinery differs.
+- ``cgtree-aten``: ``backend="cgtree"`` with ``options={"compiler": "eager"}``: AOT's ATen
+  graph recorded as it is (no kernel fusion); shows what the kernels are worth.
 - ``daemon``: ``backend=cgtree.client.compile_backend.backend(client)`` with a ``cgtreed``
-  this script starts (``--devices cuda:0``, ``daemon.compile = "inductor"``): each step is a
+  this script starts (``--devices cuda:0``, ``daemon.compile`` its default, ``"auto"``:
+  inductor on CUDA, compiled by the daemon's compile worker): each step is a
   submit; the caches travel by CUDA IPC with it, the parameters were uploaded once. A steady
   loop's steps ring the lane's doorbell page (``cgtree.daemon.doorbell``).
 - ``daemon-lane``: the same daemon, a client with ``doorbell=False``: plan runs as lane
@@ -156,7 +157,7 @@ class Context:
             from cgtree.client import Client
 
             devices = str(self.device) if self.device.type == "cuda" else "cpu"
-            self.daemon_compile = self.args.daemon_compile or ("inductor" if self.device.type == "cuda" else "eager")
+            self.daemon_compile = self.args.daemon_compile
             self.daemon = start_daemon(devices, os.path.join(self.workdir, "d"), self.daemon_compile)
             self.client = Client(self.daemon.endpoint, timeout_s=600)
         return self.client
@@ -259,7 +260,8 @@ def _setup_cgtree(name: str, compiler: str):
         import cgtree.compile  # noqa: F401  (registers the backend)
 
         model = ctx.model(name)
-        compiled = torch.compile(model, backend="cgtree", options={"compiler": compiler}, fullgraph=True)
+        options = None if compiler == "auto" else {"compiler": compiler}  # "auto": cgtree's defaults
+        compiled = torch.compile(model, backend="cgtree", options=options, fullgraph=True)
         return PreparedPath(name, model, compiled, _cold_start(compiled, ctx),
                             describe=lambda: {"compiler": compiler, **_manager_facts(ctx.device)})
 
@@ -294,7 +296,7 @@ def _setup_daemon(name: str, doorbell: bool) -> Callable[[Context], PreparedPath
 SETUPS: dict[str, Callable[[Context], PreparedPath]] = {
     "eager": setup_eager,
     "reduce-overhead": setup_reduce_overhead,
-    "cgtree": _setup_cgtree("cgtree", "inductor"),
+    "cgtree": _setup_cgtree("cgtree", "auto"),
     "cgtree-aten": _setup_cgtree("cgtree-aten", "eager"),
     "daemon": _setup_daemon("daemon", doorbell=True),
     "daemon-lane": _setup_daemon("daemon-lane", doorbell=False),
@@ -506,8 +508,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=GPTConfig.d_model)
     parser.add_argument("--batch", type=int, default=GPTConfig.batch)
     parser.add_argument("--max-seq", type=int, default=GPTConfig.max_seq)
-    parser.add_argument("--daemon-compile", choices=("eager", "inductor"), default=None,
-                        help="the daemon's compile mode (default: inductor on cuda, eager on cpu)")
+    parser.add_argument("--daemon-compile", choices=("auto", "eager", "inductor"), default="auto",
+                        help="the daemon's compile mode (default auto, the daemon's default: inductor on cuda, eager on cpu)")
     parser.add_argument("--cpu-inductor", action="store_true", help="run the inductor paths in --device cpu too (slow)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "bench_compile.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown table (default: --json with .md)")

@@ -32,14 +32,14 @@ Paths, and how "graphed" is read:
   script counts ``CUDAGraphTreeManager.execute_node`` (replay), ``record_function`` and
   ``run_eager`` calls by wrapping them (PyTorch keeps no replay counter). ``n/a`` on the CPU.
 - ``cgtree``: ``torch.compile(module, backend="cgtree")`` (in-process trees,
-  ``cgtree.compile``; ``--cgtree-compiler``: ``inductor`` on CUDA by default, so that the
-  kernels are reduce-overhead's and only the trees differ, ``eager`` (AOT's ATen graph) on the
-  CPU). Counters: the sum of ``cgtree.compile.managers()[*].counters`` (``replays``,
+  ``cgtree.compile``; its defaults: ``inductor`` on CUDA, so that the kernels are
+  reduce-overhead's and only the trees differ, ``eager`` (AOT's ATen graph) on the CPU;
+  ``--cgtree-compiler`` sets one). Counters: the sum of ``cgtree.compile.managers()[*].counters`` (``replays``,
   ``skipped_calls``, ``recordings``, ``warmups``) and each tree node's ``replays`` from
   ``status()``; graphed when replays grew during the timed calls (at least one per call) and
   ``skipped_calls`` did not.
 - ``cgtreed``: a ``cgtreed`` this script starts (``bench_compile.start_daemon``; ``--devices``
-  the benchmark device; ``daemon.compile`` inductor on CUDA, eager on CPU), one
+  the benchmark device; ``daemon.compile`` its default: inductor on CUDA, eager on CPU), one
   ``cgtree.client.Client`` (session) per model and
   ``torch.compile(module, backend=cgtree.client.compile_backend.backend(client))``. Counters:
   the daemon's side from ``client.status(session_only=True)`` (the session's per-device
@@ -404,7 +404,8 @@ def _compile(path: str, target: Callable, ctx: Context, client: Any = None) -> C
     if path == "cgtree":
         import cgtree.compile  # noqa: F401  (registers the backend)
 
-        return torch.compile(target, backend="cgtree", options={"compiler": ctx.args.cgtree_compiler})
+        options = None if ctx.args.cgtree_compiler == "auto" else {"compiler": ctx.args.cgtree_compiler}
+        return torch.compile(target, backend="cgtree", options=options)
     if path == "cgtreed":
         from cgtree.client.compile_backend import backend
 
@@ -1065,10 +1066,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--generate-iters", type=int, default=None, help="timed generate calls (default 5; smoke 1)")
     parser.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 20; smoke 2)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke mode: a few small models, tiny iteration counts")
-    parser.add_argument("--cgtree-compiler", choices=("eager", "inductor"), default=None,
-                        help="backend='cgtree' options['compiler'] (default inductor on cuda, eager on cpu)")
-    parser.add_argument("--daemon-compile", choices=("eager", "inductor"), default=None,
-                        help="cgtreed's daemon.compile (default inductor on cuda, eager on cpu)")
+    parser.add_argument("--cgtree-compiler", choices=("auto", "eager", "inductor"), default="auto",
+                        help="backend='cgtree' options['compiler'] (default auto, cgtree's default: inductor on cuda, eager on cpu)")
+    parser.add_argument("--daemon-compile", choices=("auto", "eager", "inductor"), default="auto",
+                        help="cgtreed's daemon.compile (default auto, the daemon's default: inductor on cuda, eager on cpu)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
                         help="start no model/path run after S seconds; report what ran")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "bench_models.json")
@@ -1102,8 +1103,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.model_timeout = args.model_timeout or (240.0 if not cuda else 480.0)
     args.generate_iters = args.generate_iters or (1 if small else 5)
     args.train_iters = args.train_iters or (2 if small else 20)
-    args.cgtree_compiler = args.cgtree_compiler or ("inductor" if cuda else "eager")
-    args.daemon_compile = args.daemon_compile or ("inductor" if cuda else "eager")
     args.max_new_tokens = real_models.GENERATE_NEW_TOKENS
     if args.md is None:
         args.md = args.json.with_suffix(".md")
