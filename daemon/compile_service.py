@@ -62,6 +62,7 @@ class CompileResult:
     ok: bool
     seconds: float = 0.0
     error: Optional[str] = None
+    eager_reason: Optional[str] = None  # not compiled on purpose: why its ATen code runs
 
 
 @dataclass
@@ -85,7 +86,7 @@ class CompileService:
         self._running: Optional[CompileJob] = None
         self._worker: Optional[_Worker] = None
         self._exiting: list[subprocess.Popen] = []  # stopped workers not reaped yet
-        self.counters = {"submitted": 0, "compiled": 0, "failed": 0, "workers_started": 0}
+        self.counters = {"submitted": 0, "compiled": 0, "not_compiled": 0, "failed": 0, "workers_started": 0}
 
     # -- the daemon's calls ----------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class CompileService:
             if header.get("job") == job.job_id:
                 worker.idle_since = self._clock()
                 self._finish(job, CompileResult(job, ok=bool(header.get("ok")), seconds=float(header.get("seconds") or 0.0),
-                                                error=header.get("error")))
+                                                error=header.get("error"), eager_reason=header.get("eager_reason")))
                 return
         status = worker.process.poll()
         if status is not None:
@@ -197,7 +198,7 @@ class CompileService:
 
     def _finish(self, job: CompileJob, result: CompileResult) -> None:
         self._running = None if self._running is job else self._running
-        self.counters["compiled" if result.ok else "failed"] += 1
+        self.counters["compiled" if result.ok else ("not_compiled" if result.eager_reason else "failed")] += 1
         try:
             job.on_done(result)
         except Exception:  # noqa: BLE001 - one graph's bookkeeping must not stop the others' compiles

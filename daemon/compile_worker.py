@@ -12,7 +12,9 @@ stderr, the daemon's log): a message is ``<u32 header length><JSON header><u64 b
 <blob>``. A job's header is ``{"job": int, "device": str, "path": str, "namespaces": [str]}``
 and its blob the graph's payload bytes (``cgtree.payload``, already accepted by the daemon; the
 worker decodes them again with the same allow-list: nothing is unpickled). A result's header is
-``{"job": int, "ok": bool, "seconds": float, "error": str | None}`` with an empty blob.
+``{"job": int, "ok": bool, "seconds": float, "error": str | None, "eager_reason": str | None}``
+with an empty blob; ``eager_reason`` says why the graph keeps its ATen code (an op a CUDA graph
+cannot hold: ``compiling.compile_decision``, judged here so that the loop never traces it).
 
 Invariants:
 - One job at a time, answered in order; EOF on stdin ends the worker (exit status 0).
@@ -88,7 +90,7 @@ def run_job(header: dict, blob: bytes) -> dict:
     """Decode, compile and save one graph; the result header."""
     import torch
 
-    from cgtree.daemon.compiling import compile_artifact, describe_failure
+    from cgtree.daemon.compiling import compile_artifact, compile_decision, describe_failure, example_inputs
     from cgtree.payload import decode_graph
 
     job = header.get("job")
@@ -97,11 +99,15 @@ def run_job(header: dict, blob: bytes) -> dict:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         decoded = decode_graph(blob, allowed_namespaces=tuple(header.get("namespaces", ())), device=device)
-        seconds = compile_artifact(decoded, device, Path(header["path"]))
-        return {"job": job, "ok": True, "seconds": round(seconds, 3), "error": None}
+        examples = example_inputs(decoded, device)
+        reason = compile_decision(decoded, examples[:len(decoded.weight_hashes)], device)
+        if reason is not None:
+            return {"job": job, "ok": False, "seconds": 0.0, "error": None, "eager_reason": reason}
+        seconds = compile_artifact(decoded, device, Path(header["path"]), examples)
+        return {"job": job, "ok": True, "seconds": round(seconds, 3), "error": None, "eager_reason": None}
     except Exception as exc:  # noqa: BLE001 - every failure is the job's answer
         log.warning("compile job %s failed: %s", job, describe_failure(exc))
-        return {"job": job, "ok": False, "seconds": 0.0, "error": describe_failure(exc)}
+        return {"job": job, "ok": False, "seconds": 0.0, "error": describe_failure(exc), "eager_reason": None}
 
 
 def main() -> int:

@@ -139,14 +139,14 @@ def artifact_name(graph_id: str, device: torch.device) -> str:
     return f"{graph_id}.{where.replace(':', '')}.{build}.bin"
 
 
-def compile_artifact(decoded: Any, device: torch.device, path: Path) -> float:
+def compile_artifact(decoded: Any, device: torch.device, path: Path, examples: Optional[list] = None) -> float:
     """Compile ``decoded`` for ``device`` with inductor and save it at ``path`` (atomically);
     seconds taken. Raises what inductor raises (no C++ compiler, an op it lacks)."""
     from torch._inductor import standalone_compile
 
     started = time.perf_counter()
-    artifact = standalone_compile(decoded.module, example_inputs(decoded, device), dynamic_shapes="from_example_inputs",
-                                  options=INDUCTOR_OPTIONS)
+    examples = example_inputs(decoded, device) if examples is None else examples
+    artifact = standalone_compile(decoded.module, examples, dynamic_shapes="from_example_inputs", options=INDUCTOR_OPTIONS)
     partial = path.with_name(path.name + f".{os.getpid()}.partial")
     artifact.save(path=str(partial), format="binary")
     os.replace(partial, path)
@@ -154,10 +154,14 @@ def compile_artifact(decoded: Any, device: torch.device, path: Path) -> float:
 
 
 def load_artifact(path: Path) -> Callable:
-    """The compiled function saved at ``path``: ``(*weights, *inputs) -> tuple``."""
+    """The compiled function saved at ``path``: ``(*weights, *inputs) -> tuple``. Its kernels
+    are loaded in this process, one after the other (``compile_threads = 1``): they are cache
+    hits, and a pool of compile subprocesses would cost seconds to start for nothing."""
     from torch._inductor import CompiledArtifact
+    from torch._inductor import config as inductor_config
 
-    artifact = CompiledArtifact.load(path=str(path), format="binary")
+    with inductor_config.patch(compile_threads=1):
+        artifact = CompiledArtifact.load(path=str(path), format="binary")
 
     def compiled(*args: Any) -> tuple:
         return tuple(artifact(*args))

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from cgtree.daemon.compiling import (artifact_dir, artifact_name, compile_decision, compile_in_process, describe_failure,
+from cgtree.daemon.compiling import (artifact_dir, artifact_name, compile_in_process, describe_failure, has_symbolic_shapes,
                                      load_artifact, resolve_compile_mode)
 from cgtree.daemon.protocol import ProtocolError
 
@@ -96,6 +96,7 @@ class GraphEntry:
     dynamic: bool = False
     name: Optional[str] = None  # a label from the first client that named it (e.g. the model's class)
     kernels: str = "aten"  # what fn runs: "aten" (the decoded module) or "inductor"
+    kernels_note: str = ""  # how it came to run them (status, cgtreectl graphs, the logs)
     compiling: Any = None  # the CompileJob while the compile worker compiles it (not usable yet)
 
     @property
@@ -215,22 +216,27 @@ class DeviceGraphs:
     def _choose_kernels(self, entry: GraphEntry, payload: memoryview) -> None:
         """Set ``entry.fn``: its ATen module, or inductor's code: loaded from an artifact a
         compile left on disk (a restart), else compiled by the compile worker (``entry.compiling``
-        until it is done) or, without one, here."""
+        until it is done) or, without one, here. With a worker the loop never traces the graph:
+        the worker also decides whether it may be compiled."""
         entry.fn = entry.decoded.module
-        if resolve_compile_mode(self._compile_mode(), self.device) != "inductor":
+        mode = resolve_compile_mode(self._compile_mode(), self.device)
+        if mode != "inductor":
+            entry.kernels_note = f"daemon.compile {self._compile_mode()}"
             return
         if self._compiler is None:
             entry.fn = compile_in_process(entry.decoded, entry.weights, self.device, entry.display_name)
             entry.kernels = "aten" if entry.fn is entry.decoded.module else "inductor"
+            entry.kernels_note = "compiled in the daemon" if entry.kernels == "inductor" else "not compiled (see the log)"
             return
-        reason = compile_decision(entry.decoded, entry.weights, self.device)
-        if reason is not None:
-            log.info("graph %s runs its ATen code, not inductor's: %s", entry.display_name, reason)
+        if has_symbolic_shapes(entry.decoded):
+            entry.kernels_note = "not compiled: it has symbolic shapes"
+            log.info("graph %s runs its ATen code, not inductor's: it has symbolic shapes", entry.display_name)
             return
         try:
             path = artifact_dir() / artifact_name(entry.graph_id, self.device)
         except Exception as exc:  # noqa: BLE001 - no usable cache directory: the graph still serves
-            log.warning("graph %s runs its ATen code: %s", entry.display_name, describe_failure(exc))
+            entry.kernels_note = f"not compiled: {describe_failure(exc)}"
+            log.warning("graph %s runs its ATen code: %s", entry.display_name, entry.kernels_note)
             return
         if path.exists() and self._load(entry, path, "compiled before (artifact on disk)"):
             return
@@ -244,10 +250,14 @@ class DeviceGraphs:
         if entry is None or entry.compiling is not result.job:
             return  # released while it compiled: the artifact stays on disk for next time
         entry.compiling = None
-        if not result.ok:
+        if result.eager_reason:
+            entry.kernels_note = f"not compiled: {result.eager_reason}"
+            log.info("graph %s runs its ATen code, not inductor's: %s", entry.display_name, result.eager_reason)
+        elif not result.ok:
+            entry.kernels_note = f"compile failed: {result.error}"
             log.warning("graph %s runs its ATen code: inductor could not compile it (%s)", entry.display_name, result.error)
-            return
-        self._load(entry, result.job.path, f"compiled by inductor in {result.seconds:.1f} s")
+        else:
+            self._load(entry, result.job.path, f"compiled by inductor in {result.seconds:.1f} s")
 
     def _load(self, entry: GraphEntry, path: Any, how: str) -> bool:
         started = time.perf_counter()
@@ -259,7 +269,8 @@ class DeviceGraphs:
             path.unlink(missing_ok=True)
             return False
         entry.kernels = "inductor"
-        log.info("graph %s runs inductor's code: %s, loaded in %.2f s", entry.display_name, how, time.perf_counter() - started)
+        entry.kernels_note = f"{how}, loaded in {time.perf_counter() - started:.2f} s"
+        log.info("graph %s runs inductor's code: %s", entry.display_name, entry.kernels_note)
         return True
 
     def compile_progress(self, entry: GraphEntry) -> Optional[dict]:
@@ -305,7 +316,7 @@ class DeviceGraphs:
                 "weights": len(weights), "weight_bytes": sum(self.weights[h].nbytes for h in weights if h in self.weights),
                 "inputs": len(entry.input_specs) if entry.input_specs is not None else None,
                 "mutated_inputs": list(entry.mutated_inputs), "dynamic": entry.dynamic,
-                "kernels": "compiling" if entry.compiling is not None else entry.kernels,
+                "kernels": "compiling" if entry.compiling is not None else entry.kernels, "kernels_note": entry.kernels_note,
                 "sessions": sessions_using(entry.graph_id),
             })
         return rows

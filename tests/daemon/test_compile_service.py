@@ -134,3 +134,27 @@ def test_the_real_worker_answers_or_exits_on_garbage(bad):
 
     done = subprocess.run([sys.executable, "-m", "cgtree.daemon.compile_worker"], input=bad, capture_output=True, timeout=120)
     assert done.returncode != 0 or done.stdout == b""
+
+
+def test_the_real_worker_keeps_a_graph_with_a_host_sync_on_aten(tmp_path):
+    """The worker judges the graph itself (the loop never traces it): ``.item()`` keeps ATen."""
+    import torch
+
+    from cgtree.client import lowering
+
+    class ReadsAValue(torch.nn.Module):
+        def forward(self, x):
+            return x + x.sum().item()
+
+    encoded = lowering.encode(lowering.lower(ReadsAValue(), [torch.randn(4)]))
+    service = CompileService()
+    done: list = []
+    try:
+        service.submit(graph_id=encoded.graph_id, device="cpu", name="ReadsAValue", path=tmp_path / "never.bin",
+                       payload=encoded.graph_bytes, namespaces=(), on_done=done.append)
+        _wait(service, done, 1, timeout_s=180)
+    finally:
+        service.close()
+    assert not done[0].ok and done[0].error is None
+    assert done[0].eager_reason == "it holds an op a CUDA graph cannot hold"
+    assert not (tmp_path / "never.bin").exists() and service.counters["not_compiled"] == 1
