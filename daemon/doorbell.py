@@ -6,7 +6,8 @@ Why: a plan run over the lane is two datagrams (syscalls and wake-ups, ~15-20 us
 H200 host) and a host synchronize in the daemon before its reply, all serialized with the GPU
 work: the GPT step spent ~150 us of CPU time around 418 us of GPU time (docs/PERFORMANCE.md
 section 8). With a doorbell the spinning daemon sees the request within a microsecond, launches
-the replay, enqueues the done-write behind it on the same stream and answers at once; the
+the replay, enqueues the done-write behind it on the same stream (a driver stream memory
+write where it works, ``cgtree.daemon.stream_write``; else a fill kernel) and answers at once; the
 client builds its outputs while the GPU runs and spins on the done word. Measured on the H200
 host (``benchmarks/doorbell_latency.py``): the other process sees the GPU's write ~1 us *before*
 the writing process's own event synchronize returns; the write costs ~8 us of CPU (a fill
@@ -54,6 +55,8 @@ import platform
 from typing import Any, Optional
 
 import torch
+
+from cgtree.daemon.stream_write import StreamWriter
 
 log = logging.getLogger("cgtree.daemon.doorbell")
 
@@ -140,6 +143,7 @@ class Doorbell:
             raise
         self._served = 0  # the last seq taken (a fresh page's REQUEST is 0: nothing rung)
         self._flags: dict[int, torch.Tensor] = {}  # device index -> the CUDA view of its DONE word
+        self._writers: dict[int, Optional[StreamWriter]] = {}  # device index -> its memop writer (None: fill_)
         self._address: Optional[int] = None  # set while registered with CUDA
         self.in_flight: dict[int, int] = {}  # device index -> seq signalled but maybe not yet done
         if cuda_devices:
@@ -166,6 +170,8 @@ class Doorbell:
             if not _host_mapping_checked.setdefault(index, _check_host_mapping(flag, self._words, done_word(index))):
                 raise RuntimeError(f"the GPU's writes to a mapped page do not reach the host on cuda:{index}")
             self._flags[index] = flag
+            self._writers[index] = StreamWriter.for_device(index, address + 8 * done_word(index),
+                                                           lambda word=done_word(index): self._words[word])
 
     @property
     def words(self) -> memoryview:
@@ -197,7 +203,9 @@ class Doorbell:
         """Behind everything enqueued so far on ``runtime``'s current stream: ``DONE = seq``."""
         index = runtime.device.index if runtime.is_cuda else 0
         if runtime.is_cuda:
-            self._flags[index].fill_(seq)  # raises KeyError for a device the page was not mapped for
+            writer = self._writers[index]  # raises KeyError for a device the page was not mapped for
+            if writer is None or not writer.write(seq):
+                self._flags[index].fill_(seq)
             self.in_flight[index] = seq
         else:
             self._words[done_word(index)] = seq  # the CPU backend's run has finished
@@ -219,6 +227,7 @@ class Doorbell:
     def close(self) -> None:
         """Unregister and unmap. The caller has synchronized every device that may write here."""
         self._flags.clear()
+        self._writers.clear()
         self.in_flight.clear()
         if self._address is not None:
             error = torch.cuda.cudart().cudaHostUnregister(self._address)
