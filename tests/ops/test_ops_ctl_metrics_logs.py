@@ -98,11 +98,13 @@ def test_graphs_lists_id_name_weights_and_sessions(workload, capsys):
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:]]
     assert sorted(row[2] for row in rows) == ["Sequential", "Sequential"]  # batch 2 and batch 3: two graphs
-    assert all(row[0] == "cpu" and row[3] == "4" and row[-1] == f"[{client.session_id}]" for row in rows)
+    # KERNELS: the CPU backend's default (daemon.compile "auto") keeps ATen's
+    assert all(row[0] == "cpu" and row[3] == "aten" and row[4] == "4" and row[-1] == f"[{client.session_id}]" for row in rows)
     code, out, _ = run_ctl(capsys, daemon, "--json", "graphs")
     graphs = json.loads(out)["graphs"]
     assert {g["name"] for g in graphs} == {"Sequential"} and all(g["sessions"] == [client.session_id] for g in graphs)
     assert all(g["weights"] == 4 and g["mutated_inputs"] == [] and len(g["graph"]) == 64 for g in graphs)
+    assert all(g["kernels"] == "aten" and g["kernels_note"] == "daemon.compile auto" for g in graphs)
 
 
 def test_sessions_lists_id_name_pid_devices_graphs_idle_and_state(workload, capsys):

@@ -171,7 +171,7 @@ def status_document() -> dict:
     return {
         "daemon": {"pid": 1, "version": "0.1.0", "protocol": 1, "uptime_s": 5, "endpoint": "ipc:///x"},
         "devices": [{"device": "cuda:0", "backend": "cuda", "graphs": 1, "weights": {"count": 2, "bytes": 2048},
-                     "registered": [{"graph": "ab" * 32, "name": "MLP", "weights": 2, "weight_bytes": 2048, "inputs": 1,
+                     "registered": [{"graph": "ab" * 32, "name": "MLP", "kernels": "inductor", "weights": 2, "weight_bytes": 2048, "inputs": 1,
                                      "mutated_inputs": [], "sessions": [3, 4]}]},
                     {"device": "cuda:1", "backend": "cuda", "registered": []}],
         "sessions": [
@@ -211,8 +211,8 @@ def test_a_node_whose_parent_is_missing_is_still_drawn():
 def test_graphs_and_sessions_tables():
     document = status_document()
     graphs = ctl_render.format_graphs(ctl_render.graph_rows(document)).splitlines()
-    assert graphs[0].split() == ["DEVICE", "GRAPH", "NAME", "WEIGHTS", "WEIGHT", "BYTES", "INPUTS", "MUTATES", "SESSIONS"]
-    assert graphs[1].split() == ["cuda:0", "ab" * 8, "MLP", "2", "2.0", "KiB", "1", "-", "[3,4]"]
+    assert graphs[0].split() == ["DEVICE", "GRAPH", "NAME", "KERNELS", "WEIGHTS", "WEIGHT", "BYTES", "INPUTS", "MUTATES", "SESSIONS"]
+    assert graphs[1].split() == ["cuda:0", "ab" * 8, "MLP", "inductor", "2", "2.0", "KiB", "1", "-", "[3,4]"]
     sessions = ctl_render.format_sessions(ctl_render.session_rows(document)).splitlines()
     assert sessions[1].split() == ["3", "job", "42", "live", "1.5s", "[cuda:0]", "1", "5", "25", "lane"]
     assert sessions[2].split() == ["4", "-", "43", "parked", "1.5m", "[cuda:0]", "0", "0", "0", "zmq"]
