@@ -246,15 +246,24 @@ class DaemonRuns:
         ready_t = self.listener.wait_ready(self.proc, timeout_s)
         return {"pid": self.proc.pid, "exec_t": exec_t, "ready_t": ready_t, "ready_s": ready_t - exec_t}
 
-    def kill(self) -> dict:
-        """SIGKILL and wait until the process is reaped (what a supervisor waits for)."""
+    def kill(self, wait: bool) -> dict:
+        """SIGKILL. With ``wait``, return once the process is reaped (systemd restarts a unit
+        only after its main process exited); else at once, the exit filled in by a thread."""
         assert self.proc is not None
-        kill_t = time.monotonic()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        exit_t = time.monotonic()
-        stop_process(self.proc)
-        return {"pid": self.proc.pid, "kill_t": kill_t, "exit_t": exit_t, "exit_s": exit_t - kill_t}
+        proc, record = self.proc, {"pid": self.proc.pid, "kill_t": time.monotonic(), "exit_t": None, "exit_s": None}
+        proc.send_signal(signal.SIGKILL)
+
+        def reap() -> None:
+            proc.wait()
+            record["exit_t"] = time.monotonic()
+            record["exit_s"] = record["exit_t"] - record["kill_t"]
+            stop_process(proc)
+
+        if wait:
+            reap()
+        else:
+            threading.Thread(target=reap, daemon=True).start()
+        return record
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -376,16 +385,18 @@ def run(args: argparse.Namespace, workdir: str, report: dict) -> None:
             raise RuntimeError("not every client got a first result:\n" + "\n".join(tails))
         for number in range(args.kills):
             clients.pump(time.monotonic() + args.kill_after)
-            kill = daemons.kill()
-            clients.pump(kill["exit_t"] + args.restart_delay)
+            kill = daemons.kill(wait=args.restart_from == "exit")
+            clients.pump((kill["exit_t"] or kill["kill_t"]) + args.restart_delay)
             start = daemons.start(args.start_timeout)
             report["starts"].append(start)
             clients.wait_for(recovered_from(start["pid"], kill["kill_t"]), args.recovery_timeout)
             clients.pump(time.monotonic() + args.settle)
-            report["kills"].append({"kill": number + 1, **kill, "restart": start, "clients": [
+            # The record itself: with --restart-from kill, the reaper thread fills in the exit later.
+            kill.update({"kill": number + 1, "restart": start, "clients": [
                 {"client": i, **client_recovery(events, kill, start),
                  "log": clients.log_lines(i, kill["kill_t"] - 0.5, kill["kill_t"] + args.recovery_timeout)}
                 for i, events in enumerate(clients.events)]})
+            report["kills"].append(kill)
     finally:
         if clients is not None:
             clients.stop(grace_s=10.0 + (args.client_timeout or 60.0))
@@ -433,7 +444,7 @@ def evaluate(report: dict) -> tuple[list[str], list[str]]:
 def render_markdown(report: dict) -> str:
     config = report["config"]
     lines = [f"# cgtreed chaos: {config['clients']} clients on {config['device']}, SIGKILL after {config['kill_after_s']:g} s, "
-             f"restart {config['restart_delay_s']:g} s after exit",
+             f"restart {config['restart_delay_s']:g} s after {config['restart_from']}",
              "",
              f"Client timeout: {config['client_timeout_s'] or 'default'}; transport: {'ZeroMQ only' if config['no_lanes'] else 'lanes'}; "
              f"daemon.doorbell = {config['doorbell']!r}. Recovery: first correct result from the new daemon, after its READY.",
@@ -468,7 +479,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=None, help="client processes (default 8; smoke 2)")
     parser.add_argument("--kill-after", type=float, default=None, help="seconds of loop before each SIGKILL (default 30; smoke 2)")
     parser.add_argument("--kills", type=int, default=1)
-    parser.add_argument("--restart-delay", type=float, default=0.5, help="seconds from the daemon's exit to its restart")
+    parser.add_argument("--restart-delay", type=float, default=0.5, help="seconds from the daemon's exit (or kill) to its restart")
+    parser.add_argument("--restart-from", default="exit", choices=("exit", "kill"),
+                        help="time the restart from the old daemon's exit (systemd's RestartSec) or from the SIGKILL")
     parser.add_argument("--settle", type=float, default=None, help="seconds of loop after every client recovered (default 5; smoke 1)")
     parser.add_argument("--recovery-timeout", type=float, default=150.0, help="give up waiting for a client after this long")
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds for READY and for every client's first result")
@@ -512,7 +525,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "benchmark": "chaos", "schema": 1,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"device": args.device, "clients": args.clients, "kill_after_s": args.kill_after, "kills": args.kills,
-                   "restart_delay_s": args.restart_delay, "settle_s": args.settle, "client_timeout_s": args.client_timeout,
+                   "restart_delay_s": args.restart_delay, "restart_from": args.restart_from, "settle_s": args.settle, "client_timeout_s": args.client_timeout,
                    "no_lanes": args.no_lanes, "doorbell": args.doorbell, "model": MODEL, "max_rel_err": MAX_REL_ERR,
                    "target_recovery_s": TARGET_RECOVERY_S, "workdir": workdir},
         "starts": [], "kills": [], "clients": [],

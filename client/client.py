@@ -1177,6 +1177,7 @@ class Client:
         subject = f"{op} of {what}" if what else op
         if not resend_after_interruption(op, may_have_run=may_have_run, mutates_inputs=mutates_inputs):
             self._reset_socket()
+            self._let_go_if_gone()
             raise RequestInterrupted(
                 f"cgtreed went away while {subject} was in flight; not sent again because the graph writes its inputs "
                 f"(it may have run partly: check them before submitting again). The next call reconnects. ({interrupted})", op,
@@ -1191,6 +1192,7 @@ class Client:
         deadline = time.monotonic() + self.timeout_s
         self._close_lane()
         self._reset_socket()
+        self._let_go_if_gone()
         self._watch.unbind()
         reply = self._ping_until_answered(deadline)
         if reply is None:
@@ -1199,6 +1201,15 @@ class Client:
         self._watch.bind()
         if reply.get("daemon_pid") != self.daemon_pid:
             log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.daemon_pid, reply.get("daemon_pid"))
+            self._forget_session()
+
+    def _let_go_if_gone(self) -> None:
+        """When the watch says the daemon is gone for sure (not merely a lane that closed), drop
+        the session now, not when the next daemon answers: the mappings of its CUDA output
+        buffers (CUDA IPC) and its doorbell page are all that a dead daemon's memory may still
+        be held by, and its exit may wait for them."""
+        if self.session_id is not None and self._watch.gone(fresh=True) is not None:
+            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.endpoint, self._watch.gone(), self.session_id)
             self._forget_session()
 
     def _ping_until_answered(self, deadline: float) -> Optional[dict]:

@@ -81,7 +81,7 @@ from cgtree.daemon.protocol import (
     unpack,
 )
 from cgtree.daemon.reloading import plan_reload
-from cgtree.daemon.runtime_dir import ipc_path
+from cgtree.daemon.runtime_dir import has_listener, ipc_path
 from cgtree.daemon.sessions import SessionRegistry
 from cgtree.daemon.supervision import StatusReporter, Watchdog, status_text
 
@@ -268,7 +268,9 @@ class Daemon:
     def _bind(self) -> None:
         self._context = zmq.Context()
         if self._socket_path is not None and os.path.exists(self._socket_path):
-            if _endpoint_answers(self._context, self.endpoint):
+            # A file nobody listens on is stale at once; one with a listener gets half a second
+            # to answer a ping (a daemon still exiting listens but never answers).
+            if has_listener(self._socket_path) and _endpoint_answers(self._context, self.endpoint):
                 raise StartError(f"another cgtreed already serves {self.endpoint}")
             log.info("removing stale socket file %s", self._socket_path)
             try:
