@@ -8,7 +8,8 @@ the submit lane sees no end-of-file yet. What does show it, at once:
 
 - the endpoint's socket file: gone (a graceful stop removes it) or replaced (a new daemon
   unlinked the stale file and bound its own: the daemon we sent to is not the one there now),
-  compared by ``(st_dev, st_ino)``;
+  compared by ``(st_dev, st_ino, st_mtime_ns)`` (the inode number alone is often reused at once
+  by the next file; the time the file was made is not, and nothing writes a socket file);
 - the daemon's process, found by the pid the kernel reports for the socket file's listener
   (``SO_PEERCRED``, translated into this process's pid namespace): gone, a zombie, exiting
   (``PF_EXITING`` is set as soon as a SIGKILL is acted on, before its sockets are closed), or
@@ -56,12 +57,12 @@ class ProcessState:
 class Bound:
     """The daemon a client talks to, as seen when it last answered."""
 
-    identity: Optional[tuple[int, int]]  # the socket file's (st_dev, st_ino); None: not an ipc endpoint
+    identity: Optional[tuple[int, int, int]]  # the socket file's file_identity; None: not an ipc endpoint
     pid: Optional[int] = None  # its listener's pid in this namespace; None: not visible
     start_ticks: Optional[int] = None
 
 
-def gone_reason(bound: Optional[Bound], identity: Optional[tuple[int, int]], has_file: bool,
+def gone_reason(bound: Optional[Bound], identity: Optional[tuple[int, int, int]], has_file: bool,
                 process: Optional[ProcessState]) -> Optional[str]:
     """Why the bound daemon is no longer there, or None when nothing says so.
 
@@ -103,12 +104,13 @@ def read_process(pid: int) -> Optional[ProcessState]:
         return None
 
 
-def file_identity(path: str) -> Optional[tuple[int, int]]:
+def file_identity(path: str) -> Optional[tuple[int, int, int]]:
+    """Which file ``path`` is now: (device, inode, modification time), None when none is."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_mtime_ns
 
 
 def listener_pid(path: str) -> Optional[int]:
