@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -67,6 +68,7 @@ import torch  # noqa: E402
 from benchmarks.bench_daemon import (  # noqa: E402
     ALLOC_ENV,
     _on_sigterm,
+    _tail,
     child_env,
     python_argv,
     spawn,
@@ -228,18 +230,19 @@ class ReadyListener:
 class DaemonRuns:
     """cgtreed processes on one endpoint, one at a time; each start is timed to READY."""
 
-    def __init__(self, workdir: str, devices: str, doorbell: str, listener: ReadyListener) -> None:
-        self.workdir, self.devices, self.listener = workdir, devices, listener
+    def __init__(self, workdir: str, devices: str, config_text: str, listener: ReadyListener,
+                 python: tuple[str, ...] = ()) -> None:
+        self.workdir, self.devices, self.listener, self.python = workdir, devices, listener, python
         self.endpoint = "ipc://" + os.path.join(workdir, "s")
         self.config_path = os.path.join(workdir, "config.toml")
         self.log_path = os.path.join(workdir, "cgtreed.log")
-        Path(self.config_path).write_text(DAEMON_CONFIG.format(doorbell=doorbell))
+        Path(self.config_path).write_text(config_text)
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout_s: float) -> dict:
         with open(self.log_path, "ab") as log:
             exec_t = time.monotonic()
-            self.proc = spawn([*python_argv(), "-m", "cgtree.daemon.main", "--config", self.config_path,
+            self.proc = spawn([*python_argv(), *self.python, "-m", "cgtree.daemon.main", "--config", self.config_path,
                                "--endpoint", self.endpoint, "--devices", self.devices],
                               env=child_env({"NOTIFY_SOCKET": self.listener.path}), cwd=self.workdir,
                               stdout=log, stderr=subprocess.STDOUT)
@@ -374,7 +377,7 @@ def client_recovery(events: list[dict], kill: dict, start: dict) -> dict:
 
 def run(args: argparse.Namespace, workdir: str, report: dict) -> None:
     listener = ReadyListener(os.path.join(workdir, "notify"))
-    daemons = DaemonRuns(workdir, args.daemon_devices, args.doorbell, listener)
+    daemons = DaemonRuns(workdir, args.daemon_devices, DAEMON_CONFIG.format(doorbell=args.doorbell), listener)
     clients = None
     try:
         first_start = daemons.start(args.start_timeout)
@@ -492,6 +495,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "chaos.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown (default: --json with .md)")
     parser.add_argument("--fail-on-target", action="store_true", help="exit 3 when a recovery missed the target")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the daemon's and the clients' logs (/tmp/cgtc-*)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.clients = args.clients or (2 if args.smoke else 8)
@@ -537,6 +541,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         error = str(exc)
     finally:
         stop_all_processes()
+        report["daemon_log_tail"] = _tail(os.path.join(workdir, "cgtreed.log"), 30)
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     failed, missed = evaluate(report)
     if error:
         failed.insert(0, error)

@@ -60,7 +60,7 @@ import zmq
 import cgtree
 from cgtree.config import Config, ConfigError, load_config
 from cgtree.daemon import commands as command_registry
-from cgtree.daemon import notify
+from cgtree.daemon import notify, startup
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.compile_service import CompileService
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
@@ -204,7 +204,9 @@ class Daemon:
             notify.status(f"cannot start: {exc}"[:200])  # what `systemctl status` shows next to the failure
             self._close_socket()
             return EXIT_START_FAILED
-        log.info("serving %s (pid %d, protocol %d)", self.endpoint, os.getpid(), PROTOCOL_VERSION)
+        durations = startup.phases()
+        log.info("serving %s (pid %d, protocol %d; READY %s)", self.endpoint, os.getpid(), PROTOCOL_VERSION,
+                 startup.summary(durations), extra={"startup_s": durations})
         while self.exit_code is None and not self._stop_requested:
             ready = self.wait_for_events()
             self.handle_signals()
@@ -223,12 +225,16 @@ class Daemon:
 
     def start(self) -> None:
         """Devices, endpoint, signals, metrics; then READY=1 (systemd's start job ends here)."""
+        startup.mark("config")
         self._start_devices()
+        startup.mark("devices")
         self._bind()
+        startup.mark("bind")
         self._install_signal_handlers()
         self.metrics = self._start_metrics()
         self.state = "serving"
         text = self._status_text()
+        startup.mark("ready")
         notify.ready(text)
         self.status_reporter.sent(text)
         self.watchdog.keepalive()
