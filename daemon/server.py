@@ -378,13 +378,24 @@ class Daemon:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT) and self._stop_signalled():
+        if signum in (signal.SIGTERM, signal.SIGINT) and (self._stop_signalled() or self._stop_deliveries() > 1):
             self._force_exit_now(signum)
         # Only record it: the loop acts on it between requests (the wake-up fd ends the poll).
         self._pending_signals.append(signum)
 
     def _stop_signalled(self) -> bool:
         return self._stop_requested or any(s in (signal.SIGTERM, signal.SIGINT) for s in self._pending_signals)
+
+    def _stop_deliveries(self) -> int:
+        """SIGTERM/SIGINT deliveries since the loop last drained the wake-up pipe. Python runs a
+        handler once for every delivery of one signal that arrived during one long C call (a
+        matmul of the request in flight), but its C handler writes a byte per delivery to the
+        wake-up fd: peeked at here, a second SIGTERM is never lost that way."""
+        try:
+            pending = self._wake_r.recv(4096, socket.MSG_PEEK) if self._wake_r is not None else b""
+        except OSError:
+            return 0
+        return sum(1 for number in pending if number in (signal.SIGTERM, signal.SIGINT))
 
     def _force_exit_now(self, signum: int) -> None:
         """Second SIGTERM/SIGINT: leave now, from the handler. No logging here (the handler may
