@@ -508,19 +508,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def daemon_device(name: str) -> Optional[torch.device]:
+    """The device a benchmark's daemon serves (``cuda`` -> ``cuda:0``), with the classic CUDA
+    allocator set for CUDA IPC (inherited by every process started from here); None, said on
+    stderr, when it cannot run here."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("CUDA is not available; use --device cpu", file=sys.stderr)
+            return None
+        os.environ.update(ALLOC_ENV)
+        return torch.device("cuda", device.index or 0)
+    if device.type != "cpu":
+        print(f"unsupported device {device}", file=sys.stderr)
+        return None
+    return device
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         return child_main(json.loads(args.child))
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("CUDA is not available; use --device cpu", file=sys.stderr)
-            return 2
-        os.environ.update(ALLOC_ENV)
-        device = torch.device("cuda", device.index or 0)
-    elif device.type != "cpu":
-        print(f"unsupported device {device}", file=sys.stderr)
+    device = daemon_device(args.device)
+    if device is None:
         return 2
     args.device = args.daemon_devices = str(device)
     signal.signal(signal.SIGTERM, _on_sigterm)  # finally blocks stop every process started here

@@ -42,8 +42,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.bench_daemon import ALLOC_ENV, _on_sigterm, stop_all_processes  # noqa: E402
-from benchmarks.chaos import DaemonRuns, ReadyListener  # noqa: E402
+from benchmarks.bench_daemon import _on_sigterm, stop_all_processes  # noqa: E402
+from benchmarks.chaos import DaemonRuns, ReadyListener, daemon_device  # noqa: E402
 from benchmarks.report import fmt, write_reports  # noqa: E402
 from cgtree.daemon.startup import PHASES  # noqa: E402
 
@@ -184,13 +184,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("CUDA is not available; use --device cpu", file=sys.stderr)
-            return 2
-        os.environ.update(ALLOC_ENV)
-        device = torch.device("cuda", device.index or 0)
+    device = daemon_device(args.device)
+    if device is None:
+        return 2
     args.torch_device, args.daemon_devices = device, str(device)
     signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = tempfile.mkdtemp(prefix="cgts-", dir="/tmp")

@@ -41,29 +41,6 @@ def tiny_mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
 
 
-def in_thread(fn):
-    """Run ``fn`` in a thread; ``.join(s)`` returns its result or raises its exception."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def join(timeout_s: float):
-        thread.join(timeout_s)
-        assert not thread.is_alive(), f"still waiting after {timeout_s} s"
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
-
-    return join
-
-
 def take_over(stuck, daemon_tools):
     """The supervisor's new daemon on the endpoint of ``stuck`` (held with SIGSTOP)."""
     return daemon_tools.DaemonProcess(stuck.workdir, Path(stuck.config_path).read_text()).start()
@@ -87,11 +64,11 @@ def test_a_request_in_flight_to_a_dead_daemon_is_served_by_the_next_one(daemon_f
         first_pid = client.daemon_pid
         daemon.signal(signal.SIGSTOP)  # dead to its clients, sockets still open
         y = torch.randn(2, 8)
-        pending = in_thread(lambda: client.submit(handle, [y]))
+        pending = daemon_tools.in_thread(lambda: client.submit(handle, [y]))
         time.sleep(0.3)  # the request is on its way to the stopped daemon
         successor = take_over(daemon, daemon_tools)
         started = time.monotonic()
-        (out,) = pending(NOTICED_WITHIN_S)
+        (out,) = pending.join(NOTICED_WITHIN_S)
         assert time.monotonic() - started < NOTICED_WITHIN_S
         torch.testing.assert_close(out, model(y))
         assert client.daemon_pid == successor.proc.pid != first_pid
@@ -115,10 +92,10 @@ def test_a_doorbell_wait_on_a_dead_daemon_ends_at_once(daemon_factory, daemon_to
         assert lane is not None and lane.doorbell is not None
         daemon.signal(signal.SIGSTOP)
         seq = lane.doorbell.ring(987654)
-        waiting = in_thread(lambda: lane.doorbell.wait_ack(seq, lane, 60.0, 0.0))
+        waiting = daemon_tools.in_thread(lambda: lane.doorbell.wait_ack(seq, lane, 60.0, 0.0))
         successor = take_over(daemon, daemon_tools)
         with pytest.raises(DoorbellHangup, match="the daemon is gone"):
-            waiting(NOTICED_WITHIN_S)
+            waiting.join(NOTICED_WITHIN_S)
         # ... and the client itself carries on with the new daemon.
         (out,) = client.submit(model, [x])
         torch.testing.assert_close(out, model(x))
