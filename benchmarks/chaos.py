@@ -25,10 +25,14 @@ H200 with 8 clients): 0 wrong results, every client recovered within 2 s of READ
 default client settings.
 
 Options: ``--device`` (cuda, cuda:N or cpu), ``--clients`` (8), ``--kill-after`` (30 s),
-``--kills`` (1), ``--client-timeout`` (the ``Client`` default when left out), ``--no-lanes``
-(clients on ZeroMQ only), ``--doorbell`` (the daemon's ``daemon.doorbell``), ``--smoke`` (CPU
-CI: 2 clients, 2 s of loop, short settle). Writes ``--json`` and ``--md`` (default
-``results/chaos.json`` / ``.md``), prints the tables.
+``--kills`` (1), ``--restart-from`` (``exit``, as systemd; ``kill``: the restart does not wait
+for the old daemon's exit), ``--client-timeout`` (the ``Client`` default when left out),
+``--no-lanes`` (clients on ZeroMQ only), ``--doorbell`` and ``--compile`` (the daemon's
+``daemon.doorbell`` and ``daemon.compile``: with ``auto`` a CUDA daemon compiles with inductor,
+and the restarted one loads each graph compiled before it answers its register; ``eager``
+leaves that out), ``--smoke`` (CPU CI: 2 clients, 2 s of loop, short settle),
+``--keep-workdir``. Writes ``--json`` and ``--md`` (default ``results/chaos.json`` / ``.md``),
+prints the tables.
 
 Exit status: 0 when no result was wrong and every client recovered after every kill; 2
 otherwise (or a process failed); 3 with ``--fail-on-target`` when a recovery missed the target.
@@ -92,6 +96,7 @@ shutdown_timeout_s = 15.0
 log_level = "INFO"
 lanes = true
 doorbell = "{doorbell}"
+compile = "{compile}"
 """
 
 
@@ -377,7 +382,8 @@ def client_recovery(events: list[dict], kill: dict, start: dict) -> dict:
 
 def run(args: argparse.Namespace, workdir: str, report: dict) -> None:
     listener = ReadyListener(os.path.join(workdir, "notify"))
-    daemons = DaemonRuns(workdir, args.daemon_devices, DAEMON_CONFIG.format(doorbell=args.doorbell), listener)
+    daemons = DaemonRuns(workdir, args.daemon_devices, DAEMON_CONFIG.format(doorbell=args.doorbell, compile=args.compile),
+                         listener)
     clients = None
     try:
         first_start = daemons.start(args.start_timeout)
@@ -450,7 +456,7 @@ def render_markdown(report: dict) -> str:
              f"restart {config['restart_delay_s']:g} s after {config['restart_from']}",
              "",
              f"Client timeout: {config['client_timeout_s'] or 'default'}; transport: {'ZeroMQ only' if config['no_lanes'] else 'lanes'}; "
-             f"daemon.doorbell = {config['doorbell']!r}. Recovery: first correct result from the new daemon, after its READY.",
+             f"daemon.doorbell = {config['doorbell']!r}, daemon.compile = {config['compile']!r}. Recovery: first correct result from the new daemon, after its READY.",
              "",
              "| daemon start | READY after exec (s) |",
              "|---|---|"]
@@ -491,6 +497,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--client-timeout", type=float, default=None, help="Client(timeout_s=) (default: the Client default)")
     parser.add_argument("--no-lanes", action="store_true", help="clients use ZeroMQ only (Client(lanes=False))")
     parser.add_argument("--doorbell", default="auto", choices=("auto", "on", "off"), help="daemon.doorbell")
+    parser.add_argument("--compile", default="auto", choices=("auto", "eager", "inductor"),
+                        help="daemon.compile (auto: inductor on CUDA; a restarted daemon then loads each graph compiled)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 clients, 2 s of loop, 1 s of settle")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "results" / "chaos.json")
     parser.add_argument("--md", type=Path, default=None, help="markdown (default: --json with .md)")
@@ -540,7 +548,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"device": args.device, "clients": args.clients, "kill_after_s": args.kill_after, "kills": args.kills,
                    "restart_delay_s": args.restart_delay, "restart_from": args.restart_from, "settle_s": args.settle, "client_timeout_s": args.client_timeout,
-                   "no_lanes": args.no_lanes, "doorbell": args.doorbell, "model": MODEL, "max_rel_err": MAX_REL_ERR,
+                   "no_lanes": args.no_lanes, "doorbell": args.doorbell, "compile": args.compile, "model": MODEL, "max_rel_err": MAX_REL_ERR,
                    "target_recovery_s": TARGET_RECOVERY_S, "workdir": workdir},
         "starts": [], "kills": [], "clients": [],
     }
