@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -356,9 +357,15 @@ def recovered_from(pid: int, since: float):
     return lambda events: any(e["e"] == "first" and e["pid"] == pid and e["t"] >= since for e in events)
 
 
-def client_recovery(events: list[dict], kill: dict, start: dict) -> dict:
-    """One client across one kill: when it was served again, and what it saw meanwhile."""
+NOTICED = re.compile(r"^(\d+\.\d+) \S+ cgtree\.client: (cgtreed went away|cgtreed at \S+ is gone)")
+
+
+def client_recovery(events: list[dict], kill: dict, start: dict, log: list[str]) -> dict:
+    """One client across one kill: when it noticed (the client library's own log line, or the
+    first error its caller saw), when it was served again, and what it saw meanwhile."""
     first = next((e for e in events if e["e"] == "first" and e["pid"] == start["pid"] and e["t"] >= kill["kill_t"]), None)
+    seen = [float(m.group(1)) for m in map(NOTICED.match, log) if m and float(m.group(1)) >= kill["kill_t"]]
+    seen += [e["t1"] for e in events if e["e"] == "error" and e["t1"] >= kill["kill_t"]]
     end = first["t"] if first is not None else float("inf")
     errors: dict[str, int] = {}
     messages = []
@@ -373,6 +380,7 @@ def client_recovery(events: list[dict], kill: dict, start: dict) -> dict:
         "recovered": first is not None,
         "recovery_s": None if first is None else first["t"] - start["ready_t"],
         "outage_s": None if first is None else first["t"] - kill["kill_t"],
+        "noticed_s": min(seen) - kill["kill_t"] if seen else None,
         "first_mode": None if first is None else first.get("mode"),
         "errors": errors,
         "error_messages": messages[:3],
@@ -401,9 +409,10 @@ def run(args: argparse.Namespace, workdir: str, report: dict) -> None:
             clients.wait_for(recovered_from(start["pid"], kill["kill_t"]), args.recovery_timeout)
             clients.pump(time.monotonic() + args.settle)
             # The record itself: with --restart-from kill, the reaper thread fills in the exit later.
+            logs = [clients.log_lines(i, kill["kill_t"] - 0.5, kill["kill_t"] + args.recovery_timeout)
+                    for i in range(args.clients)]
             kill.update({"kill": number + 1, "restart": start, "clients": [
-                {"client": i, **client_recovery(events, kill, start),
-                 "log": clients.log_lines(i, kill["kill_t"] - 0.5, kill["kill_t"] + args.recovery_timeout)}
+                {"client": i, **client_recovery(events, kill, start, logs[i]), "log": logs[i]}
                 for i, events in enumerate(clients.events)]})
             report["kills"].append(kill)
     finally:
@@ -467,11 +476,12 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"## Kill {kill['kill']}: exit {fmt(kill['exit_s'], 2)} s after SIGKILL, new daemon READY "
                   f"{fmt(kill['restart']['ready_s'], 2)} s after exec; recovered {len(recoveries)}/{len(kill['clients'])}, "
                   f"max {fmt(max(recoveries) if recoveries else None, 2)} s after READY", "",
-                  "| client | recovery after READY (s) | outage from kill (s) | call the kill hit (s) | first mode | errors seen |",
-                  "|---|---|---|---|---|---|"]
+                  "| client | noticed after kill (s) | recovery after READY (s) | outage from kill (s) | call the kill hit (s) | first mode | errors seen |",
+                  "|---|---|---|---|---|---|---|"]
         for row in kill["clients"]:
             errors = ", ".join(f"{k} x{v}" for k, v in row["errors"].items()) or "none"
-            lines.append(f"| {row['client']} | {fmt(row['recovery_s'], 2) if row['recovered'] else 'NOT RECOVERED'} | "
+            lines.append(f"| {row['client']} | {fmt(row['noticed_s'], 2)} | "
+                         f"{fmt(row['recovery_s'], 2) if row['recovered'] else 'NOT RECOVERED'} | "
                          f"{fmt(row['outage_s'], 2)} | {fmt(row['call_spanning_kill_s'], 2)} | {row['first_mode'] or '-'} | {errors} |")
     lines += ["", "| client | transport | correct results | wrong | errors |", "|---|---|---|---|---|"]
     for row in report["clients"]:
