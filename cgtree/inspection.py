@@ -10,11 +10,17 @@ Invariants:
 - In ``abort`` mode (inside a capture) an incompatible op raises ``InspectionAbort`` *before*
   it runs, so the capture is abandoned cleanly instead of failing inside CUDA.
 - The mode never changes what an op computes.
+- Inspecting never imports ``torch._dynamo`` (over a second in a fresh process: the daemon's
+  first warmup used to pay it). PyTorch wraps a mode's ``__torch_dispatch__`` in
+  ``torch._disable_dynamo``, which imports dynamo on the first call only to build a wrapper
+  that keeps dynamo from tracing the mode; dynamo can only trace once it is imported, so the
+  ``Inspector`` opts out of that wrapping and applies the same wrapper itself from then on.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -74,7 +80,16 @@ class Inspector(TorchDispatchMode):
         """Watch these tensors (e.g. a recording's input buffers) as the function's inputs."""
         self.input_storages = input_storage_index(inputs)
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no eager torch._disable_dynamo wrapping: see the module docstring
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "torch._dynamo" in sys.modules:  # dynamo may trace from now on: keep it out, as PyTorch would
+            return _inspect_without_dynamo()(self, func, args, kwargs)
+        return self._inspect(func, args, kwargs)
+
+    def _inspect(self, func, args, kwargs):
         kwargs = kwargs or {}
         self._check_incompatible(func, args, kwargs)
         self._check_mutation(func, args, kwargs)
@@ -109,6 +124,17 @@ class Inspector(TorchDispatchMode):
                 self.findings.mutation_origins.append(user_origin())
                 if self.abort_if is not None and self.abort_if("mutation", idx):
                     raise InspectionAbort(f"mutated input {idx}")
+
+
+_INSPECT_WITHOUT_DYNAMO: Optional[Callable] = None
+
+
+def _inspect_without_dynamo() -> Callable:
+    """``Inspector._inspect`` under ``torch._dynamo.disable`` (built once dynamo is imported)."""
+    global _INSPECT_WITHOUT_DYNAMO
+    if _INSPECT_WITHOUT_DYNAMO is None:
+        _INSPECT_WITHOUT_DYNAMO = torch._disable_dynamo(Inspector._inspect, recursive=True)
+    return _INSPECT_WITHOUT_DYNAMO
 
 
 def input_storage_index(inputs) -> dict[int, int]:

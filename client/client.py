@@ -11,7 +11,9 @@ Invariants:
 - No call hangs: every request waits at most ``timeout_s`` for its reply (ZeroMQ DEALER,
   LINGER 0), then the socket is replaced (a late reply can never be taken for the next one)
   and ``DaemonTimeout`` says which endpoint did not answer. A missing ipc socket file fails at
-  once with ``DaemonUnavailable``.
+  once with ``DaemonUnavailable``. ``close()`` closes this client's sockets (LINGER 0) and
+  never terminates the ZeroMQ context: every ``Client`` of a process shares one that lives as
+  long as the process (``_zmq_context``), so closing cannot block.
 - Output lifetime: an output is valid until the same graph's next submit in this session, or
   until released. CPU outputs are copies the client owns and never change. CUDA outputs are
   views of a daemon-owned buffer; each submit builds them on fresh non-owning storages over the
@@ -30,8 +32,11 @@ Invariants:
 Daemon restarts (systemd restarts cgtreed after a sticky CUDA error or a crash):
 - A request the daemon refused with ``unavailable`` (it was stopping) never ran: the client
   waits for the next daemon (up to ``timeout_s``), says hello, re-registers, sends it again.
-- A request whose daemon went away before answering (its connection dropped: ZeroMQ socket
-  monitor, or the socket file vanished) may or may not have run. The client sends it once more
+- A request whose daemon went away before answering may or may not have run. A waiting
+  client notices at once, whatever it waits on (ZeroMQ, the lane, the doorbell): the lane's
+  end-of-file, or ``cgtree.client.watch`` (looked at every few tens of milliseconds): the
+  socket file gone or replaced by a new daemon's, the daemon's process exiting or gone. ZeroMQ
+  itself hides a dead peer, so no ZeroMQ event is relied on. The client sends it once more
   to the next daemon only when that is safe (``resend_after_interruption``): every command but
   ``submit`` is idempotent, and so is ``submit`` of a graph that writes none of its inputs (the
   daemon reports ``mutated_inputs`` at register). A submit of a graph that mutates its inputs
@@ -40,9 +45,15 @@ Daemon restarts (systemd restarts cgtreed after a sticky CUDA error or a crash):
   as they are now, which a non-mutating graph left unchanged.
 - Only one re-send per call. Outputs of the old daemon are invalid after a restart (their
   buffers are gone); passing one back in fails with a clear error.
-- A daemon that is simply absent when a call starts fails at once with ``DaemonUnavailable``;
-  one that stops answering fails after ``timeout_s`` with ``DaemonTimeout`` (not re-sent: the
-  request may still be running).
+- A daemon that is simply absent when a call starts (no socket file) fails at once with
+  ``DaemonUnavailable``; one that stops answering fails after ``timeout_s`` with
+  ``DaemonTimeout`` (not re-sent: the request may still be running). A call that starts after
+  the daemon it last heard from died (its socket file left behind, or already a new daemon's)
+  is not sent to it: the client waits for the next daemon and sends it there (``DaemonGone``
+  inside, never raised to the caller unless no daemon comes within ``timeout_s``).
+- Waiting for the next daemon: one ping per socket file, kept queued while the file stays the
+  same (a daemon that bound it but is not serving yet answers it as soon as it is), a new one
+  on a new socket when the file is replaced; the file is looked at every ``RECONNECT_POLL_S``.
 """
 
 from __future__ import annotations
@@ -59,10 +70,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.client.watch import DaemonWatch, file_identity
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
@@ -86,8 +97,13 @@ log = logging.getLogger("cgtree.client")
 
 DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
-POLL_SLICE_S = 1.0
-RECONNECT_POLL_S = 0.1  # how often a client waiting for a restarted daemon looks for it
+# A ZeroMQ wait looks at the daemon watch this often (ZeroMQ itself never says the peer died).
+POLL_SLICE_S = 0.05
+RECONNECT_POLL_S = 0.05  # how often a client waiting for a restarted daemon looks at the socket file
+PING_RESEND_S = 1.0  # endpoints without a socket file (tcp://): how often that wait pings again
+# A request after this long without any reply first checks that the daemon it last heard from
+# is still there; requests in a busy loop skip the check (~10 us).
+IDLE_CHECK_S = 0.1
 # Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
 DEFAULT_SPIN_US = 1000
 PACKED_INPUTS_KEPT = 256  # packed descriptor lists remembered (then forgotten all at once)
@@ -131,6 +147,11 @@ class DaemonUnavailable(ClientError, ConnectionError):
 
 class DaemonTimeout(DaemonUnavailable, TimeoutError):
     """The daemon did not answer within the timeout."""
+
+
+class DaemonGone(DaemonUnavailable):
+    """The daemon this client last heard from is gone and the request was not sent to it (it
+    never ran). Inside the client: the call waits for the next daemon and sends it there."""
 
 
 class RequestInterrupted(DaemonUnavailable):
@@ -282,10 +303,10 @@ class Client:
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
-        self._context = zmq.Context()
+        self._context = _zmq_context()
         self._socket: Optional[zmq.Socket] = None
-        self._monitor: Optional[zmq.Socket] = None  # the socket's DISCONNECTED events: the daemon went away
-        self._poller: Optional[zmq.Poller] = None
+        self._watch = DaemonWatch(self.endpoint)  # is the daemon that last answered still there?
+        self._last_reply_at = 0.0  # perf_counter() of the last reply: see IDLE_CHECK_S
         # A stable routing id: a socket replaced after a timeout keeps the same session.
         self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(6).hex().encode()
         self._graphs_by_source: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -343,8 +364,7 @@ class Client:
             self.session_id = None
             self._closed = True
             self._close_lane()
-            self._reset_socket()  # the socket and its monitor: term() waits for every socket
-            self._context.term()
+            self._reset_socket()  # LINGER 0; the shared context is never terminated (_zmq_context)
 
     # ---------------------------------------------------------------------------- public API
 
@@ -532,6 +552,7 @@ class Client:
     def _submit_planned(self, handle: GraphHandle, plan: "_Plan", started: float) -> Optional[tuple]:
         """The submit as a plan run on the lane; None when it must go the general way (no lane,
         the plan expired, the session is gone: the general path deals with each)."""
+        self._check_daemon_before_send("submit", started)
         lane = self._lane if self._lane is not None else self._lane_for("submit", [b""])
         mapping = self._mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.session_id is None:
@@ -554,7 +575,8 @@ class Client:
             self._close_lane()
             raise ClientError("the daemon answered a plan run with another request's reply")
         outputs = self._plan_outputs(mapping, plan, generation)
-        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
+        self._last_reply_at = done = time.perf_counter()
+        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
     def _submit_rung(self, handle: GraphHandle, plan: "_Plan", lane: ClientLane, mapping: "_OutputMapping",
@@ -575,7 +597,8 @@ class Client:
             doorbell.wait_done(device_index, seq, lane, self.timeout_s, self._spin_now)
         except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
             raise self._lane_failed(exc, "submit", self.timeout_s, "doorbell") from None
-        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, time.perf_counter())
+        self._last_reply_at = done = time.perf_counter()
+        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
     def _plan_outputs(self, mapping: "_OutputMapping", plan: "_Plan", generation: int) -> tuple:
@@ -611,7 +634,8 @@ class Client:
             plan.function = str(execution.get("function") or plan.function)
         self.last_execution = execution
         outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
-        self.last_timing = _timing(started, sent, answered, time.perf_counter())
+        self._last_reply_at = done = time.perf_counter()
+        self.last_timing = _timing(started, sent, answered, done)
         return outputs
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
@@ -936,6 +960,7 @@ class Client:
         if self.session_id is not None:
             return
         reply, _ = self._call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
+        self._watch.bind()  # the daemon that just answered: what waits watch from now on
         if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
             self._registered.clear()
             self._invalidate_all()
@@ -965,20 +990,35 @@ class Client:
                 if size > self.max_message_bytes:
                     raise DaemonError("too_large", f"the {op} request is {size} bytes; the daemon accepts at most {self.max_message_bytes}", op)
             message = [envelope, *frames]
+            self._check_daemon_before_send(op, time.perf_counter())
             lane = self._lane_for(op, message)
             if lane is not None:
                 reply = self._call_on_lane(lane, op, request_id, message, timeout)
                 if reply is not None:
+                    self._last_reply_at = time.perf_counter()
                     return reply
-            return self._call_on_zmq(op, request_id, message, timeout)
+            reply = self._call_on_zmq(op, request_id, message, timeout)
+            self._last_reply_at = time.perf_counter()
+            return reply
+
+    def _check_daemon_before_send(self, op: str, now: float) -> None:
+        """After an idle spell, do not send to a daemon that died meanwhile (SIGKILL leaves its
+        socket file; a lane or ZeroMQ would take the request and nobody would answer): raise
+        ``DaemonGone`` (not sent; ``_with_recovery`` waits for the next daemon). A missing
+        socket file is left to ``_connect`` (absent daemon: ``DaemonUnavailable`` at once)."""
+        if now - self._last_reply_at < IDLE_CHECK_S or self._watch.bound is None:
+            return
+        reason = self._watch.gone(fresh=True)
+        if reason is not None and self._socket_file_present():
+            self._close_lane()
+            self._reset_socket()
+            raise DaemonGone(f"cgtreed at {self.endpoint} is gone ({reason}); {op!r} was not sent")
 
     def _call_on_zmq(self, op: str, request_id: int, message: list, timeout: float, *, send: bool = True) -> tuple[dict, list]:
         """Send ``message`` on the ZeroMQ socket (unless ``send`` is false: the reply of a lane
         request was moved here) and wait for the reply carrying ``request_id``."""
         sock = self._connect()
         if send:
-            if self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # ~2 us; draining blindly costs twice that
-                self._drain_disconnects()  # a drop before this send (daemon restarted while we idled) is not this request's
             try:
                 sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -986,30 +1026,25 @@ class Client:
                 raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
         deadline = time.monotonic() + timeout
         while True:
-            # Wait in slices: a daemon that exits removes its socket file, and one that dies
-            # drops the connection (socket monitor); either way we say so at once instead
-            # of waiting out the whole timeout.
+            # Wait in slices: ZeroMQ reconnects silently, so a dead daemon shows only on the
+            # watch (its socket file gone or replaced, its process exiting or gone).
             remaining = deadline - time.monotonic()
-            ready = dict(self._poller.poll(int(max(0.0, min(remaining, POLL_SLICE_S)) * 1000))) if remaining > 0 else {}
-            if sock not in ready:
-                if self._monitor in ready and self._drain_disconnects() and not sock.poll(0, zmq.POLLIN):
-                    self._reset_socket()
-                    raise RequestInterrupted(f"cgtreed at {self.endpoint} dropped the connection while {op!r} was in flight "
-                                             "(the daemon died or restarted); it may or may not have run", op)
-                if remaining > 0 and (self._monitor in ready or (remaining > POLL_SLICE_S and self._socket_file_present())):
-                    continue
+            if remaining > 0 and sock.poll(max(1, int(min(remaining, POLL_SLICE_S) * 1000)), zmq.POLLIN):
+                decoded = _decode_reply_for(sock.recv_multipart(copy=False), request_id, op)
+                if decoded is not None:
+                    return decoded
+                continue
+            reason = self._watch.gone()
+            if reason is not None:
                 self._reset_socket()
-                if not self._socket_file_present():
-                    raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
-                                             "(its socket file is gone); it may or may not have run", op)
+                raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
+                                         f"({reason}); it may or may not have run", op)
+            if remaining <= 0:
+                self._reset_socket()
                 raise DaemonTimeout(
                     f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
                     "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
                 )
-            reply = sock.recv_multipart(copy=False)
-            decoded = _decode_reply_for(reply, request_id, op)
-            if decoded is not None:
-                return decoded
 
     # ---------------------------------------------------------------------------- the lane
 
@@ -1022,7 +1057,7 @@ class Client:
                 return None
             try:
                 self._lane = ClientLane.connect(self._lane_offer["path"], self._lane_offer["token"],
-                                                timeout_s=min(self.timeout_s, 5.0))
+                                                timeout_s=min(self.timeout_s, 5.0), gone=self._watch.gone)
             except (LaneError, KeyError, TypeError) as exc:
                 self._lane_retry_at = time.monotonic() + LANE_RETRY_S
                 log.info("submit lane not attached (%s); using ZeroMQ for %g s", exc, LANE_RETRY_S)
@@ -1105,39 +1140,21 @@ class Client:
             if problem is not None:
                 raise DaemonUnavailable(f"no cgtreed reachable at {self.endpoint}: {problem}")
             sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
-            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
-            # Before connect: a DISCONNECTED event is how a daemon that died mid-request shows.
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            sock.connect(self.endpoint)
-            self._socket = sock
-            self._poller = zmq.Poller()
-            self._poller.register(sock, zmq.POLLIN)
-            self._poller.register(self._monitor, zmq.POLLIN)
-        return self._socket
-
-    def _drain_disconnects(self) -> bool:
-        """Consume pending monitor events; whether any said the connection dropped."""
-        dropped = False
-        while self._monitor is not None:
             try:
-                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            dropped = dropped or event.get("event") == zmq.EVENT_DISCONNECTED
-        return dropped
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
+                sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+                sock.connect(self.endpoint)
+            except zmq.ZMQError:
+                sock.close(linger=0)  # never left open: a socket nobody closes is a leak
+                raise
+            self._socket = sock
+        return self._socket
 
     def _reset_socket(self) -> None:
         if self._socket is not None:
-            try:
-                self._socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            if self._monitor is not None:
-                self._monitor.close(linger=0)
             self._socket.close(linger=0)
-        self._socket = self._monitor = self._poller = None
+        self._socket = None
 
     # ------------------------------------------------------------------------ daemon restarts
 
@@ -1147,6 +1164,8 @@ class Client:
         ``what`` names the subject in messages: text, or the GraphHandle submitted."""
         try:
             return attempt()
+        except DaemonGone as exc:
+            interrupted, may_have_run = exc, False
         except RequestInterrupted as exc:
             interrupted, may_have_run = exc, True
         except DaemonError as exc:
@@ -1158,6 +1177,7 @@ class Client:
         subject = f"{op} of {what}" if what else op
         if not resend_after_interruption(op, may_have_run=may_have_run, mutates_inputs=mutates_inputs):
             self._reset_socket()
+            self._let_go_if_gone()
             raise RequestInterrupted(
                 f"cgtreed went away while {subject} was in flight; not sent again because the graph writes its inputs "
                 f"(it may have run partly: check them before submitting again). The next call reconnects. ({interrupted})", op,
@@ -1170,24 +1190,99 @@ class Client:
         """Wait (up to ``timeout_s``) until a daemon answers ping at the endpoint. A new daemon
         (another pid) means a new session: forget ours, its registrations and its outputs."""
         deadline = time.monotonic() + self.timeout_s
+        self._close_lane()
         self._reset_socket()
-        while True:
-            if self._socket_file_present():
-                try:
-                    reply, _ = self._call("ping", {}, timeout_s=max(0.1, min(1.0, deadline - time.monotonic())))
-                    break
-                except (DaemonUnavailable, DaemonError):  # not there yet, or the old one still stopping
-                    self._reset_socket()
-            if time.monotonic() >= deadline:
-                raise DaemonUnavailable(
-                    f"cgtreed at {self.endpoint} did not come back within {self.timeout_s:g} s after {op!r} was interrupted") from cause
-            time.sleep(RECONNECT_POLL_S)
+        self._let_go_if_gone()
+        self._watch.unbind()
+        reply = self._ping_until_answered(deadline)
+        if reply is None:
+            raise DaemonUnavailable(
+                f"cgtreed at {self.endpoint} did not come back within {self.timeout_s:g} s after {op!r} was interrupted") from cause
+        self._watch.bind()
         if reply.get("daemon_pid") != self.daemon_pid:
             log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.daemon_pid, reply.get("daemon_pid"))
             self._forget_session()
 
+    def _let_go_if_gone(self) -> None:
+        """When the watch says the daemon is gone for sure (not merely a lane that closed), drop
+        the session now, not when the next daemon answers: the mappings of its CUDA output
+        buffers (CUDA IPC) and its doorbell page are all that a dead daemon's memory may still
+        be held by, and its exit may wait for them."""
+        if self.session_id is not None and self._watch.gone(fresh=True) is not None:
+            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.endpoint, self._watch.gone(), self.session_id)
+            self._forget_session()
+
+    def _ping_until_answered(self, deadline: float) -> Optional[dict]:
+        """The first ping reply from a daemon at the endpoint, or None at ``deadline``.
+
+        One ping per socket file: it stays queued while the file is the same (a daemon that
+        bound it answers when its loop starts: no reply is dropped for being late), and a file
+        replaced by another daemon's gets a new ping on a new socket (the old connection may
+        lead to a daemon that is still exiting). A daemon stopping answers ``unavailable``:
+        asked again on the next file."""
+        path = ipc_path(self.endpoint)
+        sent_to: Any = None  # the file the ping in flight went to
+        sent_at = request_id = 0
+        while time.monotonic() < deadline:
+            identity = file_identity(path) if path is not None else "endpoint"
+            if identity is None or (path is None and time.monotonic() - sent_at > PING_RESEND_S):
+                sent_to = None
+            if identity is None:
+                self._reset_socket()
+                time.sleep(RECONNECT_POLL_S)
+                continue
+            if identity != sent_to:
+                self._reset_socket()
+                try:
+                    sock = self._connect()
+                except DaemonUnavailable:  # the file went away again
+                    time.sleep(RECONNECT_POLL_S)
+                    continue
+                request_id, sent_at = next(self._ids), time.monotonic()
+                try:
+                    sock.send_multipart([encode_request(request_id, "ping", {})], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(RECONNECT_POLL_S)
+                    continue
+                sent_to = identity
+            if not self._socket.poll(int(RECONNECT_POLL_S * 1000), zmq.POLLIN):
+                continue
+            try:
+                decoded = _decode_reply_for(self._socket.recv_multipart(copy=False), request_id, "ping")
+            except DaemonError:  # unavailable: the old daemon is stopping
+                sent_to = None
+                time.sleep(RECONNECT_POLL_S)
+                continue
+            if decoded is not None:
+                return decoded[0]
+        self._reset_socket()
+        return None
+
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+_CONTEXT: Optional[zmq.Context] = None
+_CONTEXT_PID: Optional[int] = None
+_CONTEXT_LOCK = threading.Lock()
+
+
+def _zmq_context() -> zmq.Context:
+    """The ZeroMQ context of every ``Client`` in this process, never terminated.
+
+    ``Context.term()`` waits until every socket of the context is closed and its messages sent
+    or dropped; with one context per client, ``close()`` had to call it, and it hung now and
+    then (the socket monitor the client used to keep is a known source of such hangs in
+    libzmq). A shared context leaves ``close()`` only sockets to close (LINGER 0), which never
+    blocks, and costs one I/O thread per process instead of one per client. A forked child
+    gets its own (a context must not cross ``fork``). Private to this module, so that nobody
+    else's ``zmq.Context.instance().term()`` can pull it away from the clients.
+    """
+    global _CONTEXT, _CONTEXT_PID
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None or _CONTEXT_PID != os.getpid() or _CONTEXT.closed:
+            _CONTEXT, _CONTEXT_PID = zmq.Context(), os.getpid()
+        return _CONTEXT
 
 
 _current_stream_key = getattr(torch._C, "_cuda_getCurrentStream", None)

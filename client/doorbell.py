@@ -6,8 +6,9 @@ word, i.e. its outputs are ready.
 
 Waiting: without sleeping for ``spin_s`` (a GPU step of a few hundred microseconds is answered
 within it, and a sleeping thread costs a wake-up), then in 50 us sleeps. Every millisecond or
-so, and on every sleep, the lane is checked for a hang-up: a daemon that died never writes the
-word, and its lane's end closes with it.
+so, and on every sleep, the lane is asked whether the daemon is gone (``peer_closed``: its end
+hung up, or the client's ``cgtree.client.watch`` says so): a daemon that died never writes the
+word, and one that is still exiting may not have closed its end yet.
 
 Invariants: the client writes only ``REQUEST``; one request in flight (the ``Client``'s lock);
 ``seq`` never repeats the previous one and is never 0.
@@ -43,7 +44,7 @@ class DoorbellTimeout(TimeoutError):
 
 
 class DoorbellHangup(ConnectionError):
-    """The lane closed while waiting: the daemon died or dropped the lane."""
+    """The daemon went away while waiting: its lane closed, or the client's watch saw it go."""
 
 
 class ClientDoorbell:
@@ -97,7 +98,8 @@ class ClientDoorbell:
                 time.sleep(SLEEP_S)
                 now = clock()
             if lane.peer_closed():
-                raise DoorbellHangup("the daemon closed the submit lane while a doorbell request was in flight")
+                raise DoorbellHangup("the daemon is gone (its submit lane hung up, or its process or socket file did) "
+                                     "while a doorbell request was in flight")
             if now >= deadline:
                 raise DoorbellTimeout(f"no answer on the doorbell within {timeout_s:g} s")
 

@@ -5,8 +5,9 @@ frames, ``MOVED`` (the reply is coming over ZeroMQ), or raises:
 
 - ``LaneUnusable`` before anything was sent (the daemon closed the lane while we idled): the
   request did not reach the daemon; send it another way.
-- ``LaneClosed`` after it was sent (EOF: the daemon died or dropped the lane): it may or may
-  not have run.
+- ``LaneClosed`` after it was sent (EOF: the daemon died or dropped the lane; or ``gone``, the
+  ``cgtree.client.watch`` check the client passes, says the daemon is no longer there): it may
+  or may not have run.
 - ``LaneTimeout``: no reply within ``timeout_s``; the lane must be closed (a late reply must
   never be read as the next request's).
 
@@ -28,7 +29,7 @@ import os
 import select
 import socket
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from cgtree.client.doorbell import ClientDoorbell
 from cgtree.daemon.doorbell import HANDSHAKE_OFFER, KICK_MAGIC
@@ -43,6 +44,7 @@ from cgtree.daemon.lane import (
 
 MOVED = "moved"
 HANDSHAKE_TIMEOUT_S = 5.0
+WATCH_SLICE_S = 0.05  # waiting in the kernel, ask ``gone`` this often
 
 
 class LaneError(ConnectionError):
@@ -64,16 +66,20 @@ class LaneTimeout(LaneError, TimeoutError):
 class ClientLane:
     """A connected, attached lane. ``connect`` raises ``LaneError`` when the daemon refuses."""
 
-    def __init__(self, sock: socket.socket, path: str, doorbell: Optional[ClientDoorbell] = None) -> None:
+    def __init__(self, sock: socket.socket, path: str, doorbell: Optional[ClientDoorbell] = None,
+                 gone: Optional[Callable[[], Optional[str]]] = None) -> None:
         self.sock = sock
         self.path = path
         self.doorbell = doorbell
+        # Why the daemon is no longer there (cgtree.client.watch), or None; rate-limited by its owner.
+        self.gone = gone if gone is not None else (lambda: None)
         self._buffer = bytearray(LANE_MAX_BYTES)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
 
     @classmethod
-    def connect(cls, path: str, token: bytes, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> "ClientLane":
+    def connect(cls, path: str, token: bytes, timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                gone: Optional[Callable[[], Optional[str]]] = None) -> "ClientLane":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(timeout_s)
@@ -99,7 +105,7 @@ class ClientLane:
             if isinstance(exc, LaneError):
                 raise
             raise LaneError(f"cannot attach the submit lane at {path}: {exc}") from exc
-        return cls(sock, path, doorbell)
+        return cls(sock, path, doorbell, gone)
 
     def request(self, frames: list, timeout_s: float, spin_s: float = 0.0):
         """Send ``frames`` as one datagram; the reply's frames, or ``MOVED``. See the module doc."""
@@ -125,8 +131,10 @@ class ClientLane:
             raise LaneClosed(f"the submit lane broke: {exc}") from None
 
     def peer_closed(self) -> bool:
-        """Whether the daemon's end is gone (hang-up), without reading anything."""
-        return any(events & (select.POLLHUP | select.POLLERR) for _, events in self._poll.poll(0))
+        """Whether the daemon is gone: its end hung up, or ``gone`` says so; reads nothing."""
+        if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._poll.poll(0)):
+            return True
+        return self.gone() is not None
 
     def _receive(self, timeout_s: float, spin_s: float) -> bytearray:
         recv = self._receive_now
@@ -146,7 +154,10 @@ class ClientLane:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LaneTimeout(f"no reply on the submit lane within {timeout_s:g} s")
-            self._poll.poll(max(1, int(remaining * 1000)))
+            if not self._poll.poll(max(1, int(min(remaining, WATCH_SLICE_S) * 1000))):
+                reason = self.gone()
+                if reason is not None:
+                    raise LaneClosed(f"the daemon is gone ({reason})")
 
     def _receive_now(self) -> Optional[bytearray]:
         try:

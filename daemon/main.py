@@ -10,14 +10,18 @@ device or runtime directory, expandable segments on a CUDA device, metrics port 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import os
-import sys
-from typing import Optional, Sequence
+from cgtree.daemon import startup
 
-from cgtree.config import Config, ConfigError, DaemonConfig, load_config
+startup.mark("main")  # the first line of cgtreed's own: the interpreter's start-up ends here
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from cgtree.config import Config, ConfigError, DaemonConfig, load_config  # noqa: E402
 
 log = logging.getLogger("cgtree.daemon.main")
 
@@ -47,6 +51,8 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cgtree.daemon.logsetup import configure_logging
     from cgtree.daemon.server import EXIT_START_FAILED
+
+    startup.mark("imports")
 
     args = parse_args(argv)
     # Logging first, with the defaults: even a bad configuration file is reported in the

@@ -18,8 +18,9 @@ Invariants:
   collectors of other libraries) is exposed by accident.
 - The HTTP endpoint binds a loopback address only: the daemon's socket is host-local and so
   are its metrics (scrape them with a local Prometheus agent or forward them explicitly).
-- ``prometheus_client`` is imported only when a ``Metrics`` is built; ``make_metrics(0)``
-  returns ``NullMetrics`` and needs nothing. ``NullMetrics`` has the same methods doing
+- ``prometheus_client`` is imported only when a ``Metrics`` is built, and the standard
+  library's HTTP server (``wsgiref``, ``socketserver``: ~0.1 s of a start-up on a small VM)
+  only when one is started; ``make_metrics(0)`` returns ``NullMetrics`` and needs nothing. ``NullMetrics`` has the same methods doing
   nothing, so the submit path calls ``metrics.observe_submit(...)`` without checking a flag.
 - ``skip_reason`` text is reduced to a short category label (``mutated_inputs``,
   ``cpu_device``, ...) and at most ``MAX_SKIP_REASON_LABELS`` distinct labels are kept
@@ -29,13 +30,12 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
 import threading
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 __all__ = [
     "Metrics",
@@ -187,7 +187,7 @@ class Metrics:
         self._sessions = Gauge("cgtree_sessions", "Client sessions open now.", registry=self.registry)
         self._skip_labels: set[str] = set()
         self._skip_labels_lock = threading.Lock()
-        self._server: WSGIServer | None = None
+        self._server: Any = None  # a wsgiref WSGIServer once started
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
@@ -202,12 +202,15 @@ class Metrics:
         if self._server is not None:
             raise RuntimeError(f"metrics endpoint already started on port {self.port}")
         family = _loopback_family(host)
+        from wsgiref.simple_server import make_server
+
+        threading_server, quiet_handler = _http_classes()
         server_class = type(
-            "_MetricsServer", (_ThreadingWSGIServer,), {"address_family": family}
+            "_MetricsServer", (threading_server,), {"address_family": family}
         )
         app = self._prometheus_client.make_wsgi_app(registry=self.registry)
         try:
-            server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+            server = make_server(host, port, app, server_class, handler_class=quiet_handler)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
         self._server = server
@@ -314,13 +317,21 @@ def _loopback_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    # A slow scraper must not block the next scrape or shutdown; worker threads are daemons
-    # so a hung connection never keeps the daemon process alive at exit.
-    daemon_threads = True
+@functools.lru_cache(maxsize=1)
+def _http_classes() -> tuple[type, type]:
+    """The HTTP server and handler classes, built on first use (their imports cost start-up
+    time that a daemon without metrics should not pay)."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+    class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+        # A slow scraper must not block the next scrape or shutdown; worker threads are daemons
+        # so a hung connection never keeps the daemon process alive at exit.
+        daemon_threads = True
 
-class _QuietHandler(WSGIRequestHandler):
-    # wsgiref logs every request to stderr, which is the journal: one line per scrape is noise.
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    class _QuietHandler(WSGIRequestHandler):
+        # wsgiref logs every request to stderr, which is the journal: one line per scrape is noise.
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return _ThreadingWSGIServer, _QuietHandler

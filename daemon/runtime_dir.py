@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from typing import Mapping, Optional
 
@@ -106,3 +107,18 @@ def ipc_endpoint_problem(endpoint: str) -> Optional[str]:
     if not os.access(path, os.R_OK | os.W_OK):
         return f"permission denied on {path} (connecting needs write access: is this user in the daemon's group?)"
     return None
+
+
+def has_listener(path: str) -> bool:
+    """Whether a process listens on the unix socket file ``path``: a connection is refused at
+    once when nobody does (the file a SIGKILLed daemon left behind), so a restarted daemon
+    tells a stale file from a live one without waiting for an answer."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except OSError:  # ECONNREFUSED: nobody listens; ENOENT: gone meanwhile
+        return False
+    finally:
+        probe.close()
+    return True

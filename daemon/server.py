@@ -60,7 +60,7 @@ import zmq
 import cgtree
 from cgtree.config import Config, ConfigError, load_config
 from cgtree.daemon import commands as command_registry
-from cgtree.daemon import notify
+from cgtree.daemon import notify, startup
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.compile_service import CompileService
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
@@ -81,7 +81,7 @@ from cgtree.daemon.protocol import (
     unpack,
 )
 from cgtree.daemon.reloading import plan_reload
-from cgtree.daemon.runtime_dir import ipc_path
+from cgtree.daemon.runtime_dir import has_listener, ipc_path
 from cgtree.daemon.sessions import SessionRegistry
 from cgtree.daemon.supervision import StatusReporter, Watchdog, status_text
 
@@ -204,7 +204,9 @@ class Daemon:
             notify.status(f"cannot start: {exc}"[:200])  # what `systemctl status` shows next to the failure
             self._close_socket()
             return EXIT_START_FAILED
-        log.info("serving %s (pid %d, protocol %d)", self.endpoint, os.getpid(), PROTOCOL_VERSION)
+        durations = startup.phases()
+        log.info("serving %s (pid %d, protocol %d; READY %s)", self.endpoint, os.getpid(), PROTOCOL_VERSION,
+                 startup.summary(durations), extra={"startup_s": durations})
         while self.exit_code is None and not self._stop_requested:
             ready = self.wait_for_events()
             self.handle_signals()
@@ -223,12 +225,16 @@ class Daemon:
 
     def start(self) -> None:
         """Devices, endpoint, signals, metrics; then READY=1 (systemd's start job ends here)."""
+        startup.mark("config")
         self._start_devices()
+        startup.mark("devices")
         self._bind()
+        startup.mark("bind")
         self._install_signal_handlers()
         self.metrics = self._start_metrics()
         self.state = "serving"
         text = self._status_text()
+        startup.mark("ready")
         notify.ready(text)
         self.status_reporter.sent(text)
         self.watchdog.keepalive()
@@ -268,7 +274,9 @@ class Daemon:
     def _bind(self) -> None:
         self._context = zmq.Context()
         if self._socket_path is not None and os.path.exists(self._socket_path):
-            if _endpoint_answers(self._context, self.endpoint):
+            # A file nobody listens on is stale at once; one with a listener gets half a second
+            # to answer a ping (a daemon still exiting listens but never answers).
+            if has_listener(self._socket_path) and _endpoint_answers(self._context, self.endpoint):
                 raise StartError(f"another cgtreed already serves {self.endpoint}")
             log.info("removing stale socket file %s", self._socket_path)
             try:
@@ -370,13 +378,24 @@ class Daemon:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT) and self._stop_signalled():
+        if signum in (signal.SIGTERM, signal.SIGINT) and (self._stop_signalled() or self._stop_deliveries() > 1):
             self._force_exit_now(signum)
         # Only record it: the loop acts on it between requests (the wake-up fd ends the poll).
         self._pending_signals.append(signum)
 
     def _stop_signalled(self) -> bool:
         return self._stop_requested or any(s in (signal.SIGTERM, signal.SIGINT) for s in self._pending_signals)
+
+    def _stop_deliveries(self) -> int:
+        """SIGTERM/SIGINT deliveries since the loop last drained the wake-up pipe. Python runs a
+        handler once for every delivery of one signal that arrived during one long C call (a
+        matmul of the request in flight), but its C handler writes a byte per delivery to the
+        wake-up fd: peeked at here, a second SIGTERM is never lost that way."""
+        try:
+            pending = self._wake_r.recv(4096, socket.MSG_PEEK) if self._wake_r is not None else b""
+        except OSError:
+            return 0
+        return sum(1 for number in pending if number in (signal.SIGTERM, signal.SIGINT))
 
     def _force_exit_now(self, signum: int) -> None:
         """Second SIGTERM/SIGINT: leave now, from the handler. No logging here (the handler may

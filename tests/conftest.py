@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -228,6 +229,32 @@ def cgtreed_gpu() -> Iterator[DaemonProcess]:
         daemon.kill()
 
 
+def in_thread(fn):
+    """Run ``fn`` in a thread (a call that waits on the daemon); ``.join(timeout_s)`` returns its
+    result or raises its exception, and fails when it is still running."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    class Joined:
+        @staticmethod
+        def join(timeout_s: float = 60.0):
+            thread.join(timeout_s)
+            assert not thread.is_alive(), "the call did not return"
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["value"]
+
+    return Joined
+
+
 @pytest.fixture(scope="session")
 def daemon_tools():
     """The helpers above, for tests that need them directly (``import conftest`` is ambiguous
@@ -237,7 +264,7 @@ def daemon_tools():
 
     return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,
                                  GPU_TEST_CONFIG=GPU_TEST_CONFIG, GPU_TEST_ENV=GPU_TEST_ENV,
-                                 short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint)
+                                 short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint, in_thread=in_thread)
 
 
 # Core, seed and compile tests run on the CPU replay backend always, and on cuda:0 too when a

@@ -303,3 +303,40 @@ def test_any_other_handler_exception_is_internal_with_the_request_id(monkeypatch
     daemon, reply = _dispatch(monkeypatch, KeyError("oops"), sticky=False)
     assert reply["id"] == 77 and reply["error"]["code"] == "internal" and "77" in reply["error"]["message"]
     assert daemon.exit_code is None and daemon.counters["internal_errors"] == 1
+
+
+def test_a_socket_file_nobody_listens_on_is_stale_at_once(tmp_path):
+    import socket
+
+    path = str(tmp_path / "s")
+    assert not runtime_dir.has_listener(path)  # no file
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    assert runtime_dir.has_listener(path)
+    listener.close()  # what SIGKILL leaves: the file, nobody behind it
+    assert os.path.exists(path) and not runtime_dir.has_listener(path)
+
+
+def test_a_restarted_daemon_replaces_a_stale_socket_file_without_waiting_for_a_ping(monkeypatch):
+    """After a SIGKILL the socket file stays; the next daemon must not spend half a second
+    pinging it (it used to: the probe waited 0.5 s for an answer that could not come)."""
+    import socket
+    import tempfile
+
+    from cgtree.config import Config
+    from cgtree.daemon import server
+
+    workdir = tempfile.mkdtemp(prefix="cgt-", dir="/tmp")
+    path = os.path.join(workdir, "s")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    monkeypatch.setattr(server, "_endpoint_answers", lambda *a, **k: pytest.fail("pinged a file nobody listens on"))
+    daemon = server.Daemon(Config(), endpoint=f"ipc://{path}", device_names=["cpu"])
+    try:
+        daemon._bind()
+        assert runtime_dir.has_listener(path)
+    finally:
+        daemon._close_socket()
+        os.rmdir(workdir)

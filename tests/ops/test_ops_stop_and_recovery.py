@@ -73,31 +73,6 @@ def wait_for_log(daemon, pattern: str, timeout_s: float = 20.0) -> None:
     raise AssertionError(f"{pattern!r} not in the daemon log:\n{daemon.log()[-3000:]}")
 
 
-def in_thread(fn):
-    """Run ``fn`` in a thread; ``.join()`` returns its result or raises its exception."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    class Joined:
-        @staticmethod
-        def join(timeout_s: float = 60.0):
-            thread.join(timeout_s)
-            assert not thread.is_alive(), "the call did not return"
-            if "error" in outcome:
-                raise outcome["error"]
-            return outcome["value"]
-
-    return Joined
-
-
 def raw_ping(endpoint: str, timeout_s: float = 10.0) -> dict:
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
@@ -111,12 +86,12 @@ def raw_ping(endpoint: str, timeout_s: float = 10.0) -> dict:
         sock.close(0)
 
 
-def test_sigterm_finishes_the_request_in_flight_refuses_the_queue_and_exits_0(daemon_factory):
+def test_sigterm_finishes_the_request_in_flight_refuses_the_queue_and_exits_0(daemon_factory, daemon_tools):
     daemon = daemon_factory(DEBUG_CONFIG)
     model, x = Slow(), slow_input()
     with Client(daemon.endpoint, timeout_s=60) as client:
         handle = client.register(model, [x])
-        pending = in_thread(lambda: client.submit(handle, [x]))
+        pending = daemon_tools.in_thread(lambda: client.submit(handle, [x]))
         wait_for_log(daemon, r"request \d+: submit \[req=")
         daemon.signal(signal.SIGTERM)
         refused = raw_ping(daemon.endpoint)  # queued behind the submit: never runs
@@ -128,12 +103,12 @@ def test_sigterm_finishes_the_request_in_flight_refuses_the_queue_and_exits_0(da
     assert re.search(r"stopped cleanly \([12] queued requests refused\)", daemon.log())  # the ping (and maybe the bye)
 
 
-def test_a_second_sigterm_exits_at_once_with_status_1(daemon_factory):
+def test_a_second_sigterm_exits_at_once_with_status_1(daemon_factory, daemon_tools):
     daemon = daemon_factory(DEBUG_CONFIG)
     model, x = Slow(), slow_input()
     with Client(daemon.endpoint, timeout_s=2) as client:
         handle = client.register(model, [x])
-        pending = in_thread(lambda: client.submit(handle, [x]))
+        pending = daemon_tools.in_thread(lambda: client.submit(handle, [x]))
         wait_for_log(daemon, r"request \d+: submit \[req=")
         daemon.signal(signal.SIGTERM)
         time.sleep(0.1)
@@ -165,8 +140,8 @@ def test_after_sigkill_a_running_client_finds_the_new_daemon_and_resends_only_sa
         # Requests in flight: the daemon is stopped, then killed before it reads them.
         daemon.signal(signal.SIGSTOP)
         x, y = torch.randn(2, 8), torch.randn(3)
-        pure = in_thread(lambda: pure_client.submit(pure_handle, [x]))
-        interrupted = in_thread(lambda: mutating_client.submit(mutating_handle, [y.clone()]))
+        pure = daemon_tools.in_thread(lambda: pure_client.submit(pure_handle, [x]))
+        interrupted = daemon_tools.in_thread(lambda: mutating_client.submit(mutating_handle, [y.clone()]))
         time.sleep(0.3)
         daemon.signal(signal.SIGKILL)
         assert daemon.wait(timeout_s=10) == -signal.SIGKILL
