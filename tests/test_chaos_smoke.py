@@ -33,7 +33,8 @@ def test_chaos_cpu_smoke_run(tmp_path):
     assert kill["exit_s"] is not None and kill["restart"]["pid"] != kill["pid"]
     assert [row["recovered"] for row in kill["clients"]] == [True, True]
     assert all(row["recovery_s"] is not None and row["outage_s"] > 0 for row in kill["clients"])
+    assert all(row["noticed_s"] is not None and 0 <= row["noticed_s"] <= row["outage_s"] for row in kill["clients"])
     clients = report["clients"]
     assert len(clients) == 2 and sum(row["wrong"] for row in clients) == 0
     assert all(row["ok"] > 0 and row["finished"] for row in clients)
-    assert "| client | recovery after READY (s)" in (tmp_path / "chaos.md").read_text()
+    assert "| client | noticed after kill (s) | recovery after READY (s) |" in (tmp_path / "chaos.md").read_text()
