@@ -169,6 +169,17 @@ def load_artifact(path: Path) -> Callable:
     return compiled
 
 
+def prepare_to_load() -> float:
+    """Import what ``load_artifact`` needs (inductor: 1-2 s): at start-up, before READY, so
+    that a restarted daemon answers its first registers with compiled graphs at once (a client
+    recovering from a crash waits for those, not for the daemon's READY). Seconds taken."""
+    started = time.perf_counter()
+    from torch._inductor import CompiledArtifact  # noqa: F401
+    from torch._inductor import config  # noqa: F401
+
+    return time.perf_counter() - started
+
+
 def describe_failure(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -63,6 +63,7 @@ from cgtree.daemon import commands as command_registry
 from cgtree.daemon import notify, startup
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.compile_service import CompileService
+from cgtree.daemon.compiling import prepare_to_load, resolve_compile_mode
 from cgtree.daemon.graphs import DeviceRuntime, resolve_devices
 from cgtree.daemon.lane import MOVED, LaneConnection, LaneHub, fits_lane, lane_path_for
 from cgtree.daemon.doorbell import ON_LANE, REPLAYED, Doorbell, doorbell_policy, is_kick
@@ -260,6 +261,8 @@ class Daemon:
                      "" if runtime.backend == "cuda" else " (no CUDA graphs: functions are re-run into recorded buffers)")
         if self.config.daemon.cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.config.daemon.cache_dir)
+        if any(resolve_compile_mode(self.config.daemon.compile, rt.device) == "inductor" for rt in self.devices.values()):
+            log.info("inductor imported for loading compiled graphs in %.2f s", prepare_to_load())
 
     def _start_metrics(self) -> Any:
         port = self.config.daemon.metrics_port

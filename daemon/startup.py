@@ -4,7 +4,8 @@
 Phases, in order (seconds): ``interpreter`` (exec to cgtreed's first line: the interpreter and
 site; from the kernel's start time of the process, so 10 ms resolution), ``imports`` (torch,
 ZeroMQ and the daemon's modules), ``config`` (configuration, logging, the ``Daemon`` built),
-``devices`` (every device started: CUDA initialization on a GPU), ``bind`` (the ZeroMQ socket,
+``devices`` (every device started: CUDA initialization on a GPU; inductor's import where a
+device compiles, so that compiled graphs load at once after READY), ``bind`` (the ZeroMQ socket,
 a stale socket file replaced, the lane listener), ``ready`` (signal handlers, metrics, then
 ``READY=1``). ``total`` is exec to READY.
 
