@@ -25,6 +25,7 @@ def format_status(document: dict) -> str:
     lines = [
         f"cgtreed pid {daemon.get('pid')}  version {daemon.get('version')}  protocol {daemon.get('protocol')}  "
         f"up {_duration(daemon.get('uptime_s', 0))}  endpoint {daemon.get('endpoint')}",
+        *_viewer_note(daemon),
         "",
     ]
     device_rows = [
@@ -42,13 +43,13 @@ def format_status(document: dict) -> str:
         for name, dev in devices.items():
             counters = dev.get("counters", {})
             rows.append([
-                s.get("id"), s.get("name") or "-", s.get("pid"), s.get("state"), _duration(s.get("idle_s", 0)),
+                s.get("id"), s.get("name") or "-", s.get("pid"), s.get("uid"), s.get("state"), _duration(s.get("idle_s", 0)),
                 s.get("submits", 0), name, dev.get("root_children", []), len(_nodes(dev)), counters.get("warmups", 0),
                 counters.get("recordings", 0), counters.get("replays", 0), counters.get("skips", 0),
                 _bytes(dev.get("pool_bytes", 0)), dev.get("live_blocks", 0),
             ])
     if rows:
-        lines += table(["SESSION", "NAME", "PID", "STATE", "IDLE", "SUBMITS", "DEVICE", "ROOTS", "NODES", "WARMUPS",
+        lines += table(["SESSION", "NAME", "PID", "UID", "STATE", "IDLE", "SUBMITS", "DEVICE", "ROOTS", "NODES", "WARMUPS",
                         "RECORDINGS", "REPLAYS", "SKIPS", "POOL", "LIVE"], rows)
     else:
         lines.append("no sessions")
@@ -176,7 +177,7 @@ def session_rows(document: dict) -> list[dict]:
     for s in document.get("sessions", []):
         devices = s.get("devices") or {}
         rows.append({
-            "id": s.get("id"), "name": s.get("name"), "pid": s.get("pid"), "state": s.get("state"),
+            "id": s.get("id"), "name": s.get("name"), "pid": s.get("pid"), "uid": s.get("uid"), "state": s.get("state"),
             "idle_s": s.get("idle_s"), "submits": s.get("submits", 0), "devices": sorted(devices),
             "transport": ("lane+doorbell" if s.get("doorbell") else "lane") if s.get("lane") else "zmq",
             "graphs": [g.get("graph") for g in s.get("graphs", [])],
@@ -190,8 +191,8 @@ def format_sessions(rows: Iterable[dict]) -> str:
     if not rows:
         return "no sessions"
     return "\n".join(table(
-        ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"],
-        [[r.get("id"), r.get("name"), r.get("pid"), r.get("state"), _duration(r.get("idle_s")), r.get("devices", []),
+        ["SESSION", "NAME", "PID", "UID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"],
+        [[r.get("id"), r.get("name"), r.get("pid"), r.get("uid"), r.get("state"), _duration(r.get("idle_s")), r.get("devices", []),
           len(r.get("graphs", [])), r.get("nodes", 0), r.get("submits", 0), r.get("transport", "zmq")] for r in rows],
     ))
 
@@ -208,6 +209,14 @@ def format_reload(reply: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+
+def _viewer_note(daemon: dict) -> list[str]:
+    """A line saying the view is the caller's own sessions (``cgtree.daemon.tenancy``)."""
+    viewer = daemon.get("viewer")
+    if not isinstance(viewer, dict) or viewer.get("sees") != "own":
+        return []
+    return [f"showing the sessions of uid {viewer.get('uid')} only (root and the daemon's user see every session)"]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

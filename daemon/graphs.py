@@ -19,6 +19,11 @@ Invariants:
   ``daemon.compile`` resolving to inductor it is *compiling* (``entry.compiling``) until the
   compile worker's artifact is loaded, and nobody submits it meanwhile (the register command
   answers "compiling" and submit refuses it); a failed compile leaves its ATen code.
+- Sharing across users needs the bytes (``cgtree.daemon.tenancy.may_use_content``): a graph or
+  weight records the uids that sent it (``provers``); a uid gets a known graph by its id alone,
+  or a known weight without its blob, only once it is among them. Anyone else is asked for the
+  payload and the blobs as if the device lacked them; a blob that re-hashes to its name then
+  proves the uid holds it and the device's one copy is shared (nothing is stored twice).
 - ``DeviceRuntime.backend`` is the tree manager's own ``backend_name`` (``cuda`` or
   ``cpu-replay``): what the logs and status say is what runs.
 """
@@ -36,6 +41,7 @@ import torch
 from cgtree.daemon.compiling import (artifact_dir, artifact_name, compile_in_process, describe_failure, has_symbolic_shapes,
                                      load_artifact, resolve_compile_mode)
 from cgtree.daemon.protocol import ProtocolError
+from cgtree.daemon.tenancy import may_use_content
 
 log = logging.getLogger("cgtree.daemon.graphs")
 
@@ -80,6 +86,7 @@ class WeightEntry:
     tensor: torch.Tensor
     nbytes: int
     refs: int = 0
+    provers: set = field(default_factory=set)  # uids that sent these bytes (tenancy)
 
 
 @dataclass
@@ -98,6 +105,7 @@ class GraphEntry:
     kernels: str = "aten"  # what fn runs: "aten" (the decoded module) or "inductor"
     kernels_note: str = ""  # how it came to run them (status, cgtreectl graphs, the logs)
     compiling: Any = None  # the CompileJob while the compile worker compiles it (not usable yet)
+    provers: set = field(default_factory=set)  # uids that sent the payload and every weight (tenancy)
 
     @property
     def short_name(self) -> str:
@@ -141,9 +149,12 @@ class DeviceGraphs:
     # -- registration --------------------------------------------------------------------------
 
     def register(self, payload: Optional[memoryview], claimed_id: Optional[str], blobs: dict[str, memoryview],
-                 staged: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None) -> RegisterOutcome:
-        """Make a graph usable on this device. Without ``payload`` only an already known
-        ``claimed_id`` can be registered. Returns what is missing if anything is.
+                 staged: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None,
+                 uid: Optional[int] = None) -> RegisterOutcome:
+        """Make a graph usable on this device for uid ``uid``. Without ``payload`` only an
+        already known ``claimed_id`` that ``uid`` proved can be registered. Returns what is
+        missing if anything is: to ``uid``, a graph or weight it has not sent itself is missing
+        exactly as if the device lacked it (the answer tells nothing about other users).
 
         ``staged`` holds verified weights this client uploaded for a graph still missing
         others (large models arrive in several messages under ``max_message_bytes``); the
@@ -152,8 +163,9 @@ class DeviceGraphs:
         """
         staged = {} if staged is None else staged
         if payload is None:
-            if claimed_id is not None and claimed_id in self.graphs:
-                return RegisterOutcome(claimed_id, self._named(self.graphs[claimed_id], name))
+            known = self.graphs.get(claimed_id) if claimed_id is not None else None
+            if known is not None and may_use_content(uid, known.provers):
+                return RegisterOutcome(claimed_id, self._named(known, name))
             return RegisterOutcome(claimed_id, need_payload=True)
         codec = payload_codec()
         try:
@@ -165,24 +177,37 @@ class DeviceGraphs:
         if claimed_id is not None and claimed_id != graph_id:
             raise ProtocolError("payload_rejected", f"the payload hashes to {graph_id}, not to the claimed {claimed_id}")
         known = self.graphs.get(graph_id)
-        if known is not None:
+        if known is not None and may_use_content(uid, known.provers):
             return RegisterOutcome(graph_id, self._named(known, name))
         specs = {spec.hash: spec for spec in decoded.weight_specs}
         weight_hashes = tuple(str(h) for h in decoded.weight_hashes)
         for weight_hash, blob in blobs.items():
             if weight_hash not in specs:
                 raise ProtocolError("payload_rejected", f"weight {weight_hash} is not one of graph {graph_id[:12]}'s weights")
-            if weight_hash not in self.weights and weight_hash not in staged:
+            held = self.weights.get(weight_hash)
+            if held is not None:
+                if not may_use_content(uid, held.provers):
+                    self._verify_weight(codec, specs[weight_hash], blob)  # the proof; the device's copy is shared
+                    held.provers.add(uid)
+            elif weight_hash not in staged:
                 staged[weight_hash] = self._materialize_weight(codec, specs[weight_hash], blob)
-        missing = [h for h in dict.fromkeys(weight_hashes) if h not in self.weights and h not in staged]
+        missing = [h for h in dict.fromkeys(weight_hashes) if h not in staged
+                   and (h not in self.weights or not may_use_content(uid, self.weights[h].provers))]
         if missing:
             return RegisterOutcome(graph_id, missing_weights=missing)
+        if known is not None:  # another user's graph: this uid has now sent the payload and every weight
+            known.provers.add(uid)
+            for weight_hash in dict.fromkeys(weight_hashes):
+                staged.pop(weight_hash, None)  # uploaded here while another session put it on the device
+                self.weights[weight_hash].provers.add(uid)
+            return RegisterOutcome(graph_id, self._named(known, name))
         added = 0
         for weight_hash in dict.fromkeys(weight_hashes):
+            tensor = staged.pop(weight_hash, None)
             if weight_hash not in self.weights:
-                tensor = staged.pop(weight_hash)
                 self.weights[weight_hash] = WeightEntry(tensor, tensor.numel() * tensor.element_size())
                 added += 1
+            self.weights[weight_hash].provers.add(uid)
         weights = []
         for weight_hash in weight_hashes:
             self.weights[weight_hash].refs += 1
@@ -190,7 +215,7 @@ class DeviceGraphs:
         entry = GraphEntry(
             graph_id=graph_id, decoded=decoded, weight_hashes=weight_hashes, weights=weights,
             fn=decoded.module, input_specs=getattr(decoded, "input_specs", None),
-            dynamic=bool(getattr(decoded, "dynamic", False)), name=name,
+            dynamic=bool(getattr(decoded, "dynamic", False)), name=name, provers={uid},
         )
         self.graphs[graph_id] = entry
         self._choose_kernels(entry, payload)
@@ -207,11 +232,15 @@ class DeviceGraphs:
         """Raw weight bytes (dtype and shape from the graph's weight spec) -> a device tensor,
         after checking they hash to the spec's name: one client cannot plant other values
         under the hash of a weight another client's graph uses."""
+        return self._verify_weight(codec, spec, blob).to(self.device, copy=True).contiguous()
+
+    @staticmethod
+    def _verify_weight(codec: Any, spec: Any, blob: memoryview) -> torch.Tensor:
+        """The blob as a CPU tensor over its bytes, once it re-hashes to the spec's name."""
         try:
-            cpu_tensor = codec.weight_to_tensor(codec.WeightBlob(spec.dtype, tuple(spec.shape), blob), expected_hash=spec.hash)
+            return codec.weight_to_tensor(codec.WeightBlob(spec.dtype, tuple(spec.shape), blob), expected_hash=spec.hash)
         except codec.PayloadError as exc:
             raise ProtocolError("payload_rejected", f"weight {spec.hash}: {exc}") from None
-        return cpu_tensor.to(self.device, copy=True).contiguous()
 
     def _choose_kernels(self, entry: GraphEntry, payload: memoryview) -> None:
         """Set ``entry.fn``: its ATen module, or inductor's code: loaded from an artifact a

@@ -19,8 +19,9 @@ deployment that opens the ZeroMQ socket to a group opens the lane to it too).
 Handshake: the ``hello`` reply carries ``lane = {"path", "token"}``. The client connects and
 sends ``[LANE_MAGIC, token]``; the daemon answers ``[b"ok"]`` (``[b"ok", b"doorbell"]`` with the
 lane's doorbell page passed along as a memfd: ``cgtree.daemon.doorbell``) or
-``[b"refused", reason]`` and closes. The token is 16 random bytes per session, new on every adoption; where the daemon can
-see the client's pid, ``SO_PEERCRED`` must also name the session's client.
+``[b"refused", reason]`` and closes. The token is 16 random bytes per session, new on every adoption;
+``SO_PEERCRED`` must name the session's owner (uid) and, where the daemon can see the client's
+pid, the session's client (``handshake_refusal``).
 
 Invariants:
 - A datagram never exceeds ``LANE_MAX_BYTES``. A client sends larger requests over ZeroMQ. The
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from cgtree.daemon.doorbell import HANDSHAKE_OFFER
+from cgtree.daemon.tenancy import may_use, peer_credentials
 
 log = logging.getLogger("cgtree.daemon.lane")
 
@@ -128,16 +130,16 @@ def receive_datagram(sock: socket.socket, buffer: bytearray, flags: int = 0) -> 
     return bytearray(memoryview(buffer)[:nbytes])  # a private copy: see the invariants
 
 
-def peer_pid(sock: socket.socket) -> Optional[int]:
-    """The connecting process's pid (SO_PEERCRED), or None where the platform lacks it."""
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if so_peercred is None:
-        return None
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i")))
-        return pid
-    except OSError:
-        return None
+def handshake_refusal(connection_pid: Optional[int], connection_uid: Optional[int], session: Any) -> Optional[str]:
+    """Why a lane from (pid, uid) may not attach to ``session`` (its token matched), or None.
+    The uid must be the session's owner's (``cgtree.daemon.tenancy``): a token that leaked to
+    another user is worthless. The pid must be the session's client's where the daemon can see
+    that client (same pid namespace): another process of the same user is refused too."""
+    if connection_uid is not None and not may_use(connection_uid, session.owner):
+        return f"the connecting process (uid {connection_uid}) does not belong to the session's user"
+    if connection_pid is not None and session.client.create_time is not None and connection_pid != session.client.pid:
+        return f"the connecting process (pid {connection_pid}) is not the session's client (pid {session.client.pid})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class LaneConnection:
     sock: socket.socket
     fd: int  # kept: a closed socket's fileno() is -1, and the poller knows it by this
     pid: Optional[int]
+    uid: Optional[int] = None  # SO_PEERCRED; None where the platform does not say
     session: Any = None
     doorbell: Any = None  # its cgtree.daemon.doorbell.Doorbell, when the session got one
 
@@ -221,7 +224,8 @@ class LaneHub:
                 self.dropped += 1
                 continue
             sock.setblocking(False)
-            connection = LaneConnection(sock, sock.fileno(), peer_pid(sock))
+            pid, uid = peer_credentials(sock)
+            connection = LaneConnection(sock, sock.fileno(), pid, uid)
             self.connections[connection.fd] = connection
             self.watch(connection.fd)
             accepted.append(connection)
@@ -266,8 +270,8 @@ class LaneHub:
             session = self.find_session(bytes(frames[1]))
             if session is None:
                 refusal = "unknown or expired lane token: say hello again"
-            elif connection.pid is not None and session.client.create_time is not None and connection.pid != session.client.pid:
-                refusal = f"the connecting process (pid {connection.pid}) is not the session's client (pid {session.client.pid})"
+            else:
+                refusal = handshake_refusal(connection.pid, connection.uid, session)
         if refusal is not None:
             self.send(connection, [b"refused", refusal.encode()])
             self.close(connection)

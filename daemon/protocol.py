@@ -41,6 +41,7 @@ ERROR_CODES: dict[str, tuple[bool, str]] = {
     "too_large": (False, "the message is larger than daemon.max_message_bytes"),
     "no_session": (True, "the command needs a session: send hello first (also after a daemon restart)"),
     "session_in_use": (False, "a live client already holds the named session"),
+    "forbidden": (False, "the request would act on a session of another user (sessions belong to the uid that opened them)"),
     "unknown_graph": (True, "no graph of that id is registered in this session on that device: register it"),
     "unknown_device": (False, "the daemon does not serve that device"),
     "graph_compiling": (True, "the graph is still being compiled by the daemon: register it again to wait for it"),

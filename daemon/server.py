@@ -85,6 +85,8 @@ from cgtree.daemon.reloading import plan_reload
 from cgtree.daemon.runtime_dir import has_listener, ipc_path
 from cgtree.daemon.sessions import SessionRegistry
 from cgtree.daemon.supervision import StatusReporter, Watchdog, status_text
+from cgtree.daemon.tenancy import UNVERIFIED, may_use, peer_uid_of_frame
+from cgtree.daemon.tenancy import describe as describe_uid
 
 log = logging.getLogger("cgtree.daemon.server")
 
@@ -193,6 +195,10 @@ class Daemon:
         self._wake_w: Optional[socket.socket] = None
         self._previous_handlers: dict[int, Any] = {}
         self._socket_path = ipc_path(endpoint)
+        # Peer uids come with ipc:// messages only (libzmq's SO_PEERCRED, cgtree.daemon.tenancy);
+        # a tcp:// peer's address could even parse as credentials, so it is never read.
+        self._peer_credentials = endpoint.startswith("ipc://")
+        self._uid = os.getuid()
         self._bound = False
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -208,6 +214,9 @@ class Daemon:
         durations = startup.phases()
         log.info("serving %s (pid %d, protocol %d; READY %s)", self.endpoint, os.getpid(), PROTOCOL_VERSION,
                  startup.summary(durations), extra={"startup_s": durations})
+        if not self._peer_credentials:
+            log.warning("%s is not an ipc:// endpoint: the daemon cannot tell its clients' users apart, so every "
+                        "client may see and adopt every other's sessions (docs/DEPLOY.md, tenants)", self.endpoint)
         while self.exit_code is None and not self._stop_requested:
             ready = self.wait_for_events()
             self.handle_signals()
@@ -579,7 +588,7 @@ class Daemon:
                 self._serve_doorbell(connection)
             return
         else:
-            reply = self.answer(session.identity, frames)
+            reply = self.answer(session.identity, frames, session.owner)  # the lane's uid was checked at its handshake
         self._reply_on_lane(connection, reply)
 
     def _reply_on_lane(self, connection: LaneConnection, reply: list) -> None:
@@ -642,18 +651,25 @@ class Daemon:
         if len(body_frames) >= 2 and len(body_frames[0]) == 0:
             head.append(b"")
             body_frames = body_frames[1:]
-        return head + self.answer(identity, body_frames)
+        peer_uid = peer_uid_of_frame(message[0]) if self._peer_credentials else UNVERIFIED
+        return head + self.answer(identity, body_frames, peer_uid)
 
-    def answer(self, identity: bytes, body_frames: list) -> list:
-        """One request's frames (envelope, data) from ``identity`` -> the reply's frames."""
+    def answer(self, identity: bytes, body_frames: list, peer_uid: Optional[int] = UNVERIFIED) -> list:
+        """One request's frames (envelope, data) from ``identity``, sent by a process of uid
+        ``peer_uid`` (``cgtree.daemon.tenancy``) -> the reply's frames."""
         self.counters["requests"] += 1
         session = self.sessions.get(identity)
         request, refusal = self._decode(body_frames)
         request_id = request.request_id if request is not None else getattr(refusal, "request_id", None)
+        if refusal is None and session is not None and not may_use(peer_uid, session.owner):
+            # A routing id bound to another user's session (handed over, guessed): nothing of that
+            # session may be touched, whatever the command.
+            refusal = ProtocolError("forbidden", f"this routing id belongs to a session of another user; {describe_uid(peer_uid)} may not use it")
+            session = None
         with request_context(request_id if request_id is not None else "?", session.label if session is not None else None):
             if refusal is not None:
-                return [self._refuse(request_id, "?", refusal)]
-            return self._dispatch(identity, session, request)
+                return [self._refuse(request_id, "?" if request is None else request.op, refusal)]
+            return self._dispatch(identity, session, request, peer_uid)
 
     def answer_plan(self, session: Any, frame: Any, *, plan: Optional[tuple[int, int]] = None,
                     settle: Optional[Callable] = None) -> Any:
@@ -683,7 +699,7 @@ class Daemon:
         the plan again while the plan still stands (the same output buffer)."""
         from cgtree.daemon.commands import submit
 
-        reply = submit.finish(self._context_for(session.identity, request_id), session, state, runtime, graph_id,
+        reply = submit.finish(self._context_for(session.identity, request_id, session.owner), session, state, runtime, graph_id,
                               outputs, received, to_host=False)
         plan = state.plans.by_id.get(plan_id)
         if plan is not None and submit.plannable(reply, state, graph_id) and state.output_buffers.get(graph_id) is plan.buffer:
@@ -702,7 +718,7 @@ class Daemon:
         except ProtocolError as exc:
             return None, exc
 
-    def _dispatch(self, identity: bytes, session: Any, request: Request) -> list:
+    def _dispatch(self, identity: bytes, session: Any, request: Request, peer_uid: Optional[int]) -> list:
         """Run the request's command: [reply envelope, *data frames], or [error envelope]."""
         request_id, op = request.request_id, request.op
 
@@ -715,7 +731,7 @@ class Daemon:
             if session is not None:
                 session.touch(self.clock())
                 session.counters["requests"] += 1
-            reply = command.execute(self._context_for(identity, request_id), session, request.body, request.frames)
+            reply = command.execute(self._context_for(identity, request_id, peer_uid), session, request.body, request.frames)
             return [encode_reply(request_id, reply.body), *reply.frames]
 
         return self._guarded(request_id, op, run)
@@ -764,12 +780,12 @@ class Daemon:
             self.counters["dropped"] += 1
             log.info("reply to a client dropped: %s", exc)
 
-    def _context_for(self, identity: bytes, request_id: Any) -> CommandContext:
+    def _context_for(self, identity: bytes, request_id: Any, peer_uid: Optional[int]) -> CommandContext:
         return CommandContext(
             identity=identity, request_id=request_id, config=self.config, devices=self.devices,
             sessions=self.sessions, metrics=self.metrics, daemon_info=self.info,
             next_buffer_id=self._next_buffer_id, reload=self._reload_command, keepalive=self.watchdog.keepalive,
-            lane_path=self.lanes.path if self.lanes is not None else None,
+            lane_path=self.lanes.path if self.lanes is not None else None, peer_uid=peer_uid, daemon_uid=self._uid,
         )
 
     def _next_buffer_id(self) -> int:

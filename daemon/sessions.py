@@ -20,6 +20,10 @@ Invariants:
   everything the dead client could have seen: output buffers and opened IPC handles.
 - Liveness is a pure decision (``session_verdict``) over facts gathered by the registry, so
   it is tested without processes and without a clock.
+- A session belongs to the uid that opened it (``owner``: the kernel's word for the peer, see
+  ``cgtree.daemon.tenancy``). Names are per owner (the registry keys them by (owner, name)), so
+  one user's ``hello`` can neither adopt nor block another user's named session, and a routing
+  id already bound to another owner's session is refused (``Forbidden``), never re-opened.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import psutil
 from cgtree.daemon.input_memo import InputMemo
 from cgtree.daemon.lane import TOKEN_BYTES as LANE_TOKEN_BYTES
 from cgtree.daemon.plans import PlanBook
+from cgtree.daemon.tenancy import describe as describe_uid
+from cgtree.daemon.tenancy import may_use
 from cgtree.daemon.tensors import IpcImportCache, OutputBuffer
 
 log = logging.getLogger("cgtree.daemon.sessions")
@@ -154,13 +160,16 @@ class SessionDevice:
 
 
 class Session:
-    """One client's session. ``identity`` is None while parked."""
+    """One client's session. ``identity`` is None while parked; ``owner`` is the uid that opened
+    it (None: an unverified peer, ``cgtree.daemon.tenancy``), for good."""
 
-    def __init__(self, identity: bytes, client: ClientProcess, name: Optional[str], now: float) -> None:
+    def __init__(self, identity: bytes, client: ClientProcess, name: Optional[str], now: float,
+                 owner: Optional[int] = None) -> None:
         self.session_id = next(_session_ids)
         self.identity: Optional[bytes] = identity
         self.client = client
         self.name = name
+        self.owner = owner
         self.state = "live"
         self.created = now
         self.last_seen = now
@@ -199,7 +208,7 @@ class SessionRegistry:
         self.clock = clock
         self.linger_s = linger_s
         self.by_identity: dict[bytes, Session] = {}
-        self.by_name: dict[str, Session] = {}
+        self.by_name: dict[tuple[Optional[int], str], Session] = {}  # (owner, name): names are per user
         self.sessions: dict[int, Session] = {}
 
     def by_lane_token(self, token: bytes) -> Optional[Session]:
@@ -215,18 +224,22 @@ class SessionRegistry:
     def get(self, identity: bytes) -> Optional[Session]:
         return self.by_identity.get(identity)
 
-    def open(self, identity: bytes, client: ClientProcess, name: Optional[str]) -> tuple[Session, bool]:
-        """The session for a ``hello``: (session, adopted). Raises ``SessionInUse`` when a
-        live client holds ``name``."""
+    def open(self, identity: bytes, client: ClientProcess, name: Optional[str],
+             owner: Optional[int] = None) -> tuple[Session, bool]:
+        """The session for a ``hello`` from uid ``owner``: (session, adopted). Raises
+        ``SessionInUse`` when a live client of the same owner holds ``name``, ``Forbidden``
+        when ``identity`` is bound to another owner's session."""
         now = self.clock()
         existing = self.by_identity.get(identity)
         if existing is not None:
+            if not may_use(owner, existing.owner):
+                raise Forbidden(f"this routing id belongs to a session of another user; {describe_uid(owner)} may not open it")
             if existing.client == client and existing.name == name:
                 existing.touch(now)
                 return existing, False  # the same client saying hello again (reconnect)
             self.close(existing, "its routing id said hello as another client", client_alive=existing.client.alive() is not False)
         if name is not None:
-            holder = self.by_name.get(name)
+            holder = self.by_name.get((owner, name))
             if holder is not None and holder.state == "live":
                 if holder.client.alive() is False:
                     self.park(holder, "its client died (found at hello)")
@@ -242,12 +255,12 @@ class SessionRegistry:
                 self.by_identity[identity] = holder
                 log.info("session %s adopted by pid %d (parked trees kept warm)", holder.label, client.pid)
                 return holder, True
-        session = Session(identity, client, name, now)
+        session = Session(identity, client, name, now, owner)
         self.sessions[session.session_id] = session
         self.by_identity[identity] = session
         if name is not None:
-            self.by_name[name] = session
-        log.info("session %s opened for pid %d", session.label, client.pid)
+            self.by_name[(owner, name)] = session
+        log.info("session %s opened for pid %d (%s)", session.label, client.pid, describe_uid(owner))
         return session, False
 
     def park(self, session: Session, reason: str) -> None:
@@ -268,8 +281,8 @@ class SessionRegistry:
             return
         if session.identity is not None and self.by_identity.get(session.identity) is session:
             del self.by_identity[session.identity]
-        if session.name is not None and self.by_name.get(session.name) is session:
-            del self.by_name[session.name]
+        if session.name is not None and self.by_name.get((session.owner, session.name)) is session:
+            del self.by_name[(session.owner, session.name)]
         session.state = "closed"
         self._client_gone(session)
         errors = []
@@ -323,3 +336,7 @@ class SessionRegistry:
 
 class SessionInUse(Exception):
     """A live client already holds the session name asked for."""
+
+
+class Forbidden(Exception):
+    """The request would act on another user's session."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -56,6 +57,10 @@ class CommandContext:
     keepalive: Callable[[], None] = field(default=lambda: None)
     # The submit lane's socket path (cgtree.daemon.lane); None when lanes are off.
     lane_path: Optional[str] = None
+    # Who sent this request: the peer's uid as the kernel reports it (cgtree.daemon.tenancy;
+    # None: unverified), and the daemon's own uid (it and root inspect every session).
+    peer_uid: Optional[int] = None
+    daemon_uid: int = field(default_factory=os.getuid)
     extras: dict = field(default_factory=dict)
 
     def device(self, name: Any) -> "DeviceRuntime":

@@ -6,7 +6,10 @@ this client when it dies. ``name`` (optional) names the session: when a named se
 dies, its recordings are parked (outputs invalidated, IPC handles closed) for a linger period
 and adopted, warm, by the next client saying hello with the same name. ``client`` is free text
 for logs (e.g. ``"cgtree.client 0.1.0"``). Saying hello again from the same routing id and pid
-returns the same session (a reconnect).
+returns the same session (a reconnect). A session belongs to the uid of the process that said
+hello (the kernel's peer credentials, never a field of the request): session names are per
+user, so a name adopts only a session of the same user, and every later request on the
+session must come from that uid.
 
 Reply: ``{"session": int, "adopted": bool, "protocol": int, "daemon_pid": int,
 "devices": [{"device": str, "backend": "cuda" | "cpu-replay", "uuid": str | None}],
@@ -18,7 +21,8 @@ than ZeroMQ (see ``cgtree.daemon.lane`` for the framing and the handshake). ``uu
 ``device`` fields and IPC exports) to the daemon's by it.
 
 Errors: ``bad_request`` (pid missing or not a live process, name too long),
-``session_in_use`` (a live client holds that name).
+``session_in_use`` (a live client of the same user holds that name), ``forbidden`` (the routing
+id is bound to another user's session).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import os
 
 from cgtree.daemon.protocol import PROTOCOL_VERSION, ProtocolError, Reply, field_of
-from cgtree.daemon.sessions import MAX_SESSION_NAME_CHARS, ClientProcess, SessionInUse
+from cgtree.daemon.sessions import MAX_SESSION_NAME_CHARS, ClientProcess, Forbidden, SessionInUse
 
 NAME = "hello"
 NEEDS_SESSION = False
@@ -43,9 +47,11 @@ def execute(ctx, session, body, frames) -> Reply:
     except ProcessLookupError:
         raise ProtocolError("bad_request", f"pid {pid} is not a running process") from None
     try:
-        opened, adopted = ctx.sessions.open(ctx.identity, client, name)
+        opened, adopted = ctx.sessions.open(ctx.identity, client, name, owner=ctx.peer_uid)
     except SessionInUse as exc:
         raise ProtocolError("session_in_use", str(exc)) from None
+    except Forbidden as exc:
+        raise ProtocolError("forbidden", str(exc)) from None
     body = {
         "session": opened.session_id,
         "adopted": adopted,

@@ -1,13 +1,16 @@
 """Register a graph on a device for this session (the codec's payload: graph bytes plus
-weight blobs named by content hash). Registering a graph the device already knows is free:
-no decode, no weight transfer.
+weight blobs named by content hash). Registering a graph the device already knows is free for a user
+who sent it before (any of that user's sessions): no decode, no weight transfer.
 
 Request: ``{"device": str, "graph": str | None, "payload": int | None,
 "weights": {<hash>: int}, "name": str | None}``. ``payload`` is the index of the data frame holding the encoded
 graph (``cgtree.payload.encode_graph``); it may be left out when ``graph`` (the payload hash)
 is already known on the device. ``weights`` maps weight hashes to data frames holding their
 blobs; send only those the daemon said it lacks. Each blob is re-hashed and must match its
-name. The payload is decoded with the operator allow-list (``aten``, ``prims``, ``operator``
+name. Graphs and weights are shared between users only by content: a user (uid) gets a graph
+by ``graph`` alone, or a weight without sending its blob, only after sending those bytes
+itself once; until then the daemon asks for them (``need_payload``, ``missing_weights``)
+exactly as if the device lacked them, then shares its one copy. The payload is decoded with the operator allow-list (``aten``, ``prims``, ``operator``
 and ``daemon.allowed_op_namespaces``); it is never unpickled or evaluated. ``name`` is an
 optional label (printable, at most 64 characters; e.g. the model's class name) shown by
 ``cgtreectl`` and in the logs; the first client to name a graph names it for everyone. With
@@ -67,7 +70,7 @@ def execute(ctx, session, body, frames) -> Reply:
     runtime.graphs.settle_compiles()  # a compile that finished since lands before the answer
     # Loading a compiled graph (or compiling it, without a compile worker) takes a moment.
     ctx.keepalive()
-    outcome = runtime.graphs.register(payload, claimed, blobs, staged, name=name)
+    outcome = runtime.graphs.register(payload, claimed, blobs, staged, name=name, uid=session.owner)
     ctx.keepalive()
     entry = outcome.entry
     if entry is not None:

@@ -3,6 +3,13 @@ prints it; ``client.status()`` returns it.
 
 Request: ``{"session_only": bool}``: true restricts ``sessions`` to the caller's own.
 
+Who sees what: a session (its id, name, pid, graph ids, trees) is shown to the uid that opened
+it, to root and to the daemon's own user (``cgtreectl`` run by the operator); other users see
+only their own sessions, and in ``registered`` only the graphs their sessions hold, with only
+their session ids. Device totals (graph and weight counts, pool bytes) count every user.
+``daemon.viewer`` says which view this is: the caller's ``uid`` (None when the transport did
+not tell, ``cgtree.daemon.tenancy``) and ``sees``: ``"all"`` or ``"own"``.
+
 Reply::
 
     {"daemon": {"pid", "version", "protocol", "endpoint", "state": "serving" | "stopping",
@@ -12,7 +19,8 @@ Reply::
                 "compile": {"mode", "worker_pid": int | None, "jobs": [{"graph", "name", "device",
                             "state": "queued" | "compiling", "elapsed_s"}],
                             "submitted": int, "compiled": int, "not_compiled": int, "failed": int,
-                            "workers_started": int}},
+                            "workers_started": int},
+                "viewer": {"uid": int | None, "sees": "all" | "own"}},
      "devices": [{"device", "backend", "graphs": int, "weights": {"count", "bytes"},
                   "sessions": int, "pool_bytes": int, "live_blocks": int,
                   "output_buffer_bytes": int, "allocated_bytes": int | None,
@@ -22,7 +30,7 @@ Reply::
                                   "mutated_inputs": [int], "dynamic": bool,
                                   "kernels": "aten" | "inductor" | "compiling", "kernels_note": str,
                                   "sessions": [int]}]}],
-     "sessions": [{"id", "name", "pid", "state": "live" | "parked", "idle_s", "submits",
+     "sessions": [{"id", "name", "uid": int | None, "pid", "state": "live" | "parked", "idle_s", "submits",
                    "lane": bool, "lane_requests": int,
                    "doorbell": bool, "doorbell_requests": int, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
@@ -44,6 +52,7 @@ Errors: none of its own.
 from __future__ import annotations
 
 from cgtree.daemon.protocol import Reply, field_of, wire_safe
+from cgtree.daemon.tenancy import may_inspect, sees_everything
 
 NAME = "status"
 NEEDS_SESSION = False
@@ -51,7 +60,8 @@ NEEDS_SESSION = False
 
 def execute(ctx, session, body, frames) -> Reply:
     session_only = field_of(body, "session_only", bool, False)
-    sessions = [session] if session_only and session is not None else ([] if session_only else list(ctx.sessions.sessions.values()))
+    visible = [s for s in ctx.sessions.sessions.values() if may_inspect(ctx.peer_uid, s.owner, ctx.daemon_uid)]
+    sessions = [session] if session_only and session is not None else ([] if session_only else visible)
     now = ctx.sessions.clock()
     session_docs = [session_status(s, now) for s in sorted(sessions, key=lambda s: s.session_id)]
     device_docs = []
@@ -68,10 +78,14 @@ def execute(ctx, session, body, frames) -> Reply:
             doc["live_blocks"] += tree["live_blocks"]
             doc["output_buffer_bytes"] += state.output_bytes()
         doc.update(runtime.memory_stats())
-        doc["registered"] = runtime.graphs.describe(lambda graph_id, device=runtime.name: sorted(
-            s.session_id for s in ctx.sessions.sessions.values() if (device, graph_id) in s.graphs))
+        rows = runtime.graphs.describe(lambda graph_id, device=runtime.name: sorted(
+            s.session_id for s in visible if (device, graph_id) in s.graphs))
+        # Another user's graph ids stay hidden: a row is shown to whoever sees a session holding it.
+        doc["registered"] = [row for row in rows if row["sessions"]]
         device_docs.append(doc)
-    return Reply(wire_safe({"daemon": ctx.daemon_info(), "devices": device_docs, "sessions": session_docs}))
+    daemon = {**ctx.daemon_info(),
+              "viewer": {"uid": ctx.peer_uid, "sees": "all" if sees_everything(ctx.peer_uid, ctx.daemon_uid) else "own"}}
+    return Reply(wire_safe({"daemon": daemon, "devices": device_docs, "sessions": session_docs}))
 
 
 def manager_summary(manager) -> dict:
@@ -116,6 +130,7 @@ def session_status(session, now: float) -> dict:
     return {
         "id": session.session_id,
         "name": session.name,
+        "uid": session.owner,  # who opened it (cgtree.daemon.tenancy); None: an unverified peer
         "pid": session.client.pid,
         "state": session.state,
         "idle_s": round(now - session.last_seen, 3),

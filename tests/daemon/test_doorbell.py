@@ -142,7 +142,7 @@ def test_a_dead_daemon_is_seen_through_the_lane_not_waited_out(page):
 
 @x86
 def test_the_lane_handshake_hands_the_page_to_the_sessions_client(tmp_path):
-    session = types.SimpleNamespace(state="live", label="s1", lane_open=False, doorbell_open=False,
+    session = types.SimpleNamespace(state="live", label="s1", lane_open=False, doorbell_open=False, owner=os.getuid(),
                                     counters={"lane_requests": 0},
                                     client=types.SimpleNamespace(pid=os.getpid(), create_time=None))
     token = os.urandom(16)

@@ -112,10 +112,10 @@ def test_sessions_lists_id_name_pid_devices_graphs_idle_and_state(workload, caps
     code, out, _ = run_ctl(capsys, daemon, "sessions")
     assert code == 0
     header, row = out.splitlines()
-    assert header.split() == ["SESSION", "NAME", "PID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"]
+    assert header.split() == ["SESSION", "NAME", "PID", "UID", "STATE", "IDLE", "DEVICES", "GRAPHS", "NODES", "SUBMITS", "TRANSPORT"]
     fields = row.split()
-    assert fields[:4] == [str(client.session_id), "ops", str(os.getpid()), "live"]
-    assert fields[5:] == ["[cpu]", "2", "1", "5", "lane"]
+    assert fields[:5] == [str(client.session_id), "ops", str(os.getpid()), str(os.getuid()), "live"]
+    assert fields[6:] == ["[cpu]", "2", "1", "5", "lane"]
     code, out, _ = run_ctl(capsys, daemon, "sessions", "--json")
     (session,) = json.loads(out)["sessions"]
     assert session["id"] == client.session_id and session["devices"] == ["cpu"] and session["state"] == "live"
