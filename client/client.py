@@ -307,8 +307,9 @@ class Client:
         self._socket: Optional[zmq.Socket] = None
         self._watch = DaemonWatch(self.endpoint)  # is the daemon that last answered still there?
         self._last_reply_at = 0.0  # perf_counter() of the last reply: see IDLE_CHECK_S
-        # A stable routing id: a socket replaced after a timeout keeps the same session.
-        self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(6).hex().encode()
+        # A stable routing id: a socket replaced after a timeout keeps the same session. 128 random
+        # bits: whoever connects with it takes over its replies (ROUTER_HANDOVER), so unguessable.
+        self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(16).hex().encode()
         self._graphs_by_source: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
         self._graphs_by_id: dict[tuple[str, str], GraphHandle] = {}
         self._registered: set[tuple[str, str]] = set()
