@@ -710,6 +710,8 @@ class Daemon:
         """The request, or the refusal (carrying ``request_id`` when the envelope had one)."""
         size = sum(len(frame) for frame in body_frames)
         try:
+            if not body_frames:  # a lane datagram of zero frames (a ZeroMQ message always has one)
+                raise ProtocolError("bad_request", "the message has no frames: frame 0 must be the envelope")
             if size > self.config.daemon.max_message_bytes:
                 error = ProtocolError("too_large", f"message of {size} bytes exceeds daemon.max_message_bytes = {self.config.daemon.max_message_bytes}")
                 error.request_id = _peek_request_id(body_frames[0])

@@ -20,7 +20,7 @@ than ZeroMQ (see ``cgtree.daemon.lane`` for the framing and the handshake). ``uu
 ``CUDA_VISIBLE_DEVICES`` number it differently: clients translate their device indices (in
 ``device`` fields and IPC exports) to the daemon's by it.
 
-Errors: ``bad_request`` (pid missing or not a live process, name too long),
+Errors: ``bad_request`` (pid missing, not positive or not a live process, name too long),
 ``session_in_use`` (a live client of the same user holds that name), ``forbidden`` (the routing
 id is bound to another user's session).
 """
@@ -38,6 +38,8 @@ NEEDS_SESSION = False
 
 def execute(ctx, session, body, frames) -> Reply:
     pid = field_of(body, "pid", int)
+    if pid <= 0:  # psutil would raise ValueError: a bug's "internal" for a bad field
+        raise ProtocolError("bad_request", f"pid must be a positive process id, got {pid}")
     name = field_of(body, "name", str, None)
     field_of(body, "client", str, "")
     if name is not None and not 0 < len(name) <= MAX_SESSION_NAME_CHARS:
