@@ -220,8 +220,8 @@ def edge_value(rnd: random.Random, old: Any) -> Any:
         return random_value(rnd)
     if isinstance(old, bool):
         return not old
-    if isinstance(old, int):
-        return rnd.choice(SPECIAL_INTS + [old - 1, old + 1, -old])
+    if isinstance(old, int):  # signs and widths first: ids, pids, sizes, indices
+        return rnd.choice((0, -1, -old, old - 1, old + 1, -(2**31), -(2**63), 2**63 - 1, 2**64 - 1, rnd.choice(SPECIAL_INTS)))
     if isinstance(old, float):
         return rnd.choice(SPECIAL_FLOATS)
     if isinstance(old, str):
@@ -436,6 +436,8 @@ class Case:
         head = f"{self.channel}" + (f" op={self.op}" if self.op else "")
         if self.channel == "doorbell":
             return f"{head} stores={self.stores} ring={self.ring}"
+        if self.datagram is not None:
+            return f"{head} datagram={self.datagram[:64]!r} ({len(self.datagram)} bytes)"
         return f"{head} frames={[bytes(f[:48]) for f in self.frames][:6]}"
 
 
@@ -708,8 +710,13 @@ class Hostile:
             data = self.lane.recv(LANE_MAX_BYTES + 4096)
         except OSError:
             data = b""
-        if not data:  # the daemon closed the lane: only for a session that ended (it answers first)
+        if not data:
             self._session_lost(0)
+            # The daemon closes a lane unanswered only when its request ended the session (a
+            # hello or bye sent on the lane, where clients never send them); else it answers
+            # first (``no_session``). Anything else is a daemon that died or dropped us.
+            if case.channel != "lane" or _op_of(_split(case.datagram) or []) not in ("hello", "bye"):
+                outcome.problems.append(f"the daemon closed the lane without answering {case.describe()}")
             return None
         reply = _split(data)
         if reply is None or (reply and len(reply[0]) == 0 and len(reply) == 1):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -128,6 +129,13 @@ def receive_datagram(sock: socket.socket, buffer: bytearray, flags: int = 0) -> 
     if msg_flags & socket.MSG_TRUNC:
         raise LaneFramingError(f"a datagram larger than {len(buffer)} bytes (lane limit)")
     return bytearray(memoryview(buffer)[:nbytes])  # a private copy: see the invariants
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of a connected socket has closed its end (no read, no wait)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | getattr(select, "POLLRDHUP", 0))
+    return any(events & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)) for _, events in poller.poll(0))
 
 
 def handshake_refusal(connection_pid: Optional[int], connection_uid: Optional[int], session: Any) -> Optional[str]:
@@ -244,6 +252,11 @@ class LaneHub:
                 continue
             except OSError:  # reset by a dying peer
                 data = None
+            if data is None and not peer_hung_up(connection.sock):
+                # A 0-byte datagram reads like the peer's close (both return 0 bytes, no flags);
+                # only the hang-up tells them apart. It is a datagram with a bad header.
+                events.append(LaneEvent(connection, error="a 0-byte datagram has no frame count"))
+                continue
             if data is None:
                 events.append(LaneEvent(connection, closed=True))
                 break

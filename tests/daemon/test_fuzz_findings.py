@@ -34,25 +34,41 @@ def _datagram(sock: socket.socket, frames: list) -> list:
     return [bytes(frame) for frame in split_datagram(memoryview(sock.recv(1 << 17)))]
 
 
-def test_a_lane_datagram_of_zero_frames_is_a_bad_request_not_a_dead_daemon(cgtreed, dealer):
-    """Found by the lane fuzzer: a well-framed datagram announcing no frames reached the decoder,
-    which took frame 0 of an empty list; the IndexError escaped the loop and the daemon exited."""
-    lane = _call(dealer, "hello", {"pid": os.getpid()})["body"]["lane"]
+@pytest.fixture
+def lane(dealer):
+    """A lane attached to a fresh session of this process."""
+    offer = _call(dealer, "hello", {"pid": os.getpid()})["body"]["lane"]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
-    try:
-        sock.connect(lane["path"])
-        assert _datagram(sock, [LANE_MAGIC, lane["token"]])[0] == b"ok"
-        (reply,) = _datagram(sock, [])
-        envelope = msgpack.unpackb(reply, raw=False)
-        assert envelope["id"] is None and envelope["error"]["code"] == "bad_request"
-        assert "no frames" in envelope["error"]["message"]
-        # The lane stays attached and the daemon serves it.
-        (pong,) = _datagram(sock, [msgpack.packb({"v": 1, "id": 2, "op": "ping", "body": {}})])
-        assert msgpack.unpackb(pong, raw=False)["body"]["pong"] is True
-    finally:
-        sock.close()
+    sock.connect(offer["path"])
+    assert _datagram(sock, [LANE_MAGIC, offer["token"]])[0] == b"ok"
+    yield sock
+    sock.close()
+
+
+def _assert_refused_and_still_served(sock: socket.socket, reply: bytes, words: str) -> None:
+    envelope = msgpack.unpackb(reply, raw=False)
+    assert envelope["id"] is None and envelope["error"]["code"] == "bad_request"
+    assert words in envelope["error"]["message"]
+    (pong,) = _datagram(sock, [msgpack.packb({"v": 1, "id": 2, "op": "ping", "body": {}})])
+    assert msgpack.unpackb(pong, raw=False)["body"]["pong"] is True  # the lane stays attached
+
+
+def test_a_lane_datagram_of_zero_frames_is_a_bad_request_not_a_dead_daemon(cgtreed, lane):
+    """Found by the lane fuzzer: a well-framed datagram announcing no frames reached the decoder,
+    which took frame 0 of an empty list; the IndexError escaped the loop and the daemon exited."""
+    (reply,) = _datagram(lane, [])
+    _assert_refused_and_still_served(lane, reply, "no frames")
     assert cgtreed.alive()
+
+
+def test_a_zero_byte_lane_datagram_is_a_bad_request_not_a_hang_up(cgtreed, lane):
+    """Found by the lane fuzzer: a 0-byte datagram reads like the peer's close (recv returns 0
+    bytes either way), so the daemon closed the lane unanswered; the protocol says a datagram
+    with a bad header gets ``bad_request`` and the lane stays attached."""
+    lane.send(b"")
+    (reply,) = [bytes(f) for f in split_datagram(memoryview(lane.recv(1 << 17)))]
+    _assert_refused_and_still_served(lane, reply, "0-byte datagram")
 
 
 @pytest.mark.parametrize("pid", [-1, -(2**31), -(2**63), 0])
