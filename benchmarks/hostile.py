@@ -104,6 +104,7 @@ class Target:
     weights: dict  # hash -> raw bytes
     input_bytes: bytes  # one float32 [2, 4] input
     big_frames: bool = False  # allow frames over max_message_bytes (the soak; costly in CI)
+    device: str = "cpu"  # the daemon's device the hostile graph is registered on
     pid: int = field(default_factory=os.getpid)
 
 
@@ -173,28 +174,32 @@ def pack(document: Any) -> bytes:
 
 def templates(target: Target) -> list[tuple[str, dict, list]]:
     """One real request per command (and variants): ``(op, body, frames)``."""
-    gid = target.graph_id
+    gid, device = target.graph_id, target.device
     hashes = list(target.weights)
     cpu_input = {"kind": "cpu", "dtype": "float32", "shape": [2, 4], "frame": 0}
     return [
         ("ping", {}, []),
         ("hello", {"pid": target.pid, "name": None, "client": "hostile"}, []),
         ("hello", {"pid": target.pid, "name": "good", "client": "hostile"}, []),
-        ("register", {"device": "cpu", "graph": gid, "weights": {}}, []),
-        ("register", {"device": "cpu", "graph": gid, "payload": 0, "weights": {h: i + 1 for i, h in enumerate(hashes)},
+        ("register", {"device": device, "graph": gid, "weights": {}}, []),
+        ("register", {"device": device, "graph": gid, "payload": 0, "weights": {h: i + 1 for i, h in enumerate(hashes)},
                       "name": "Hostile"}, [target.graph_bytes, *target.weights.values()]),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": [cpu_input]}, [target.input_bytes]),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": [cpu_input], "outputs": "device"}, [target.input_bytes]),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": pack([cpu_input])}, [target.input_bytes]),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": [{"kind": "scalar", "value": 1.5}]}, []),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": [{"kind": "output", "dtype": "float32", "shape": [2, 3],
+        ("submit", {"device": device, "graph": gid, "inputs": [cpu_input]}, [target.input_bytes]),
+        ("submit", {"device": device, "graph": gid, "inputs": [cpu_input], "outputs": "device"}, [target.input_bytes]),
+        ("submit", {"device": device, "graph": gid, "inputs": pack([cpu_input])}, [target.input_bytes]),
+        ("submit", {"device": device, "graph": gid, "inputs": [{"kind": "scalar", "value": 1.5}]}, []),
+        ("submit", {"device": device, "graph": gid, "inputs": [{"kind": "output", "dtype": "float32", "shape": [2, 3],
                                                                 "stride": [3, 1], "byte_offset": 0, "buffer": 1, "generation": 1}]}, []),
-        ("submit", {"device": "cpu", "graph": gid, "inputs": [{
+        ("submit", {"device": device, "graph": gid, "inputs": [{
             "kind": "cuda", "dtype": "float32", "shape": [2, 4], "stride": [4, 1], "offset": 0,
             "storage": {"device": 0, "handle": bytes(64), "size": 32, "offset": 0, "ref": "/torch_1_1", "ref_offset": 0}}]}, []),
-        ("release", {"device": "cpu", "graph": gid}, []),
-        ("release", {"device": "cpu", "graph": None}, []),
-        ("reset", {"device": "cpu"}, []),
+        ("submit", {"device": device, "graph": gid, "inputs": [{
+            "kind": "cuda", "dtype": "float32", "shape": [2, 4], "stride": [4, 1], "offset": 0,
+            "storage": {"device": 0, "handle": bytes(56) + b"\x01" * 8, "size": 32, "offset": 0, "ref": "/torch_%d_0" % target.pid,
+                        "ref_offset": 0}}]}, []),
+        ("release", {"device": device, "graph": gid}, []),
+        ("release", {"device": device, "graph": None}, []),
+        ("reset", {"device": device}, []),
         ("mark_step", {"device": None}, []),
         ("status", {"session_only": True}, []),
         ("status", {}, []),
@@ -497,12 +502,13 @@ class Hostile:
     """Sends cases. ``setup()`` opens identity 0's session, registers the hostile model and
     attaches the lane (with its doorbell page where the daemon offers one)."""
 
-    def __init__(self, endpoint: str, *, max_message_bytes: int, reply_timeout_s: float = 10.0, cpu: bool = True,
+    def __init__(self, endpoint: str, *, max_message_bytes: int, reply_timeout_s: float = 10.0, device: str = "cpu",
                  big_frames: bool = False) -> None:
         self.endpoint = endpoint
+        self.device = device
         self.max_message_bytes = max_message_bytes
         self.reply_timeout_s = reply_timeout_s
-        self.cpu = cpu
+        self.cpu = device == "cpu"
         self.big_frames = big_frames
         self.context = zmq.Context()
         self.dealers: list[Optional[zmq.Socket]] = [None] * IDENTITIES
@@ -547,7 +553,7 @@ class Hostile:
         self.encoded = encoded
         self.target = Target(self.endpoint, self.max_message_bytes, encoded.graph_id, encoded.graph_bytes,
                              {h: bytes(blob.data) for h, blob in encoded.weights.items()}, x.numpy().tobytes(),
-                             big_frames=self.big_frames)
+                             big_frames=self.big_frames, device=self.device)
         self.ensure_session(0)
         self.attach_lane()
         return self.target
@@ -562,9 +568,9 @@ class Hostile:
             self.lane_path, self.token = (body["lane"]["path"], body["lane"]["token"]) if "lane" in body else (None, None)
             self.close_lane()
         target = self.target
-        reply = self.call(index, "register", {"device": "cpu", "graph": target.graph_id, "weights": {}})
+        reply = self.call(index, "register", {"device": target.device, "graph": target.graph_id, "weights": {}})
         if not reply["body"]["registered"]:  # every session holding it closed: the device dropped it
-            reply = self.call(index, "register", {"device": "cpu", "graph": target.graph_id, "payload": 0,
+            reply = self.call(index, "register", {"device": target.device, "graph": target.graph_id, "payload": 0,
                                                   "weights": {h: i + 1 for i, h in enumerate(target.weights)}},
                               (target.graph_bytes, *target.weights.values()))
             if not reply["body"]["registered"]:
