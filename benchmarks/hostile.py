@@ -225,8 +225,9 @@ def edge_value(rnd: random.Random, old: Any) -> Any:
         return random_value(rnd)
     if isinstance(old, bool):
         return not old
-    if isinstance(old, int):  # signs and widths first: ids, pids, sizes, indices
-        return rnd.choice((0, -1, -old, old - 1, old + 1, -(2**31), -(2**63), 2**63 - 1, 2**64 - 1, rnd.choice(SPECIAL_INTS)))
+    if isinstance(old, int):  # signs and widths first: ids, pids, sizes, indices (msgpack's range)
+        value = rnd.choice((0, -1, -old, old - 1, old + 1, -(2**31), -(2**63), 2**63 - 1, 2**64 - 1, rnd.choice(SPECIAL_INTS)))
+        return min(max(value, -(2**63)), 2**64 - 1)
     if isinstance(old, float):
         return rnd.choice(SPECIAL_FLOATS)
     if isinstance(old, str):
