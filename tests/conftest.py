@@ -255,6 +255,18 @@ def in_thread(fn):
     return Joined
 
 
+def processes_with(*fragments: str) -> set[int]:
+    """Pids of processes whose command line holds every fragment (benchmarks' leftovers)."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if all(fragment in cmdline for fragment in fragments):
+            found.add(proc.info["pid"])
+    return found
+
+
 @pytest.fixture(scope="session")
 def daemon_tools():
     """The helpers above, for tests that need them directly (``import conftest`` is ambiguous
@@ -264,7 +276,8 @@ def daemon_tools():
 
     return types.SimpleNamespace(DaemonProcess=DaemonProcess, DEFAULT_TEST_CONFIG=DEFAULT_TEST_CONFIG,
                                  GPU_TEST_CONFIG=GPU_TEST_CONFIG, GPU_TEST_ENV=GPU_TEST_ENV,
-                                 short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint, in_thread=in_thread)
+                                 short_tmpdir=_short_tmpdir, ping_endpoint=ping_endpoint, in_thread=in_thread,
+                                 processes_with=processes_with)
 
 
 # Core, seed and compile tests run on the CPU replay backend always, and on cuda:0 too when a

@@ -10,23 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench_daemons() -> set[int]:
-    """Pids of cgtreed processes that bench_daemon.py started (its work dirs are /tmp/cgtb-*)."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "cgtree.daemon.main" in cmdline and "ipc:///tmp/cgtb-" in cmdline:
-            found.add(proc.info["pid"])
-    return found
-
-
-def test_bench_daemon_cpu_smoke_run(tmp_path):
+def test_bench_daemon_cpu_smoke_run(tmp_path, daemon_tools):
     json_path, md_path = tmp_path / "bench_daemon.json", tmp_path / "bench_daemon.md"
+    # bench_daemon.py's work dirs are /tmp/cgtb-*
+    def _bench_daemons() -> set[int]:
+        return daemon_tools.processes_with("cgtree.daemon.main", "ipc:///tmp/cgtb-")
+
     before = _bench_daemons()
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_daemon.py"), "--device", "cpu", "--quick",

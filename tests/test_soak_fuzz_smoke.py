@@ -10,31 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _soak_processes() -> set[int]:
-    """Pids of processes soak_fuzz.py started (its work dirs are /tmp/cgtf-*)."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "/tmp/cgtf-" in cmdline:
-            found.add(proc.info["pid"])
-    return found
-
-
-def test_soak_fuzz_cpu_smoke_run(tmp_path):
+def test_soak_fuzz_cpu_smoke_run(tmp_path, daemon_tools):
     json_path, md_path = tmp_path / "soak.json", tmp_path / "soak.md"
-    before = _soak_processes()
+    before = daemon_tools.processes_with("/tmp/cgtf-")  # soak_fuzz.py's work dirs
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "soak_fuzz.py"), "--device", "cpu", "--messages", "400",
          "--json", str(json_path), "--md", str(md_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,  # ~25 s alone on 2 cores
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert not _soak_processes() - before, "soak_fuzz left a process running"
+    assert not daemon_tools.processes_with("/tmp/cgtf-") - before, "soak_fuzz left a process running"
     report = json.loads(json_path.read_text())
     assert report["benchmark"] == "soak_fuzz" and report["ok"] and not report["findings"]
     assert report["messages_sent"] >= 400

@@ -90,42 +90,25 @@ def fuzz_one(fuzzed, channel: str, rnd) -> None:
     fuzzed.good.check()
 
 
-@fuzz_settings(150)
-@given(rnd=SEEDS)
-def test_envelopes(fuzzed, rnd):
-    fuzz_one(fuzzed, "envelope", rnd)
+def channel_test(channel: str, examples: int):
+    """A test fuzzing ``channel`` with ``examples`` derandomized examples."""
+
+    @fuzz_settings(examples)
+    @given(rnd=SEEDS)
+    def test(fuzzed, rnd):
+        if channel == "doorbell" and fuzzed.hostile.words is None and fuzzed.hostile.lane is not None:
+            pytest.skip("the daemon offers no doorbell here (not x86-64)")
+        fuzz_one(fuzzed, channel, rnd)
+
+    return test
 
 
-@fuzz_settings(400)
-@given(rnd=SEEDS)
-def test_bodies_of_every_command(fuzzed, rnd):
-    fuzz_one(fuzzed, "body", rnd)
-
-
-@fuzz_settings(200)
-@given(rnd=SEEDS)
-def test_lane_datagrams_plan_requests_and_kicks(fuzzed, rnd):
-    fuzz_one(fuzzed, "lane", rnd)
-
-
-@fuzz_settings(100)
-@given(rnd=SEEDS)
-def test_lane_handshakes(fuzzed, rnd):
-    fuzz_one(fuzzed, "handshake", rnd)
-
-
-@fuzz_settings(150)
-@given(rnd=SEEDS)
-def test_doorbell_pages_written_by_a_hostile_client(fuzzed, rnd):
-    if fuzzed.hostile.words is None and fuzzed.hostile.lane is not None:
-        pytest.skip("the daemon offers no doorbell here (not x86-64)")
-    fuzz_one(fuzzed, "doorbell", rnd)
-
-
-@fuzz_settings(12)
-@given(rnd=SEEDS)
-def test_floods_nobody_reads(fuzzed, rnd):
-    fuzz_one(fuzzed, "flood", rnd)
+test_envelopes = channel_test("envelope", 150)
+test_bodies_of_every_command = channel_test("body", 400)
+test_lane_datagrams_plan_requests_and_kicks = channel_test("lane", 200)
+test_lane_handshakes = channel_test("handshake", 100)
+test_doorbell_pages_written_by_a_hostile_client = channel_test("doorbell", 150)
+test_floods_nobody_reads = channel_test("flood", 12)
 
 
 def test_after_all_that_the_daemon_serves_and_logged_no_traceback(fuzzed):
