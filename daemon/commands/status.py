@@ -5,8 +5,8 @@ Request: ``{"session_only": bool}``: true restricts ``sessions`` to the caller's
 
 Who sees what: a session (its id, name, pid, graph ids, trees) is shown to the uid that opened
 it, to root and to the daemon's own user (``cgtreectl`` run by the operator); other users see
-only their own sessions, and in ``registered`` only the graphs their sessions hold, with only
-their session ids. Device totals (graph and weight counts, pool bytes) count every user.
+only their own sessions, and in ``registered`` and ``daemon.compile.jobs`` only the graphs their
+sessions hold, with only their session ids. Device totals (graph and weight counts, pool bytes) count every user.
 ``daemon.viewer`` says which view this is: the caller's ``uid`` (None when the transport did
 not tell, ``cgtree.daemon.tenancy``) and ``sees``: ``"all"`` or ``"own"``.
 
@@ -83,8 +83,12 @@ def execute(ctx, session, body, frames) -> Reply:
         # Another user's graph ids stay hidden: a row is shown to whoever sees a session holding it.
         doc["registered"] = [row for row in rows if row["sessions"]]
         device_docs.append(doc)
-    daemon = {**ctx.daemon_info(),
-              "viewer": {"uid": ctx.peer_uid, "sees": "all" if sees_everything(ctx.peer_uid, ctx.daemon_uid) else "own"}}
+    everything = sees_everything(ctx.peer_uid, ctx.daemon_uid)
+    daemon = {**ctx.daemon_info(), "viewer": {"uid": ctx.peer_uid, "sees": "all" if everything else "own"}}
+    compile_doc = daemon.get("compile")
+    if not everything and isinstance(compile_doc, dict):  # queued compiles name graphs: the viewer's only
+        own = {graph_id for s in visible for (_device, graph_id) in s.graphs}
+        daemon["compile"] = {**compile_doc, "jobs": [job for job in compile_doc.get("jobs", []) if job.get("graph") in own]}
     return Reply(wire_safe({"daemon": daemon, "devices": device_docs, "sessions": session_docs}))
 
 

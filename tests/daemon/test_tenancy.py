@@ -207,9 +207,10 @@ def test_a_weight_uploaded_in_parts_counts_once_the_graph_is_complete():
 # ----------------------------------------------------------------------------------- status
 
 
-def _status_as(viewer, registry, runtime, daemon_uid=DAEMON) -> dict:
+def _status_as(viewer, registry, runtime, daemon_uid=DAEMON, compile_jobs=()) -> dict:
+    info = {"pid": 1, "compile": {"mode": "auto", "jobs": [{"graph": graph_id, "state": "queued"} for graph_id in compile_jobs]}}
     ctx = CommandContext(identity=b"viewer", request_id=1, config=None, devices={"cpu": runtime}, sessions=registry,
-                         metrics=None, daemon_info=lambda: {"pid": 1}, next_buffer_id=lambda: 1, peer_uid=viewer,
+                         metrics=None, daemon_info=lambda: info, next_buffer_id=lambda: 1, peer_uid=viewer,
                          daemon_uid=daemon_uid)
     return msgpack.unpackb(msgpack.packb(status_command.execute(ctx, None, {}, []).body), raw=False)
 
@@ -229,13 +230,16 @@ def test_status_shows_other_users_sessions_and_graph_ids_only_to_root_and_the_da
         graphs = {row["graph"] for row in document["devices"][0]["registered"]}
         return ids, graphs
 
-    as_bob = _status_as(BOB, registry, runtime)
+    compiling = [encoded[ALICE].graph_id, encoded[BOB].graph_id]
+    as_bob = _status_as(BOB, registry, runtime, compile_jobs=compiling)
     assert seen(as_bob) == ({sessions[BOB].session_id}, {encoded[BOB].graph_id})
+    assert [job["graph"] for job in as_bob["daemon"]["compile"]["jobs"]] == [encoded[BOB].graph_id]
     assert as_bob["sessions"][0]["uid"] == BOB
     assert as_bob["daemon"]["viewer"] == {"uid": BOB, "sees": "own"}
     assert as_bob["devices"][0]["graphs"] == 2  # totals count everyone; ids stay hidden
     everything = ({s.session_id for s in sessions.values()}, {e.graph_id for e in encoded.values()})
     for viewer in (0, DAEMON):
-        document = _status_as(viewer, registry, runtime)
+        document = _status_as(viewer, registry, runtime, compile_jobs=compiling)
         assert seen(document) == everything and document["daemon"]["viewer"]["sees"] == "all"
+        assert [job["graph"] for job in document["daemon"]["compile"]["jobs"]] == compiling
     assert seen(_status_as(tenancy.UNVERIFIED, registry, runtime)) == (set(), set())
