@@ -569,13 +569,17 @@ class Hostile:
             self.lane_path, self.token = (body["lane"]["path"], body["lane"]["token"]) if "lane" in body else (None, None)
             self.close_lane()
         target = self.target
-        reply = self.call(index, "register", {"device": target.device, "graph": target.graph_id, "weights": {}})
-        if not reply["body"]["registered"]:  # every session holding it closed: the device dropped it
-            reply = self.call(index, "register", {"device": target.device, "graph": target.graph_id, "payload": 0,
-                                                  "weights": {h: i + 1 for i, h in enumerate(target.weights)}},
+        by_id = {"device": target.device, "graph": target.graph_id, "weights": {}}
+        reply = self.call(index, "register", by_id)
+        if reply["body"]["need_payload"]:  # every session holding it closed: the device dropped it
+            reply = self.call(index, "register", {**by_id, "payload": 0, "weights": {h: i + 1 for i, h in enumerate(target.weights)}},
                               (target.graph_bytes, *target.weights.values()))
-            if not reply["body"]["registered"]:
-                raise RuntimeError(f"the hostile graph could not be registered: {reply}")
+        deadline = time.monotonic() + 600  # a CUDA daemon compiles a new graph first (daemon.compile)
+        while reply["body"].get("compiling") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            reply = self.call(index, "register", by_id)
+        if not reply["body"]["registered"]:
+            raise RuntimeError(f"the hostile graph could not be registered: {reply}")
         self.in_session[index] = True
 
     def attach_lane(self) -> None:

@@ -8,7 +8,7 @@ doorbell page writes, and floods nobody reads. Prints a table per channel, write
 (``--json``) and markdown (``--md``), and kills every process it started when it ends.
 
     python3 benchmarks/soak_fuzz.py --messages 100000 --device cpu
-    python3 benchmarks/soak_fuzz.py --messages 100000 --device cuda     # on a GPU host
+    python3 benchmarks/soak_fuzz.py --messages 100000 --device cuda --time-budget 480   # on a GPU host
 
 What it checks (``hostile.py`` has the per-message properties):
 - every message the protocol answers is answered in time with a well-formed reply, the
@@ -87,6 +87,9 @@ def good_client_main(endpoint: str, device: str, out_path: str) -> int:
     figures: dict[str, Any] = {"submits": 0, "mismatches": 0, "errors": 0, "first_problem": None, "modes": collections.Counter(),
                                "baseline_ms": [], "during_ms": []}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # Inductor's kernels (a CUDA daemon compiles) sum in another order than eager: a result from
+    # another session or a stale buffer is off by far more.
+    rtol, atol = (1e-3, 1e-4) if device.startswith("cuda") else (1e-4, 1e-5)
     with Client(endpoint, session="good", timeout_s=60) as client, torch.no_grad():
         while not stop:
             x.copy_(torch.randn(8, 64, device=device))
@@ -96,7 +99,7 @@ def good_client_main(endpoint: str, device: str, out_path: str) -> int:
                 sync()
                 elapsed_ms = (time.perf_counter() - started) * 1e3
                 expected = model(x)
-                if not torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+                if not torch.allclose(out, expected, rtol=rtol, atol=atol):
                     figures["mismatches"] += 1
                     figures["first_problem"] = figures["first_problem"] or f"max abs diff {float((out - expected).abs().max())}"
             except Exception as exc:  # noqa: BLE001 - every failure is a finding, reported
@@ -139,7 +142,7 @@ def run_soak(args: argparse.Namespace, workdir: str) -> dict:
     good_out = os.path.join(workdir, "good.json")
     good = spawn([*python_argv(), os.path.abspath(__file__), "--child-good", daemon.endpoint, args.good_device, good_out],
                  env=child_env(), cwd=workdir, stdout=subprocess.DEVNULL, stderr=open(good_out + ".log", "wb"))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # on CUDA its first register compiles the model
     while not os.path.exists(good_out + ".ready"):  # its baseline, before any fuzzing
         if good.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the good client did not start:\n{Path(good_out + '.log').read_text()[-3000:]}")
