@@ -175,10 +175,10 @@ def status_document() -> dict:
                                      "mutated_inputs": [], "sessions": [3, 4]}]},
                     {"device": "cuda:1", "backend": "cuda", "registered": []}],
         "sessions": [
-            {"id": 3, "name": "job", "pid": 42, "state": "live", "idle_s": 1.5, "submits": 25, "lane": True,
+            {"id": 3, "name": "job", "pid": 42, "uid": 1000, "state": "live", "idle_s": 1.5, "submits": 25, "lane": True,
              "graphs": [{"device": "cuda:0", "graph": "ab" * 32}],
              "devices": {"cuda:0": {"counters": {"warmups": 3, "recordings": 4, "replays": 25}, "tree": {"nodes": nodes}}}},
-            {"id": 4, "name": None, "pid": 43, "state": "parked", "idle_s": 90.0, "submits": 0, "graphs": [],
+            {"id": 4, "name": None, "pid": 43, "uid": 1001, "state": "parked", "idle_s": 90.0, "submits": 0, "graphs": [],
              "devices": {"cuda:0": {"counters": {}, "tree": {"nodes": []}}}},
         ],
     }
@@ -214,8 +214,8 @@ def test_graphs_and_sessions_tables():
     assert graphs[0].split() == ["DEVICE", "GRAPH", "NAME", "KERNELS", "WEIGHTS", "WEIGHT", "BYTES", "INPUTS", "MUTATES", "SESSIONS"]
     assert graphs[1].split() == ["cuda:0", "ab" * 8, "MLP", "inductor", "2", "2.0", "KiB", "1", "-", "[3,4]"]
     sessions = ctl_render.format_sessions(ctl_render.session_rows(document)).splitlines()
-    assert sessions[1].split() == ["3", "job", "42", "live", "1.5s", "[cuda:0]", "1", "5", "25", "lane"]
-    assert sessions[2].split() == ["4", "-", "43", "parked", "1.5m", "[cuda:0]", "0", "0", "0", "zmq"]
+    assert sessions[1].split() == ["3", "job", "42", "1000", "live", "1.5s", "[cuda:0]", "1", "5", "25", "lane"]
+    assert sessions[2].split() == ["4", "-", "43", "1001", "parked", "1.5m", "[cuda:0]", "0", "0", "0", "zmq"]
 
 
 def test_reload_reply_says_what_applied_and_what_needs_a_restart():
