@@ -104,7 +104,7 @@ def channel_test(channel: str, examples: int):
 
 
 test_envelopes = channel_test("envelope", 150)
-test_bodies_of_every_command = channel_test("body", 400)
+test_bodies_of_every_command = channel_test("body", 300)
 test_lane_datagrams_plan_requests_and_kicks = channel_test("lane", 200)
 test_lane_handshakes = channel_test("handshake", 100)
 test_doorbell_pages_written_by_a_hostile_client = channel_test("doorbell", 150)
