@@ -9,8 +9,9 @@ for ``idle_exit_s`` is told to exit, so that its CUDA context does not stay on t
 Invariants:
 - At most one job is in the worker at a time; the rest wait here, in order. A job is never
   answered twice: its callback runs once, with success, failure, a timeout or the worker's death.
-- Nothing here blocks the loop for long: results are read without blocking; a job's payload is
-  written to the worker's pipe only when the worker is idle, so it reads it at once.
+- Nothing here blocks the loop: both pipes are non-blocking; a job's message goes into the
+  worker's pipe as far as it takes it, and the rest at the next polls (a worker still importing
+  torch reads nothing for seconds).
 - The worker gets the daemon's environment minus ``NOTIFY_SOCKET`` (only the daemon talks to
   systemd) and inherits its stderr (the journal).
 """
@@ -70,6 +71,7 @@ class _Worker:
     process: subprocess.Popen
     buffer: bytearray = field(default_factory=bytearray)
     idle_since: float = 0.0
+    outgoing: memoryview = field(default_factory=lambda: memoryview(b""))  # the job not yet in the pipe
 
 
 class CompileService:
@@ -103,6 +105,8 @@ class CompileService:
         """Deliver finished jobs, enforce the timeout, start the next job; never blocks."""
         if self._exiting:
             self._reap()
+        if self._running is not None and self._worker is not None and self._worker.outgoing:
+            self._send_some()
         if self._running is not None:
             self._collect()
         if self._running is None and self._queue:
@@ -146,19 +150,30 @@ class CompileService:
         header = {"job": job.job_id, "device": job.device, "path": str(job.path), "namespaces": list(job.namespaces)}
         job.started_at = self._clock()
         self._running = job
+        self._worker.outgoing = memoryview(pack_message(header, job.payload))
+        job.payload = b""  # the message holds it until the worker has read it all
+        self._send_some()
+        log.info("graph %s compiling in the compile worker (pid %d)", job.name, self._worker.process.pid)
+
+    def _send_some(self) -> None:
+        """Write what the pipe takes now of the job in flight (a large graph, or a worker still
+        starting up, fills the pipe: the rest goes at the next poll)."""
+        worker = self._worker
         try:
-            _write_all(self._worker.process.stdin.fileno(), pack_message(header, job.payload))
+            while worker.outgoing:
+                written = os.write(worker.process.stdin.fileno(), worker.outgoing)
+                worker.outgoing = worker.outgoing[written:]
+        except BlockingIOError:
+            return
         except OSError as exc:
             self._worker_lost(f"the compile worker did not take the job ({exc})")
-            return
-        job.payload = b""  # the worker has it; do not keep megabytes per queued graph
-        log.info("graph %s compiling in the compile worker (pid %d)", job.name, self._worker.process.pid)
 
     def _spawn(self) -> _Worker:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
-        flags = fcntl.fcntl(process.stdout.fileno(), fcntl.F_GETFL)
-        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        for pipe in (process.stdout, process.stdin):  # the loop never waits on the worker's pipes
+            flags = fcntl.fcntl(pipe.fileno(), fcntl.F_GETFL)
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.counters["workers_started"] += 1
         log.info("compile worker started (pid %d)", process.pid)
         return _Worker(process)
@@ -231,13 +246,6 @@ class CompileService:
             if process.poll() is not None:
                 process.stdout.close()
                 self._exiting.remove(process)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _exit_text(status: int) -> str:

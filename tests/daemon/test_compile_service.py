@@ -158,3 +158,31 @@ def test_the_real_worker_keeps_a_graph_with_a_host_sync_on_aten(tmp_path):
     assert not done[0].ok and done[0].error is None
     assert done[0].eager_reason == "it holds an op a CUDA graph cannot hold"
     assert not (tmp_path / "never.bin").exists() and service.counters["not_compiled"] == 1
+
+
+SLOW_READER = textwrap.dedent("""
+    import os, sys, time
+    time.sleep(2.0)  # a worker still importing torch reads nothing yet
+    from cgtree.daemon.compile_worker import pack_message, read_message
+    jobs, results = os.fdopen(0, "rb", buffering=0), os.fdopen(1, "wb", buffering=0)
+    while (message := read_message(jobs)) is not None:
+        header, blob = message
+        results.write(pack_message({"job": header["job"], "ok": len(blob) == 4 << 20, "seconds": 0.0, "error": None}))
+""")
+
+
+def test_a_large_graph_for_a_worker_still_starting_never_blocks_the_caller():
+    """A payload far larger than a pipe holds, to a worker that reads nothing for 2 s: submit
+    and every poll return at once; the message goes through over later polls, whole."""
+    service = CompileService(command=[sys.executable, "-c", SLOW_READER])
+    done: list = []
+    try:
+        started = time.monotonic()
+        _submit(service, b"x" * (4 << 20), done)
+        for _ in range(5):
+            service.poll()
+        assert time.monotonic() - started < 1.0
+        _wait(service, done, 1)
+        assert done[0].ok  # the worker got all 4 MiB
+    finally:
+        service.close()
