@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_IDLE_EXIT_S = 60.0
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: found in the queue by identity
 class CompileJob:
     job_id: int
     graph_id: str
