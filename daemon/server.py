@@ -271,7 +271,10 @@ class Daemon:
         if self.config.daemon.cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.config.daemon.cache_dir)
         if any(resolve_compile_mode(self.config.daemon.compile, rt.device) == "inductor" for rt in self.devices.values()):
-            log.info("inductor imported for loading compiled graphs in %.2f s", prepare_to_load())
+            try:
+                log.info("inductor imported for loading compiled graphs in %.2f s", prepare_to_load())
+            except Exception as exc:  # noqa: BLE001 - graphs then keep their ATen code; serving goes on
+                log.warning("inductor does not import (%s: %s): graphs will run their ATen code", type(exc).__name__, exc)
 
     def _start_metrics(self) -> Any:
         port = self.config.daemon.metrics_port

@@ -96,3 +96,26 @@ def test_a_compile_does_not_stall_other_clients_and_survives_a_restart(daemon_fa
         assert _graph_row(client, handle.graph_id)["kernels"] == "inductor"
     assert "compiled before (artifact on disk)" in restarted.log()
     assert time.monotonic() - started < 60
+
+
+def test_a_daemon_whose_inductor_does_not_import_still_starts_and_serves(daemon_factory, tmp_path):
+    """daemon.compile = "inductor" imports inductor before READY; a broken install must cost
+    the compiled kernels, not the daemon."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch._inductor':\n"
+        "            raise ImportError('inductor refused by the test')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Refuse())\n")
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    daemon = daemon_factory(INDUCTOR_CONFIG, extra_env=env)
+    with Client(daemon.endpoint, timeout_s=60) as client:
+        assert client.ping()["daemon_pid"] > 0
+    assert "inductor does not import" in daemon.log()
