@@ -51,10 +51,9 @@ MIN_COMPILE_S = 10.0
 
 
 def _percentile(samples: list[float], q: float) -> Optional[float]:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    from benchmarks.timing import percentile
+
+    return percentile(sorted(samples), q * 100) if samples else None
 
 
 def _llama(layers: int, hidden: int) -> Any:

@@ -70,8 +70,8 @@ def resolve_compile_mode(mode: str, device: torch.device) -> str:
 
 def eager_reason(decoded: Any, module: Optional[torch.fx.GraphModule] = None) -> Optional[str]:
     """Why ``decoded`` runs as ATen code rather than compiled; None when it can be compiled.
-    ``module``: a copy of its module whose nodes carry fake values (``judged_copy`` makes
-    one), so that ops are judged by ``cgtree.capturability``'s value rule; without values a
+    ``module``: a copy of its module whose nodes carry fake values (``compile_decision``
+    makes one), so that ops are judged by ``cgtree.capturability``'s value rule; without values a
     tagged op (an integer gather too) counts as incompatible."""
     if has_symbolic_shapes(decoded):
         return "it has symbolic shapes"
@@ -89,7 +89,11 @@ def example_inputs(decoded: Any, device: torch.device) -> list[torch.Tensor]:
     """Uninitialized weights and inputs of ``decoded``'s specs (weights are stored contiguous
     on the device, as ``DeviceGraphs`` materializes them): compiling reads only their metadata."""
     weights = [torch.empty(tuple(spec.shape), dtype=DTYPES[spec.dtype], device=device) for spec in _weight_specs(decoded)]
-    return [*weights, *(torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs)]
+    return [*weights, *_user_inputs(decoded, device)]
+
+
+def _user_inputs(decoded: Any, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs]
 
 
 def _weight_specs(decoded: Any) -> list:
@@ -103,8 +107,7 @@ def compile_decision(decoded: Any, weights: Sequence[torch.Tensor], device: torc
     if has_symbolic_shapes(decoded):
         return eager_reason(decoded)
     judged = copy.deepcopy(decoded.module)
-    inputs = [torch.empty(spec.shape, dtype=DTYPES[spec.dtype], device=device) for spec in decoded.input_specs]
-    graph_facts.propagate_fake_values(judged, [*weights, *inputs])
+    graph_facts.propagate_fake_values(judged, [*weights, *_user_inputs(decoded, device)])
     return eager_reason(decoded, judged)
 
 
