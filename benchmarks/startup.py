@@ -8,7 +8,8 @@ both count (issue 14). Each of ``--runs`` starts of a fresh ``cgtreed`` on ``--d
   ``$NOTIFY_SOCKET`` (``benchmarks/chaos.py``'s stand-in);
 - its phases, from the daemon's own "serving" log line (``cgtree.daemon.startup``):
   ``interpreter`` (exec to cgtreed's first line), ``imports`` (torch, ZeroMQ, the daemon's
-  modules), ``config``, ``devices`` (CUDA initialization on a GPU), ``bind`` (sockets; a stale
+  modules), ``config``, ``devices`` (CUDA initialization on a GPU), ``warmup`` (where a device
+  compiles: inductor's import and the loader warm-up canary), ``bind`` (sockets; a stale
   socket file replaced: every run but the first starts after a SIGKILL, as a restart does),
   ``ready`` (signals, metrics, READY=1);
 - its first requests from a client in this process (imports already paid): ``ping``,

@@ -60,7 +60,7 @@ import zmq
 import cgtree
 from cgtree.config import Config, ConfigError, load_config
 from cgtree.daemon import commands as command_registry
-from cgtree.daemon import notify, startup
+from cgtree.daemon import loader_warmup, notify, startup
 from cgtree.daemon.commands import CommandContext
 from cgtree.daemon.compile_service import CompileService
 from cgtree.daemon.compiling import prepare_to_load, resolve_compile_mode
@@ -182,6 +182,7 @@ class Daemon:
         self._plan_services: Optional[PlanServices] = None  # built on the first plan run
         # Compiles run in a worker process (cgtree.daemon.compile_worker): never on this loop.
         self.compiler = CompileService(timeout_s=config.daemon.compile_timeout_s)
+        self._canaries_wanted: list = []  # devices with no loader warm-up canary yet (compiled after READY)
         self.status_reporter = StatusReporter()
         self._buffer_ids = itertools.count(1)
         self._pending_signals: list[int] = []
@@ -238,6 +239,8 @@ class Daemon:
         startup.mark("config")
         self._start_devices()
         startup.mark("devices")
+        self._warm_loaders()
+        startup.mark("warmup")
         self._bind()
         startup.mark("bind")
         self._install_signal_handlers()
@@ -248,6 +251,8 @@ class Daemon:
         notify.ready(text)
         self.status_reporter.sent(text)
         self.watchdog.keepalive()
+        for device in self._canaries_wanted:
+            loader_warmup.compile_canary(self.compiler, device)
 
     def _start_devices(self) -> None:
         if self.device_names is None or not self.device_names:
@@ -270,11 +275,21 @@ class Daemon:
                      "" if runtime.backend == "cuda" else " (no CUDA graphs: functions are re-run into recorded buffers)")
         if self.config.daemon.cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", self.config.daemon.cache_dir)
-        if any(resolve_compile_mode(self.config.daemon.compile, rt.device) == "inductor" for rt in self.devices.values()):
-            try:
-                log.info("inductor imported for loading compiled graphs in %.2f s", prepare_to_load())
-            except Exception as exc:  # noqa: BLE001 - graphs then keep their ATen code; serving goes on
-                log.warning("inductor does not import (%s: %s): graphs will run their ATen code", type(exc).__name__, exc)
+
+    def _warm_loaders(self) -> None:
+        """Where a device compiles: import inductor and warm the compiled-graph loader with the
+        canary (``loader_warmup``: the first load in a process costs seconds), so that compiled
+        graphs load at once after READY; devices without a canary yet get one after READY."""
+        compiling = [rt.device for rt in self.devices.values()
+                     if resolve_compile_mode(self.config.daemon.compile, rt.device) == "inductor"]
+        if not compiling:
+            return
+        try:
+            log.info("inductor imported for loading compiled graphs in %.2f s", prepare_to_load())
+        except Exception as exc:  # noqa: BLE001 - graphs then keep their ATen code; serving goes on
+            log.warning("inductor does not import (%s: %s): graphs will run their ATen code", type(exc).__name__, exc)
+            return
+        self._canaries_wanted = [device for device in compiling if loader_warmup.warm_or_log(device) is None]
 
     def _start_metrics(self) -> Any:
         port = self.config.daemon.metrics_port

@@ -4,8 +4,9 @@
 Phases, in order (seconds): ``interpreter`` (exec to cgtreed's first line: the interpreter and
 site; from the kernel's start time of the process, so 10 ms resolution), ``imports`` (torch,
 ZeroMQ and the daemon's modules), ``config`` (configuration, logging, the ``Daemon`` built),
-``devices`` (every device started: CUDA initialization on a GPU; inductor's import where a
-device compiles, so that compiled graphs load at once after READY), ``bind`` (the ZeroMQ socket,
+``devices`` (every device started: CUDA initialization on a GPU), ``warmup`` (where a device
+compiles: inductor's import and the loader warm-up canary, ``loader_warmup``, so that compiled
+graphs load at once after READY), ``bind`` (the ZeroMQ socket,
 a stale socket file replaced, the lane listener), ``ready`` (signal handlers, metrics, then
 ``READY=1``). ``total`` is exec to READY.
 
@@ -20,10 +21,10 @@ import os
 import time
 from typing import Optional
 
-PHASES = ("interpreter", "imports", "config", "devices", "bind", "ready")
+PHASES = ("interpreter", "imports", "config", "devices", "warmup", "bind", "ready")
 # The mark that ends each phase; "exec" is the process's start, read from the kernel.
-_ENDS = {"interpreter": "main", "imports": "imports", "config": "config", "devices": "devices", "bind": "bind",
-         "ready": "ready"}
+_ENDS = {"interpreter": "main", "imports": "imports", "config": "config", "devices": "devices", "warmup": "warmup",
+         "bind": "bind", "ready": "ready"}
 _marks: dict[str, float] = {}
 
 

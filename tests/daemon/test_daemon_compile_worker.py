@@ -82,6 +82,7 @@ def test_a_compile_does_not_stall_other_clients_and_survives_a_restart(daemon_fa
         assert compile_state["compiled"] >= 1 and compile_state["failed"] == 0
     log = daemon.log()
     assert "compiling in the compile worker" in log and "runs inductor's code: compiled by inductor" in log
+    assert "loader warm-up canary queued" in log  # a first start: no canary yet, made after READY
 
     daemon.kill()
     restarted = daemon_factory(INDUCTOR_CONFIG, extra_env=env)
@@ -94,7 +95,12 @@ def test_a_compile_does_not_stall_other_clients_and_survives_a_restart(daemon_fa
         state = client.status()["daemon"]["compile"]
         assert state["submitted"] == 0 and state["workers_started"] == 0, state  # loaded, not compiled
         assert _graph_row(client, handle.graph_id)["kernels"] == "inductor"
-    assert "compiled before (artifact on disk)" in restarted.log()
+    restarted_log = restarted.log()
+    assert "compiled before (artifact on disk)" in restarted_log
+    # The first daemon compiled the loader warm-up canary after its READY; the restarted one
+    # loaded it before READY (so it queued nothing: ``submitted == 0`` above).
+    assert "loader warm-up canary queued" not in restarted_log
+    assert "compiled-graph loader warmed in" in restarted_log
     assert time.monotonic() - started < 60
 
 
