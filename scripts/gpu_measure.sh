@@ -3,7 +3,10 @@
 # scripts/gpu_check.sh does), then run the steps asked for, in order, each under its own time
 # limit, each writing its log and JSON under $OUT (results/ where OUT is unset).
 #
-#   scripts/gpu_measure.sh STEP[:SECONDS] ...
+#   scripts/gpu_measure.sh [+]STEP[:SECONDS] ...
+#
+# A step written +STEP runs in the background, beside the steps after it (the call waits for
+# it before packing up): e.g. the soak, which checks correctness, not time, beside the tests.
 #
 # Steps (default limit in seconds):
 #   artifact-load (200)  benchmarks/artifact_load.py: a fresh process's first compiled-graph load
@@ -16,11 +19,20 @@
 #   models (540)         benchmarks/bench_models.py, the whole zoo, defaults (--time-budget: limit - 60)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
 #   tests (400)          pytest -m gpu over the whole suite
-# Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run.
+# Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
+# machines return at most 8 files, so everything is also packed into $OUT/measure.tar.gz and
+# only that and the step logs' summary stay. pytest-xdist, where its wheel travelled in .whl/,
+# runs the tests 4 files at a time.
+#
+# PYTHONPYCACHEPREFIX: the lent image's site-packages holds no bytecode and is read-only, so
+# every process compiled torch's sources again (1.7 s of a first artifact load was `compile`);
+# a host that ran torch once has its .pyc. One writable prefix gives this call's processes a
+# real host's imports.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/cgtree-pycache}
 cd "$(dirname "$0")/.." || exit 2
 OUT_DIR=${OUT:-$(pwd)/results}
 mkdir -p "$OUT_DIR"
@@ -33,18 +45,28 @@ fi
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT_DIR/install.log" 2>&1 \
     || { echo "gpu_measure: install failed"; tail -20 "$OUT_DIR/install.log"; exit 2; }
 
-summary=()
-run_step() {
+background=()
+run_now() {
     local step=$1 limit=$2; shift 2
     local started=$SECONDS
     echo "=== $step (limit ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$step.log" 2>&1
     local rc=$?
     tail -n "${TAIL_LINES:-25}" "$OUT_DIR/$step.log"
-    summary+=("$step rc=$rc $((SECONDS - started))s")
+    echo "$step rc=$rc $((SECONDS - started))s" >>"$OUT_DIR/summary.txt"
+}
+run_step() {
+    if [ "$in_background" = 1 ]; then
+        run_now "$@" >"$OUT_DIR/$1.tail" 2>&1 &
+        background+=("$1")
+    else
+        run_now "$@"
+    fi
 }
 
 for spec in "$@"; do
+    in_background=0
+    case "$spec" in +*) in_background=1; spec=${spec#+} ;; esac
     step=${spec%%:*}
     limit=${spec#*:}
     [ "$limit" = "$spec" ] && limit=""
@@ -70,9 +92,16 @@ for spec in "$@"; do
                     --json "$OUT_DIR/bench_models.json" ;;
         compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 2 \
                      --json "$OUT_DIR/bench_compile.json" ;;
-        tests) run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider tests ;;
-        *) echo "gpu_measure: unknown step $step"; summary+=("$step unknown") ;;
+        tests) parallel=()
+               $PY -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
+               run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
+                   --junitxml="$OUT_DIR/gpu_tests.xml" tests ;;
+        *) echo "gpu_measure: unknown step $step" | tee -a "$OUT_DIR/summary.txt" ;;
     esac
 done
+wait
+for step in "${background[@]}"; do cat "$OUT_DIR/$step.tail"; done
 echo "=== summary"
-printf '%s\n' "${summary[@]}"
+cat "$OUT_DIR/summary.txt"
+(cd "$OUT_DIR" && tar czf /tmp/measure.tar.gz --exclude=measure.tar.gz . && find . -type f ! -name summary.txt -delete \
+    && mv /tmp/measure.tar.gz .)
