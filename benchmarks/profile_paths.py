@@ -7,7 +7,8 @@ then
 
 - **p50**: sync p50 over ``--iters`` calls (``benchmarks/timing.py``'s way: call, synchronize);
 - **profiler**: ``torch.profiler`` over ``--profile-calls`` calls, the top host-side entries by
-  self CPU time, with their count per call (kernel launches, copies, graph launches);
+  self CPU time, with their count per call (kernel launches, copies, graph launches), and the
+  device time per call with its top kernels;
 - **cProfile**: the top Python functions by own time over ``--iters`` calls (per call, in us).
 
 Prints everything and writes ``--out`` (a text file) and ``--json`` (p50s and per-call counts).
@@ -74,8 +75,12 @@ def profile_path(name: str, path: str, device: torch.device, args: argparse.Name
             for _ in range(args.profile_calls):
                 call()
             sync()
-        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+        averages = prof.key_averages()
+        rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
         counts = {row.key: row.count / args.profile_calls for row in rows}
+        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / args.profile_calls
+        kernels = sorted((e for e in averages if getattr(e, "self_device_time_total", 0.0) > 0),
+                         key=lambda e: e.self_device_time_total, reverse=True)[:args.top]
 
         profiler = cProfile.Profile()
         profiler.enable()
@@ -91,9 +96,14 @@ def profile_path(name: str, path: str, device: torch.device, args: argparse.Name
               file=report)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+    print(f"--- device time {device_us:.1f} us per call; top entries by device time (us per call, count per call)",
+          file=report)
+    for row in kernels:
+        print(f"{row.self_device_time_total / args.profile_calls:9.1f} us {row.count / args.profile_calls:7.2f}x  "
+              f"{row.key[:90]}", file=report)
     print(f"--- cProfile, {args.iters} calls (seconds in total)", file=report)
     print(text.getvalue(), file=report)
-    return {"p50_us": p50, "profiler_counts_per_call": counts}
+    return {"p50_us": p50, "device_us_per_call": device_us, "profiler_counts_per_call": counts}
 
 
 def main() -> int:
@@ -125,7 +135,7 @@ def main() -> int:
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=1)
     for key, value in results.items():
-        print(f"{key:32} p50 {value['p50_us']:8.1f} us")
+        print(f"{key:32} p50 {value['p50_us']:8.1f} us, device {value['device_us_per_call']:8.1f} us")
     return 0
 
 

@@ -256,6 +256,7 @@ class TreeGraph:
         self.graphed = self.tree.manager.cudagraphify(
             self.runner, inputs, self.static_input_idxs, name=self.name, kind=self.kind,
             dynamic=self.dynamic, top_level=False, written_input_idxs=self.written_input_idxs,
+            exact_input_layout=True,  # inductor's code asserts its inputs' strides, as PyTorch's trees keep them
         )
 
     def __call__(self, args: list) -> Any:
@@ -490,9 +491,12 @@ def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -
             return tree_graph(aot_gm, aot_inputs, kind=kind, static_input_idxs=static, name=name)
         device = graph_facts.device_of(aot_gm, aot_inputs)  # read before inductor rewrites the graph
         written = sorted(graph_facts.mutated_inputs(aot_gm))  # inductor's kernels hide these writes
+        frame = graph_facts.first_user_frame(aot_gm)
         compiled = compile_fx_inner(aot_gm, aot_inputs, **{**kwargs, "cudagraphs": _boxed_false()})
-        graphed = _under_tree(_boxed_runner(_as_boxed_callable(compiled)), device, static, kind, name,
-                              graph_facts.is_dynamic(aot_gm), written)
+        runner = _boxed_runner(_as_boxed_callable(compiled))
+        if frame is not None:  # skip messages name the user's function, as for the ATen runner
+            runner = function_at(runner, frame)
+        graphed = _under_tree(runner, device, static, kind, name, graph_facts.is_dynamic(aot_gm), written)
         if hasattr(compiled, "current_callable"):  # CompiledFxGraph: keep inductor's wrapper object
             compiled.current_callable = graphed
             return compiled

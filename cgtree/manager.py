@@ -121,9 +121,11 @@ class GraphedFunction:
         dynamic: bool,
         top_level: bool,
         written_input_idxs: Sequence[int] = (),
+        exact_input_layout: bool = False,
     ) -> None:
         self.manager = manager
         self.written_input_idxs = frozenset(written_input_idxs)
+        self.exact_input_layout = exact_input_layout
         self.fn = fn
         self.name = name
         self.static_input_idxs = frozenset(static_input_idxs)
@@ -194,6 +196,7 @@ class TreeManager:
         dynamic: bool = False,
         top_level: bool = True,
         written_input_idxs: Sequence[int] = (),
+        exact_input_layout: bool = False,
     ) -> GraphedFunction:
         """Put ``fn`` (tensors -> tensor or tuple/list of tensors) under the tree's control.
 
@@ -209,6 +212,9 @@ class TreeManager:
         written_input_idxs: inputs the function writes, declared by a caller whose kernels hide
             their writes from the first-run inspection (inductor's): static ones among them are
             checked for caller-kept graph outputs (``_relocate_kept_outputs``).
+        exact_input_layout: copied inputs' buffers keep their strides even where an input is
+            expanded (stride 0), for code that checks the strides it was compiled for
+            (inductor's); otherwise an expanded input's buffer is contiguous.
         ``example_inputs`` are only validated here; nothing runs until the first call.
         """
         self._check_open()
@@ -224,6 +230,7 @@ class TreeManager:
             dynamic,
             top_level,
             written_input_idxs,
+            exact_input_layout,
         )
         self._functions.append(graphed)
         return graphed
@@ -667,7 +674,8 @@ class TreeManager:
 
             inspector = Inspector({}, abort_if=abort_if)
         try:
-            recording, raw_outputs = self.backend.record(variant.function.fn, inputs, copied, inspector)
+            recording, raw_outputs = self.backend.record(variant.function.fn, inputs, copied, inspector,
+                                                          exact_layout=variant.function.exact_input_layout)
         except InspectionAbort:
             reason = self._absorb_findings(variant, inspector, inputs)
             origin = variant.skip_origin if variant.static_skip else variant.mutation_origin

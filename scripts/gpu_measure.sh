@@ -16,9 +16,9 @@
 #   chaos-eager (150)    the same with daemon.compile = "eager"
 #   startup (120)        benchmarks/startup.py --runs 2
 #   soak (420)           benchmarks/soak_fuzz.py --messages 100000 on a CUDA daemon
-#   models (540)         benchmarks/bench_models.py, the whole zoo, defaults (--time-budget: limit - 60)
+#   models (540)         benchmarks/bench_models.py, the inference zoo, defaults (--time-budget: limit - 90)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
-#   tests (400)          pytest -m gpu over the whole suite
+#   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
 # Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
 # machines return at most 8 files, so everything is also packed into $OUT/measure.tar.gz and
 # only that and the step logs' summary stay. pytest-xdist, where its wheel travelled in .whl/,
@@ -88,6 +88,7 @@ for spec in "$@"; do
                   --time-budget $((lim - 40)) --json "$OUT_DIR/soak_cuda.json" ;;
         models) lim=${limit:-540}
                 run_step "$step" "$lim" $PY benchmarks/bench_models.py --device cuda \
+                    --families hf-causal-lm,hf-encoder,hf-vision,timm,torchvision \
                     --paths eager,reduce-overhead,cgtree,cgtreed --time-budget $((lim - 90)) \
                     --json "$OUT_DIR/bench_models.json" ;;
         compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 2 \
@@ -95,7 +96,7 @@ for spec in "$@"; do
         tests) parallel=()
                $PY -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
                run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
-                   --junitxml="$OUT_DIR/gpu_tests.xml" tests ;;
+                   --junitxml="$OUT_DIR/gpu_tests.xml" ${TESTS_K:+-k "$TESTS_K"} tests ;;
         *) echo "gpu_measure: unknown step $step" | tee -a "$OUT_DIR/summary.txt" ;;
     esac
 done

@@ -9,7 +9,9 @@ Invariants every backend keeps:
 - ``record`` returns the function's outputs for this call, computed from the inputs given.
 - ``replay`` writes the new outputs at exactly the addresses ``record`` reported.
 - Copied inputs are copied into buffers owned by the recording; in-place inputs are used as
-  given (their addresses are the manager's business).
+  given (their addresses are the manager's business). With ``exact_layout`` a buffer has its
+  input's strides, zero strides of expanded dims included (compiled kernels check their
+  inputs' strides); only the distinct elements are copied then (``copy_into_buffer``).
 - ``name`` says honestly what runs: a CPU backend never calls itself CUDA.
 """
 
@@ -28,6 +30,7 @@ class Recording:
     fn: Callable
     copied_idxs: tuple[int, ...]
     buffers: dict[int, torch.Tensor]  # input index -> buffer the copied input goes into
+    expanded: dict[int, tuple[int, ...]] = field(default_factory=dict)  # input index -> its buffer's expanded dims
     graph: Any = None  # torch.cuda.CUDAGraph on the cuda backend
     keep_alive: list = field(default_factory=list)  # cpu: output tensors that are the "pool"
     pool_positions: tuple[int, ...] = ()  # cpu: flat output positions whose memory is pooled
@@ -46,7 +49,8 @@ class Backend:
         raise NotImplementedError
 
     def record(
-        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any]
+        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any],
+        exact_layout: bool = False,
     ) -> tuple[Recording, Any]:
         raise NotImplementedError
 
@@ -83,14 +87,56 @@ class Backend:
         raise NotImplementedError
 
 
-def dense_buffer_like(value: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+def buffer_for_input(value: torch.Tensor, device: Optional[torch.device] = None, *,
+                     exact_layout: bool = False) -> torch.Tensor:
     """An uninitialized buffer for a copied input, on ``device`` (default: the input's): same
-    strides when they are dense and non-overlapping, contiguous otherwise (an expanded input
-    cannot be copied into itself)."""
+    strides when they are dense and non-overlapping; for an expanded input (zero strides),
+    with ``exact_layout`` the same strides over storage for its distinct elements (what
+    PyTorch's trees do: inductor's code asserts the strides it was compiled for), else
+    contiguous (an expanded buffer cannot take a plain ``copy_``: ``copy_into_buffer``)."""
     device = value.device if device is None else device
     if _is_non_overlapping_and_dense(value):
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    dims = expanded_dims(value)
+    if exact_layout and dims and _is_non_overlapping_and_dense(_first_along(value, dims)):
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+        storage = torch.empty(extent, dtype=value.dtype, device=device)
+        return storage.as_strided(value.shape, value.stride())
     return torch.empty(value.shape, dtype=value.dtype, device=device)
+
+
+def expanded_dims(value: torch.Tensor) -> tuple[int, ...]:
+    """The dims along which ``value`` repeats one slice (stride 0, size above 1)."""
+    return tuple(d for d, (size, stride) in enumerate(zip(value.shape, value.stride())) if stride == 0 and size > 1)
+
+
+def _first_along(value: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    for dim in dims:
+        value = value.narrow(dim, 0, 1)
+    return value
+
+
+def copy_into_buffer(buffer: torch.Tensor, value: torch.Tensor, dims: Sequence[int] = ()) -> None:
+    """Copy ``value`` into its input buffer; ``dims``: the buffer's expanded dims, along which
+    only the first slice is stored and read. ``value`` must repeat that slice there too
+    (dynamo's stride guards make sure for compiled graphs); a value that does not is refused
+    rather than copied in part."""
+    if dims:
+        if any(value.stride(dim) != 0 for dim in dims):
+            raise ValueError(f"input of shape {tuple(value.shape)} and strides {value.stride()} is not expanded along "
+                             f"dims {tuple(dims)} like the input this graph was recorded with")
+        buffer, value = _first_along(buffer, dims), _first_along(value, dims)
+    buffer.copy_(value)
+
+
+def copy_inputs(recording: Recording, inputs: Sequence[Any]) -> None:
+    """A replay's input copies into ``recording``'s buffers."""
+    if recording.expanded:
+        for idx, buffer in recording.buffers.items():
+            copy_into_buffer(buffer, inputs[idx], recording.expanded.get(idx, ()))
+        return
+    for idx, buffer in recording.buffers.items():
+        buffer.copy_(inputs[idx])
 
 
 def _is_non_overlapping_and_dense(value: torch.Tensor) -> bool:

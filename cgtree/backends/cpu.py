@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
-from cgtree.backends.base import Backend, Recording, dense_buffer_like
+from cgtree.backends.base import Backend, Recording, buffer_for_input, copy_inputs, copy_into_buffer, expanded_dims
 
 
 class CpuReplayBackend(Backend):
@@ -39,20 +39,24 @@ class CpuReplayBackend(Backend):
             return fn(*inputs)
 
     def record(
-        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any]
+        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any],
+        exact_layout: bool = False,
     ) -> tuple[Recording, Any]:
-        buffers = {}
+        buffers, expanded = {}, {}
         graph_inputs = list(inputs)
         for idx in copied_idxs:
-            buffer = dense_buffer_like(inputs[idx])
-            buffer.copy_(inputs[idx])
+            buffer = buffer_for_input(inputs[idx], exact_layout=exact_layout)
+            expanded_along = expanded_dims(buffer)
+            copy_into_buffer(buffer, inputs[idx], expanded_along)
             buffers[idx] = buffer
+            if expanded_along:
+                expanded[idx] = expanded_along
             graph_inputs[idx] = buffer
         if inspector is not None:
             inspector.watch_inputs(graph_inputs)
         with inspector if inspector is not None else contextlib.nullcontext():
             outputs = fn(*graph_inputs)
-        recording = Recording(fn=fn, copied_idxs=tuple(copied_idxs), buffers=buffers)
+        recording = Recording(fn=fn, copied_idxs=tuple(copied_idxs), buffers=buffers, expanded=expanded)
         self._recordings.append(recording)
         return recording, outputs
 
@@ -65,9 +69,9 @@ class CpuReplayBackend(Backend):
         recording.pool_positions = pool_positions
 
     def replay(self, recording: Recording, inputs: Sequence[Any]) -> None:
+        copy_inputs(recording, inputs)
         graph_inputs = list(inputs)
         for idx, buffer in recording.buffers.items():
-            buffer.copy_(inputs[idx])
             graph_inputs[idx] = buffer
         fresh, _ = tree_flatten(recording.fn(*graph_inputs))
         for target, pos in zip(recording.keep_alive, recording.pool_positions):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from cgtree.backends.base import Backend, Recording, dense_buffer_like
+from cgtree.backends.base import Backend, Recording, buffer_for_input, copy_inputs, copy_into_buffer, expanded_dims
 from cgtree.liveness import TensorGeometry, free_owned, non_owning_storage, tensor_on
 
 _REQUIRED_BINDINGS = (
@@ -120,15 +120,19 @@ class CudaGraphBackend(Backend):
 
     # -- record ---------------------------------------------------------------------------
     def record(
-        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any]
+        self, fn: Callable, inputs: Sequence[Any], copied_idxs: Sequence[int], inspector: Optional[Any],
+        exact_layout: bool = False,
     ) -> tuple[Recording, Any]:
         graph_inputs = list(inputs)
-        owning_buffers = {}
+        owning_buffers, expanded = {}, {}
         with self._allocating_in_pool():
             for idx in copied_idxs:
-                buffer = dense_buffer_like(inputs[idx], self.device)  # a CPU scalar's buffer too
-                buffer.copy_(inputs[idx])
+                buffer = buffer_for_input(inputs[idx], self.device, exact_layout=exact_layout)  # a CPU scalar's too
+                expanded_along = expanded_dims(buffer)
+                copy_into_buffer(buffer, inputs[idx], expanded_along)
                 owning_buffers[idx] = buffer
+                if expanded_along:
+                    expanded[idx] = expanded_along
                 graph_inputs[idx] = buffer
         if inspector is not None:
             inspector.watch_inputs(graph_inputs)
@@ -155,7 +159,7 @@ class CudaGraphBackend(Backend):
         # its own graph runs.
         buffers = {idx: self._non_owning_view(buf) for idx, buf in owning_buffers.items()}
         del owning_buffers, graph_inputs
-        recording = Recording(fn=fn, copied_idxs=tuple(copied_idxs), buffers=buffers, graph=graph)
+        recording = Recording(fn=fn, copied_idxs=tuple(copied_idxs), buffers=buffers, graph=graph, expanded=expanded)
         self._recordings.append(recording)
         return recording, outputs
 
@@ -173,8 +177,7 @@ class CudaGraphBackend(Backend):
 
     # -- replay ---------------------------------------------------------------------------
     def replay(self, recording: Recording, inputs: Sequence[Any]) -> None:
-        for idx, buffer in recording.buffers.items():
-            buffer.copy_(inputs[idx])
+        copy_inputs(recording, inputs)
         recording.graph.replay()
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 from core_helpers import live_blocks, make_manager  # noqa: F401 (fixture)
 
@@ -220,6 +221,41 @@ def test_expanded_inputs(make_manager, device):
     for _ in range(3):
         torch.testing.assert_close(foo(x), x + 4 + 1)
     assert mgr.counters["recordings"] == 1
+
+
+@pytest.mark.parametrize("expand", [((1, 512), (4, 512)), ((4, 1), (4, 512)), ((1, 3, 1), (2, 3, 5))])
+def test_exact_layout_keeps_an_expanded_inputs_strides_for_code_that_checks_them(make_manager, device, expand):
+    """Inductor's code asserts the strides it was compiled for; PyTorch's trees keep an
+    expanded input's zero strides in its buffer, and so does ``exact_input_layout``."""
+    base_shape, shape = expand
+    recorded_strides = []
+
+    def strict(x):  # what inductor's assert_size_stride does, then the computation
+        assert x.stride() == expected, f"stride {x.stride()} != {expected}"
+        recorded_strides.append(x.stride())
+        return x * 2 + 1
+
+    mgr = make_manager()
+    expected = torch.rand(base_shape, device=device).expand(shape).stride()
+    graphed = mgr.cudagraphify(strict, name="strict", exact_input_layout=True)
+    for _ in range(4):  # new values each call: a replay must copy them in
+        x = torch.rand(base_shape, device=device).expand(shape)
+        torch.testing.assert_close(graphed(x), x * 2 + 1)
+    assert (mgr.counters["recordings"], mgr.counters["replays"], mgr.counters["skipped_calls"]) == (1, 2, 0)
+    assert set(recorded_strides) == {expected}
+
+
+def test_an_exact_layout_replay_refuses_an_input_no_longer_expanded():
+    from cgtree.backends.base import buffer_for_input, copy_into_buffer, expanded_dims
+
+    expanded = torch.rand(1, 8).expand(4, 8)
+    buffer = buffer_for_input(expanded, exact_layout=True)
+    assert buffer.stride() == (0, 1) and buffer.untyped_storage().nbytes() == 8 * 4
+    assert buffer_for_input(expanded).is_contiguous()  # the default layout: dense
+    copy_into_buffer(buffer, expanded, expanded_dims(buffer))
+    torch.testing.assert_close(buffer, expanded)
+    with pytest.raises(ValueError, match="not expanded along dims"):
+        copy_into_buffer(buffer, torch.rand(4, 8), expanded_dims(buffer))
 
 
 def test_output_aliasing_an_input_is_a_view_of_the_callers_tensor(make_manager, device):
