@@ -52,6 +52,15 @@ run_now() {
     echo "=== $step (limit ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$step.log" 2>&1
     local rc=$?
+    # A step stopped at its limit leaves what it started (daemons spinning on their lanes,
+    # compile workers, xdist workers) and they would load every later step's measurements:
+    # end them, and say so.
+    local leftovers
+    leftovers=$(pgrep -f "cgtree\.daemon|cgtreed|compile_worker|xdist|benchmarks/" | grep -v "^$$\$" || true)
+    if [ "$in_background" = 0 ] && [ ${#background[@]} -eq 0 ] && [ -n "$leftovers" ]; then
+        echo "$step: ending $(echo "$leftovers" | wc -l) leftover process(es)" | tee -a "$OUT_DIR/$step.log"
+        kill $leftovers 2>/dev/null; sleep 2; kill -9 $leftovers 2>/dev/null
+    fi
     tail -n "${TAIL_LINES:-25}" "$OUT_DIR/$step.log"
     echo "$step rc=$rc $((SECONDS - started))s" >>"$OUT_DIR/summary.txt"
 }
