@@ -172,6 +172,24 @@ def load_artifact(path: Path) -> Callable:
     return compiled
 
 
+def in_compiled_layout(compiled: Callable, aten: Callable, num_weights: int, in_place: Sequence[int]) -> Callable:
+    """``compiled`` (an artifact's function, which asserts the contiguous strides of the specs it
+    was compiled for) callable with inputs of any layout, as its ATen code is: a CUDA input
+    comes with its client's strides (a transposed or channels-last tensor). Inputs are made
+    contiguous first; an input the graph writes in place cannot be (the write must land in the
+    client's memory), so a non-contiguous one runs ``aten`` instead. Costs nothing per replay:
+    a CUDA graph's replay does not run Python (the copy, if any, is in the recorded graph)."""
+    written = {num_weights + i for i in in_place}
+
+    def call(*args: Any) -> Any:
+        if any(isinstance(args[i], torch.Tensor) and not args[i].is_contiguous() for i in written if i < len(args)):
+            return aten(*args)
+        return compiled(*(value.contiguous() if i >= num_weights and isinstance(value, torch.Tensor) else value
+                          for i, value in enumerate(args)))
+
+    return call
+
+
 def prepare_to_load() -> float:
     """Import what ``load_artifact`` needs (inductor: 1-2 s): at start-up, before READY, so
     that a restarted daemon answers its first registers with compiled graphs at once (a client

@@ -55,6 +55,7 @@ import time
 
 import torch
 
+from cgtree.daemon.compiling import in_compiled_layout
 from cgtree.daemon.graphs import check_graph_id
 from cgtree.daemon.input_memo import memoizable
 from cgtree.daemon.protocol import ProtocolError, Reply, field_of, unpack
@@ -119,6 +120,8 @@ def execute(ctx, session, body, frames) -> Reply:
         # A graph that writes a CPU input writes the daemon's copy, which goes back to the client:
         # its ATen code runs then, so the tree sees those writes (compiled kernels would hide them).
         function = entry.decoded.module if write_back else entry.fn
+        if function is not entry.decoded.module:  # inductor's code: contiguous inputs only
+            function = in_compiled_layout(function, entry.decoded.module, weights, in_place)
         fn = state.manager.cudagraphify(
             function, [*entry.weights, *inputs], static_input_idxs=[*range(weights), *(weights + i for i in in_place)],
             name=entry.display_name, kind="inference", dynamic=entry.dynamic,

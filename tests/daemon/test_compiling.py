@@ -118,3 +118,34 @@ def test_a_compiled_artifact_loads_in_another_process_and_matches_aten(tmp_path,
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                           env={**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_compiled_code_gets_contiguous_inputs_and_a_written_non_contiguous_input_runs_aten():
+    """An artifact asserts the contiguous strides it was compiled for; a CUDA input arrives with
+    its client's strides (``compiling.in_compiled_layout``)."""
+    from cgtree.daemon.compiling import in_compiled_layout
+
+    seen = []
+
+    def compiled(weight, x, cache):  # what inductor's assert_size_stride checks, then the work
+        assert x.is_contiguous() and cache.is_contiguous()
+        seen.append("compiled")
+        cache.add_(1)
+        return (x @ weight,)
+
+    def aten(weight, x, cache):
+        seen.append("aten")
+        cache.add_(1)
+        return (x @ weight,)
+
+    weight = torch.randn(8, 8)
+    call = in_compiled_layout(compiled, aten, num_weights=1, in_place=[1])  # cache: user input 1, written
+    x, cache = torch.randn(8, 8).t(), torch.zeros(4, 8)
+    (out,) = call(weight, x, cache)
+    torch.testing.assert_close(out, x @ weight)
+    assert seen == ["compiled"] and torch.equal(cache, torch.ones(4, 8))  # written in the caller's tensor
+
+    strided_cache = torch.zeros(8, 4).t()  # a written input that cannot be copied: its ATen code runs
+    (out,) = call(weight, x, strided_cache)
+    torch.testing.assert_close(out, x @ weight)
+    assert seen == ["compiled", "aten"] and torch.equal(strided_cache, torch.ones(4, 8))

@@ -82,6 +82,42 @@ def test_cuda_outputs_equal_eager_through_ipc_inputs_and_outputs(gpu_daemon):
         assert tree["counters"]["replays"] == 3 and tree["output_buffers"] == 1
 
 
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_a_non_contiguous_cuda_input_runs_inductors_code_and_replays(gpu_daemon, layout):
+    """A CUDA input keeps its client's strides; inductor's code asserts the contiguous strides it
+    was compiled for (``compiling.in_compiled_layout`` makes the inputs contiguous inside the
+    recorded graph)."""
+    from cgtree.client import Client
+
+    if layout == "transposed":
+        model = mlp()
+
+        def fresh():
+            return torch.randn(64, 16, device="cuda:0").t()
+    else:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).cuda().eval()
+
+        def fresh():
+            return torch.randn(2, 3, 16, 16, device="cuda:0").to(memory_format=torch.channels_last)
+
+    with Client(gpu_daemon.endpoint, timeout_s=120) as client:
+        handle = client.register(model, [fresh()])
+        modes = []
+        for _ in range(5):
+            x = fresh()
+            assert not x.is_contiguous()
+            (out,) = client.submit(handle, [x])
+            with torch.no_grad():
+                # cuDNN convolutions default to TF32 in both processes, with algorithms of their
+                # own choosing: 1e-3 (a replay of stale inputs would be off by ~1).
+                torch.testing.assert_close(out, model(x), rtol=1e-3, atol=1e-3)
+            modes.append(client.last_execution["mode"])
+        rows = [row for dev in client.status()["devices"] for row in dev["registered"] if row["graph"] == handle.graph_id]
+    assert rows and rows[0]["kernels"] == "inductor", rows
+    assert modes[-2:] == ["replayed", "replayed"], modes
+
+
 def test_repeated_cuda_buffers_read_fresh_data_through_the_input_memo(gpu_daemon):
     """The client packs the descriptors of a loop's CUDA buffers once and the daemon reuses its
     decoded views: the data in the buffers must still be read anew on every call, and a buffer
