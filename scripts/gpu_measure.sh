@@ -16,7 +16,9 @@
 #   chaos-eager (150)    the same with daemon.compile = "eager"
 #   startup (120)        benchmarks/startup.py --runs 2
 #   soak (420)           benchmarks/soak_fuzz.py --messages 100000 on a CUDA daemon
-#   models (540)         benchmarks/bench_models.py, the inference zoo, defaults (--time-budget: limit - 90)
+#   models (540)         benchmarks/bench_models.py, the inference zoo, defaults (--time-budget: limit - 90;
+#                        about 70 s a model on the H200, so the 13 models take two calls: MODELS=a,b,c
+#                        runs only those)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
 #   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
 # Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
@@ -96,8 +98,9 @@ for spec in "$@"; do
               run_step "$step" "$lim" $PY benchmarks/soak_fuzz.py --messages 100000 --device cuda \
                   --time-budget $((lim - 40)) --json "$OUT_DIR/soak_cuda.json" ;;
         models) lim=${limit:-540}
-                run_step "$step" "$lim" $PY benchmarks/bench_models.py --device cuda \
-                    --families hf-causal-lm,hf-encoder,hf-vision,timm,torchvision \
+                which=(--families hf-causal-lm,hf-encoder,hf-vision,timm,torchvision)
+                [ -n "${MODELS:-}" ] && which=(--models "$MODELS")
+                run_step "$step" "$lim" $PY benchmarks/bench_models.py --device cuda "${which[@]}" \
                     --paths eager,reduce-overhead,cgtree,cgtreed --time-budget $((lim - 90)) \
                     --json "$OUT_DIR/bench_models.json" ;;
         compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 2 \
