@@ -35,7 +35,7 @@ What an entry holds, what a hit does:
   which is why the key leaves them out and a retrained model still hits.
 - The key is the sha256 of a canonical description of everything else the trace depends on
   (``_key``): Python, torch (version, git hash, CUDA/HIP build) and cgtree (version and the
-  source of lowering.py, payload.py and this file); the switches that change a trace (default
+  source of lowering.py, payload/*.py and this file); the switches that change a trace (default
   dtype, grad and inference mode, deterministic algorithms, SDPA backends, the MHA fast path,
   mkldnn, CPU capability, CUDA device name and capability of the devices involved); every
   module of the tree (class and the bodies of its non-torch classes, methods by bytecode,
@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import glob
 import hashlib
 import logging
 import marshal
@@ -118,7 +119,7 @@ ENTRY_SUFFIX = ".cgtg"
 MAX_ENTRY_BYTES = 1 << 31
 _MAX_DEPTH = 48
 _INT64 = (-(1 << 63), (1 << 63) - 1)
-_CGTREE_SOURCES = ("lowering.py", "graph_cache.py")  # beside this file; payload.py beside cgtree
+_CGTREE_SOURCES = ("lowering.py", "graph_cache.py")  # beside this file; _versions adds cgtree/payload/*.py
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _IGNORED_MODULE_ATTRS = frozenset({
@@ -461,7 +462,8 @@ def _versions() -> list:
     here = os.path.dirname(os.path.abspath(__file__))
     import cgtree.payload as payload
 
-    sources = [os.path.join(here, name) for name in _CGTREE_SOURCES] + [os.path.abspath(payload.__file__)]
+    codec = os.path.dirname(os.path.abspath(payload.__file__))  # the package: every module of the codec
+    sources = [os.path.join(here, name) for name in _CGTREE_SOURCES] + sorted(glob.glob(os.path.join(codec, "*.py")))
     return [
         sys.implementation.cache_tag, sys.version,
         torch.__version__, torch.version.git_version, torch.version.cuda, torch.version.hip,
@@ -701,10 +703,8 @@ class _Library:
     ("<string>", "<eval_with_key>") is "pseudo"."""
 
     def __init__(self) -> None:
-        import cgtree.payload as payload
-
         self._covered = tuple(self._dir(p) for p in (
-            os.path.dirname(torch.__file__), os.path.dirname(payload.__file__), os.path.dirname(__file__)))
+            os.path.dirname(torch.__file__), os.path.dirname(cgtree.__file__), os.path.dirname(__file__)))
         paths = sysconfig.get_paths()
         self._stdlib = tuple({self._dir(paths[k]) for k in ("stdlib", "platstdlib") if paths.get(k)})
         site_dirs = {paths.get("purelib"), paths.get("platlib")}

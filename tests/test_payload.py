@@ -29,6 +29,7 @@ from cgtree.payload import (
     weight_hash,
     weight_to_tensor,
 )
+from cgtree.payload.decode import _GraphDecoder
 
 HOSTILE_STRING = "__import__('os').system('touch /tmp/cgtree-pwned')"
 A_HASH = "ab" * 32
@@ -615,7 +616,7 @@ def test_unexpected_internal_errors_are_wrapped(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
-    monkeypatch.setattr(payload._GraphDecoder, "_add_output", broken)
+    monkeypatch.setattr(_GraphDecoder, "_add_output", broken)
     with pytest.raises(PayloadError, match="KeyError"):
         decode_graph(ADD_ONE)
 
