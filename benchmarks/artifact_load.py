@@ -77,7 +77,7 @@ def _graphs(device: str) -> dict:
     }
 
 
-def _compile_child(directory: Path, device: str) -> dict:
+def _compile_child(directory: Path, device: str, wanted: set) -> dict:
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -89,6 +89,8 @@ def _compile_child(directory: Path, device: str) -> dict:
 
     seconds = {}
     for name, (fn, examples) in _graphs(device).items():
+        if name not in wanted:
+            continue
         module = make_fx(fn)(*examples)
         seconds[name] = compile_artifact(Decoded(module), torch.device(device), directory / f"{name}.bin", examples)
     # The daemon's own canary, where cgtreed keeps it (the ``warmup`` variant loads it).
@@ -174,6 +176,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per variant and graph")
     parser.add_argument("--json", default="artifact_load.json")
     parser.add_argument("--profile-dir", default=".", help="where the cold loads' cProfile tops go")
+    parser.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated, of {', '.join(GRAPHS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--child", choices=("compile", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -181,8 +185,9 @@ def main() -> int:
     parser.add_argument("--profile", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    graphs, variants = args.graphs.split(","), args.variants.split(",")
     if args.child == "compile":
-        print(json.dumps(_compile_child(Path(args.dir), args.device)))
+        print(json.dumps(_compile_child(Path(args.dir), args.device, {*graphs, "canary"})))
         return 0
     if args.child == "load":
         print(json.dumps(_load_child(Path(args.dir), args.device, args.variant, args.graph, Path(args.profile))))
@@ -194,15 +199,15 @@ def main() -> int:
         directory = Path(tmp) / "artifacts"
         directory.mkdir()
         base = ["--device", args.device, "--dir", str(directory)]
-        results["compile"] = _child(["--child", "compile", *base], env)
+        results["compile"] = _child(["--child", "compile", *base, "--graphs", args.graphs], env)
         print("compile:", results["compile"], flush=True)
         if "error" in results["compile"]:
             Path(args.json).write_text(json.dumps(results, indent=1))
             return 1
         print(f"{'graph':8} {'variant':8} {'load s':>8} {'1st call':>9} {'2nd call':>9}  before-load phases")
         for repeat in range(args.repeats):
-            for graph in GRAPHS:
-                for variant in VARIANTS:
+            for graph in graphs:
+                for variant in variants:
                     profile = Path(args.profile_dir) / f"artifact_load_profile_{graph}_{repeat}.txt"
                     run = _child(["--child", "load", *base, "--variant", variant, "--graph", graph,
                                   "--profile", str(profile)], env)
@@ -216,7 +221,7 @@ def main() -> int:
                     print(f"{graph:8} {variant:8} {p['load']:8.3f} {p['first_call']:9.4f} {p['second_call']:9.5f}  {extra}",
                           flush=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return 1 if any("error" in run for run in results["runs"]) else 0
 
 
 if __name__ == "__main__":
