@@ -101,11 +101,11 @@ TREE_STAMPS = (
     ("cgtree.backends.cuda:CudaGraphBackend.replay", "replay_start", "replay_launched"),
 )
 DAEMON_STAMPS = (
-    ("cgtree.daemon.server:Daemon._poll_spinning", None, "daemon_woke", bool),
+    ("cgtree.daemon.waiting:Waiter._poll_spinning", None, "daemon_woke", bool),
     ("cgtree.daemon.lane:LaneHub.read", "read_start", "read_done"),
     ("cgtree.daemon.doorbell:Doorbell.take", None, "rung_taken", lambda taken: taken is not None),
-    ("cgtree.daemon.server:Daemon.answer_plan", "plan_dispatch", None),
-    ("cgtree.daemon.server:run_plan", "run_plan", "run_plan_done"),  # as the server module calls it
+    ("cgtree.daemon.dispatch:Dispatcher.answer_plan", "plan_dispatch", None),
+    ("cgtree.daemon.dispatch:run_plan", "run_plan", "run_plan_done"),  # as the dispatch module calls it
     ("cgtree.daemon.doorbell:Doorbell.signal_done", "signal_start", "signalled"),
     ("cgtree.daemon.doorbell:Doorbell.answer", None, "answered"),
     ("cgtree.daemon.lane:LaneHub.send", "send_start", "send_done"),

@@ -28,6 +28,10 @@ _ENDS = {"interpreter": "main", "imports": "imports", "config": "config", "devic
 _marks: dict[str, float] = {}
 
 
+class StartError(RuntimeError):
+    """The daemon cannot start (endpoint served by another daemon, no usable device, ...)."""
+
+
 def mark(name: str) -> None:
     _marks[name] = time.monotonic()
 

@@ -26,7 +26,13 @@ from typing import Callable, Optional, Sequence
 
 from cgtree.daemon import notify
 
-__all__ = ["Watchdog", "StatusReporter", "status_text"]
+__all__ = ["Watchdog", "StatusReporter", "status_text", "EXIT_OK", "EXIT_FORCED", "EXIT_CUDA_ERROR", "EXIT_START_FAILED"]
+
+# cgtreed's exit statuses, as its supervisor reads them (re-exported by cgtree.daemon.server).
+EXIT_OK = 0
+EXIT_FORCED = 1  # second signal or shutdown deadline passed
+EXIT_CUDA_ERROR = 70  # EX_SOFTWARE: a sticky CUDA error poisoned the context; restart us
+EXIT_START_FAILED = 78  # EX_CONFIG: bad configuration, endpoint in use, unusable device
 
 # keepalive() never pings more often than this (nor more often than an eighth of the interval).
 KEEPALIVE_MIN_GAP_S = 1.0

@@ -21,14 +21,14 @@ def test_requests_are_served_while_the_daemon_spins(monkeypatch):
     endpoint = "ipc://" + os.path.join(workdir, "s")
     daemon = server.Daemon(Config(daemon=DaemonConfig(spin_us=200_000)), endpoint=endpoint, device_names=["cpu"])
     found = []
-    spin = daemon._poll_spinning
+    spin = daemon.waiting._poll_spinning
 
     def counting_spin() -> dict:
         ready = spin()
         found.append(bool(ready))
         return ready
 
-    monkeypatch.setattr(daemon, "_poll_spinning", counting_spin)
+    monkeypatch.setattr(daemon.waiting, "_poll_spinning", counting_spin)
     original_start = daemon._start_devices
 
     def start_devices() -> None:

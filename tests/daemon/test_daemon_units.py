@@ -326,13 +326,14 @@ def test_a_restarted_daemon_replaces_a_stale_socket_file_without_waiting_for_a_p
 
     from cgtree.config import Config
     from cgtree.daemon import server
+    from cgtree.daemon.transports import zmq as zmq_transport
 
     workdir = tempfile.mkdtemp(prefix="cgt-", dir="/tmp")
     path = os.path.join(workdir, "s")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)
     dead.close()
-    monkeypatch.setattr(server, "_endpoint_answers", lambda *a, **k: pytest.fail("pinged a file nobody listens on"))
+    monkeypatch.setattr(zmq_transport, "_endpoint_answers", lambda *a, **k: pytest.fail("pinged a file nobody listens on"))
     daemon = server.Daemon(Config(), endpoint=f"ipc://{path}", device_names=["cpu"])
     try:
         daemon._bind()
