@@ -4,15 +4,8 @@
 ``torch.compile(model, backend=cgtree.client.backend(client))`` runs compiled graphs in cgtreed.
 """
 
-from cgtree.client.client import (
-    Client,
-    ClientError,
-    DaemonError,
-    DaemonTimeout,
-    DaemonUnavailable,
-    GraphHandle,
-    RequestInterrupted,
-)
+from cgtree.client.client import Client, GraphHandle
+from cgtree.client.errors import ClientError, DaemonError, DaemonTimeout, DaemonUnavailable, RequestInterrupted
 
 __all__ = ["Client", "ClientError", "DaemonError", "DaemonTimeout", "DaemonUnavailable", "GraphHandle",
            "RequestInterrupted", "backend"]

@@ -72,26 +72,34 @@ import torch
 import zmq
 
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
+from cgtree.client.errors import (  # noqa: F401 (re-exported)
+    ClientError,
+    DaemonError,
+    DaemonGone,
+    DaemonTimeout,
+    DaemonUnavailable,
+    RequestInterrupted,
+)
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
 from cgtree.client.watch import DaemonWatch, file_identity
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
-from cgtree.daemon.protocol import ERROR_CODES, ProtocolError, decode_reply, encode_request, frame_view, pack
+from cgtree.daemon.protocol import ProtocolError, decode_reply, encode_request, frame_view, pack
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
-    is_cuda_malloc_ipc_handle,
     cpu_frame_of,
     describe_cpu,
     describe_cuda,
     dtype_name,
     export_cuda_storage,
+    is_cuda_malloc_ipc_handle,
     parse_geometry,
     parse_ipc,
     tensor_from_cpu_desc,
 )
-from cgtree.liveness import TensorGeometry as TensorLayout
 from cgtree.liveness import CAN_RAISE_ON_OVERWRITTEN_ACCESS, mark_overwritten, non_owning_storage, tensor_on
+from cgtree.liveness import TensorGeometry as TensorLayout
 
 log = logging.getLogger("cgtree.client")
 
@@ -132,52 +140,6 @@ OVERWRITTEN_MESSAGE = (
     "(or released, or its session ended). Outputs stay valid until the graph's next submit; "
     "clone() an output you want to keep."
 )
-
-
-# ---------------------------------------------------------------------------------- errors
-
-
-class ClientError(Exception):
-    """Base class of the client's errors."""
-
-
-class DaemonUnavailable(ClientError, ConnectionError):
-    """No daemon at the endpoint (socket file missing) or it stopped answering."""
-
-
-class DaemonTimeout(DaemonUnavailable, TimeoutError):
-    """The daemon did not answer within the timeout."""
-
-
-class DaemonGone(DaemonUnavailable):
-    """The daemon this client last heard from is gone and the request was not sent to it (it
-    never ran). Inside the client: the call waits for the next daemon and sends it there."""
-
-
-class RequestInterrupted(DaemonUnavailable):
-    """The daemon went away while a request was in flight, and the client did not send it again
-    (a submit of a graph that writes its inputs may have run partly). Retryable: the next call
-    reconnects to the restarted daemon by itself; check the inputs first."""
-
-    retryable = True
-
-    def __init__(self, message: str, op: str = "") -> None:
-        super().__init__(message)
-        self.op = op
-
-
-class DaemonError(ClientError):
-    """The daemon answered with an error reply: ``code`` (see ``ERROR_CODES``) and ``message``."""
-
-    def __init__(self, code: str, message: str, op: str = "") -> None:
-        super().__init__(f"cgtreed refused {op or 'the request'}: {code}: {message}")
-        self.code = code
-        self.message = message
-        self.op = op
-
-    @property
-    def retryable(self) -> bool:
-        return ERROR_CODES.get(self.code, (False, ""))[0]
 
 
 # ---------------------------------------------------------------------------------- handles

@@ -178,7 +178,7 @@ class DaemonGraph:
         except (lowering.LoweringError, Exception) as exc:  # noqa: B014 - any refusal: run here
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return self._run_here(f"cannot go to cgtreed ({reason[:300]})")
-        from cgtree.client.client import DaemonError
+        from cgtree.client.errors import DaemonError
 
         try:
             # A CPU graph runs where the client sends CPU inputs (the daemon's GPU when it serves no CPU).
