@@ -81,6 +81,7 @@ from cgtree.client.errors import (  # noqa: F401 (re-exported)
     RequestInterrupted,
 )
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
 from cgtree.client.watch import DaemonWatch, file_identity
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.lane import fits_lane
@@ -123,14 +124,6 @@ ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
 # (once on the old daemon, once on the new) ends in the same state. ``submit`` is decided per
 # graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
 IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", "release", "reset"})
-# Room for the envelope next to data frames when splitting uploads under max_message_bytes.
-ENVELOPE_ALLOWANCE = 64 * 1024
-# A graph cgtreed is compiling (its compile worker, off the serving loop) is asked for again
-# after 50 ms, then at most every 0.5 s; the wait is said in the log at once (INFO) and, when it
-# lasts, every COMPILE_NOTE_EVERY_S (WARNING: a user sees why the first call takes seconds).
-COMPILE_POLL_FIRST_S = 0.05
-COMPILE_POLL_MAX_S = 0.5
-COMPILE_NOTE_EVERY_S = 10.0
 CLIENT_NAME = "cgtree.client 0.1"
 
 CAN_RAISE_ON_OVERWRITTEN_OUTPUT = CAN_RAISE_ON_OVERWRITTEN_ACCESS
@@ -140,27 +133,6 @@ OVERWRITTEN_MESSAGE = (
     "(or released, or its session ended). Outputs stay valid until the graph's next submit; "
     "clone() an output you want to keep."
 )
-
-
-# ---------------------------------------------------------------------------------- handles
-
-
-@dataclass
-class GraphHandle:
-    """A graph registered with the daemon: its id, device, and the payload kept for re-registering."""
-
-    graph_id: str
-    device: str
-    encoded: Any  # cgtree.payload.EncodedGraph
-    num_inputs: Optional[int] = None
-    name: Optional[str] = None  # a label for cgtreectl and the daemon's logs (the model's class)
-    # User inputs the graph writes in place, as the daemon decoded it; None until registered
-    # (and then treated as "may mutate": such a submit is never re-sent after a restart).
-    mutated_inputs: Optional[tuple[int, ...]] = None
-
-    @property
-    def short_name(self) -> str:
-        return "g" + self.graph_id[:12]
 
 
 @dataclass
@@ -272,9 +244,6 @@ class Client:
         # A stable routing id: a socket replaced after a timeout keeps the same session. 128 random
         # bits: whoever connects with it takes over its replies (ROUTER_HANDOVER), so unguessable.
         self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(16).hex().encode()
-        self._graphs_by_source: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-        self._graphs_by_id: dict[tuple[str, str], GraphHandle] = {}
-        self._registered: set[tuple[str, str]] = set()
         self._exports: Optional[_ExportCache] = None
         self._mappings: dict[int, _OutputMapping] = {}
         self._graph_buffer: dict[tuple[str, str], int] = {}
@@ -290,13 +259,13 @@ class Client:
         self._use_lanes = bool(lanes)
         self._use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
             else bool(doorbell)
-        self._graph_cache = graph_cache
         self._lane: Optional[ClientLane] = None
         self._lane_offer: Optional[dict] = None  # {"path", "token"} from hello
         self._lane_retry_at = 0.0
         self.spin_s = (int(os.environ.get("CGTREE_SPIN_US", DEFAULT_SPIN_US)) if spin_us is None else int(spin_us)) * 1e-6
         self._spin_now = 0.0  # spin_s once hello says the daemon runs CUDA (spin_while_waiting)
         self._closed = False
+        self.registration = Registration(self, graph_cache)
 
     # ------------------------------------------------------------------------ context manager
 
@@ -352,21 +321,21 @@ class Client:
         device: the daemon device to run on; default: where the example inputs are.
         """
         if isinstance(graph, GraphHandle):
-            self._with_recovery("register", lambda: self._ensure_registered(graph))
+            self._with_recovery("register", lambda: self.registration.ensure(graph))
             return graph
         inputs = _as_input_list(example_inputs)
         device = self.target_device(device, inputs)
         key = _spec_key(inputs, device)
-        by_spec = self._cache_for(graph)
+        by_spec = self.registration.cache_for(graph)
         if by_spec is not None and key in by_spec:
             handle = by_spec[key]
-            self._with_recovery("register", lambda: self._ensure_registered(handle))
+            self._with_recovery("register", lambda: self.registration.ensure(handle))
             return handle
-        encoded = graph if _is_encoded(graph) else _lower_and_encode(graph, inputs, self._graph_cache)
-        handle = self._graphs_by_id.get((device, encoded.graph_id)) or GraphHandle(
+        encoded = graph if _is_encoded(graph) else _lower_and_encode(graph, inputs, self.registration.graph_cache)
+        handle = self.registration.by_id.get((device, encoded.graph_id)) or GraphHandle(
             encoded.graph_id, device, encoded, len(encoded.input_specs), name=_graph_label(graph))
-        self._with_recovery("register", lambda: self._ensure_registered(handle))
-        self._graphs_by_id[(device, handle.graph_id)] = handle
+        self._with_recovery("register", lambda: self.registration.ensure(handle))
+        self.registration.by_id[(device, handle.graph_id)] = handle
         if by_spec is not None:
             by_spec[key] = handle
         return handle
@@ -455,7 +424,7 @@ class Client:
             if outputs is not None:
                 return outputs
             self._forget_plan(handle, hot[1])
-        self._ensure_registered(handle)
+        self.registration.ensure(handle)
         packed = self._packed_inputs(handle.device, inputs)
         plan = self._plans.get((handle.device, handle.graph_id, packed)) if packed is not None else None
         if plan is not None:
@@ -628,70 +597,6 @@ class Client:
             self._invalidate_all()
             self._with_recovery("reset", lambda: self._session_call(
                 "reset", {"device": self._wire_device(_normalize_device(device)) if device else None}))
-
-    # ------------------------------------------------------------------------ registration
-
-    def _cache_for(self, graph: Any) -> Optional[dict]:
-        if _is_encoded(graph):
-            return None
-        try:
-            return self._graphs_by_source.setdefault(graph, {})
-        except TypeError:  # not weak-referenceable: lower every time
-            return None
-
-    def _ensure_registered(self, handle: GraphHandle) -> None:
-        if (handle.device, handle.graph_id) in self._registered and self.session_id is not None:
-            return
-        self._register_payload(handle)
-
-    def _register_payload(self, handle: GraphHandle) -> None:
-        """Send the graph; then, in messages under the size limit, the weights the daemon lacks;
-        then wait while the daemon compiles it."""
-        reply = self._send_graph(handle)
-        if reply.get("compiling"):
-            reply = self._wait_for_compile(handle, reply)
-            if reply.get("need_payload"):  # the daemon restarted while it compiled: send it all again
-                reply = self._wait_for_compile(handle, self._send_graph(handle))
-        if not reply.get("registered"):
-            raise ClientError(f"graph {handle.short_name} was not registered: daemon still lacks {reply.get('missing_weights')}")
-        if reply.get("graph") != handle.graph_id:
-            raise ClientError(f"the daemon registered {reply.get('graph')} for graph {handle.graph_id}")
-        if reply.get("mutated_inputs") is not None:
-            handle.mutated_inputs = tuple(reply["mutated_inputs"])
-        self._registered.add((handle.device, handle.graph_id))
-
-    def _send_graph(self, handle: GraphHandle) -> dict:
-        encoded = handle.encoded
-        base = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
-        reply, _ = self._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
-        limit = (self.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
-        for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
-            frames = [encoded.graph_bytes] + [encoded.weights[h].data for h in batch]
-            weights = {h: i + 1 for i, h in enumerate(batch)}
-            reply, _ = self._session_call("register", {**base, "weights": weights}, frames)
-        return reply
-
-    def _wait_for_compile(self, handle: GraphHandle, reply: dict) -> dict:
-        """Ask for ``handle``'s graph again (by id only) while cgtreed compiles it; the last reply.
-        No overall deadline: the daemon bounds a compile (``daemon.compile_timeout_s``) and each
-        ask is an ordinary request under ``timeout_s``, so a daemon that died is still noticed."""
-        body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "name": handle.name, "weights": {}}
-        started = time.monotonic()
-        delay, note_at = COMPILE_POLL_FIRST_S, started + COMPILE_NOTE_EVERY_S
-        log.info("cgtreed is compiling graph %s (%s)", handle.short_name, _compile_progress(reply["compiling"]))
-        while reply.get("compiling"):
-            time.sleep(delay)
-            delay = min(2 * delay, COMPILE_POLL_MAX_S)
-            reply, _ = self._session_call("register", body)
-            now = time.monotonic()
-            if reply.get("compiling") and now >= note_at:
-                note_at = now + COMPILE_NOTE_EVERY_S
-                log.warning("cgtreed is still compiling graph %s: %s (once per graph: later clients and a restarted "
-                            "daemon load it compiled)", handle.short_name, _compile_progress(reply["compiling"]))
-        if reply.get("registered"):
-            log.info("graph %s compiled by cgtreed: registered after %.1f s, runs %s kernels", handle.short_name,
-                     time.monotonic() - started, reply.get("kernels") or "its")
-        return reply
 
     # ------------------------------------------------------------------------------ tensors
 
@@ -903,12 +808,12 @@ class Client:
                     self._forget_session()
                     self._ensure_session()
                     if handle is not None:
-                        self._register_payload(handle)
+                        self.registration.register_payload(handle)
                     continue
                 if exc.code == "unknown_graph" and handle is not None and "unknown_graph" not in retried:
                     retried.add("unknown_graph")
-                    self._registered.discard((handle.device, handle.graph_id))
-                    self._register_payload(handle)
+                    self.registration.registered.discard((handle.device, handle.graph_id))
+                    self.registration.register_payload(handle)
                     continue
                 raise
 
@@ -916,7 +821,7 @@ class Client:
         self.session_id = None
         self._close_lane()
         self._lane_offer = None
-        self._registered.clear()
+        self.registration.registered.clear()
         self._invalidate_all()  # a new daemon: the old buffers are gone
 
     def _ensure_session(self) -> None:
@@ -925,7 +830,7 @@ class Client:
         reply, _ = self._call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
         self._watch.bind()  # the daemon that just answered: what waits watch from now on
         if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
-            self._registered.clear()
+            self.registration.registered.clear()
             self._invalidate_all()
         self.session_id = reply["session"]
         self.daemon_pid = reply["daemon_pid"]
@@ -1336,14 +1241,6 @@ def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Op
     return op in IDEMPOTENT_OPS
 
 
-def _graph_label(graph: Any) -> Optional[str]:
-    """A short label for the daemon's tables and logs: the model's class name."""
-    if _is_encoded(graph):
-        return None
-    name = type(graph).__name__
-    return name[:64] if name.isprintable() else None
-
-
 def _as_input_list(inputs: Any) -> list:
     if isinstance(inputs, torch.Tensor):
         return [inputs]
@@ -1380,47 +1277,3 @@ def _device_of(inputs: list) -> str:
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             return _normalize_device(value.device)
     return "cpu"
-
-
-def _spec_key(inputs: list, device: str) -> tuple:
-    return (device,) + tuple(
-        (str(v.dtype), tuple(v.shape), v.device.type) if isinstance(v, torch.Tensor) else (type(v).__name__,) for v in inputs
-    )
-
-
-def _is_encoded(graph: Any) -> bool:
-    return all(hasattr(graph, a) for a in ("graph_id", "graph_bytes", "weights", "weight_hashes"))
-
-
-def _lower_and_encode(graph: Any, inputs: list, cache: Any = None) -> Any:
-    # Plain nn.Modules go through the graph cache when one is enabled (cgtree.client.graph_cache).
-    from cgtree.client import graph_cache
-
-    return graph_cache.lower_and_encode(graph, inputs, cache=cache)
-
-
-def _compile_progress(progress: dict) -> str:
-    ahead = progress.get("ahead") or 0
-    queue = f", {ahead} graph{'s' if ahead != 1 else ''} ahead of it" if ahead else ""
-    return f"{progress.get('state', 'compiling')} for {progress.get('elapsed_s', 0)} s{queue}"
-
-
-def _batches(missing: list, blobs: dict, limit: int) -> list[list]:
-    """Group missing weight hashes into uploads of at most ``limit`` bytes each."""
-    batches: list[list] = []
-    current, size = [], 0
-    for weight_hash in missing:
-        blob = blobs.get(weight_hash)
-        if blob is None:
-            raise ClientError(f"the daemon asked for weight {weight_hash}, which this graph does not have")
-        nbytes = len(blob.data)
-        if nbytes > limit:
-            raise DaemonError("too_large", f"weight {weight_hash} is {nbytes} bytes; raise daemon.max_message_bytes above it", "register")
-        if current and size + nbytes > limit:
-            batches.append(current)
-            current, size = [], 0
-        current.append(weight_hash)
-        size += nbytes
-    if current:
-        batches.append(current)
-    return batches

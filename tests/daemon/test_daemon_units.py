@@ -9,7 +9,8 @@ import msgpack
 import pytest
 import torch
 
-from cgtree.client.client import ClientError, DaemonError, _batches
+from cgtree.client.errors import ClientError, DaemonError
+from cgtree.client.registration import _batches
 from cgtree.daemon import runtime_dir
 from cgtree.daemon.protocol import ProtocolError, decode_request, wire_safe
 from cgtree.daemon.sessions import ClientProcess, SessionInUse, SessionRegistry, session_verdict
