@@ -65,7 +65,7 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -80,27 +80,19 @@ from cgtree.client.errors import (  # noqa: F401 (re-exported)
     DaemonUnavailable,
     RequestInterrupted,
 )
+from cgtree.client.inputs import PACKED_INPUTS_KEPT, InputEncoder, _as_input_list, _device_name_only, _device_of, _identity_marks, _normalize_device, _same_inputs
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputBuffers, OutputMapping, _mark_stale, _output_slot
 from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
 from cgtree.client.watch import DaemonWatch, file_identity
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
-from cgtree.daemon.protocol import ProtocolError, decode_reply, encode_request, frame_view, pack
+from cgtree.daemon.protocol import ProtocolError, decode_reply, encode_request, frame_view
 from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
 from cgtree.daemon.tensors import (
-    cpu_frame_of,
-    describe_cpu,
-    describe_cuda,
-    dtype_name,
-    export_cuda_storage,
-    is_cuda_malloc_ipc_handle,
-    parse_geometry,
-    parse_ipc,
     tensor_from_cpu_desc,
 )
-from cgtree.liveness import CAN_RAISE_ON_OVERWRITTEN_ACCESS, mark_overwritten, non_owning_storage, tensor_on
-from cgtree.liveness import TensorGeometry as TensorLayout
 
 log = logging.getLogger("cgtree.client")
 
@@ -115,8 +107,6 @@ PING_RESEND_S = 1.0  # endpoints without a socket file (tcp://): how often that 
 IDLE_CHECK_S = 0.1
 # Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
 DEFAULT_SPIN_US = 1000
-PACKED_INPUTS_KEPT = 256  # packed descriptor lists remembered (then forgotten all at once)
-MAX_KNOWN_STREAMS = 64  # stream objects kept for _settle (then forgotten all at once)
 LANE_RETRY_S = 5.0  # after a lane failed to attach, requests use ZeroMQ this long before retrying
 # Requests that never travel on the lane: hello binds the lane; bye ends the session with it.
 ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
@@ -125,14 +115,6 @@ ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
 # graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
 IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", "release", "reset"})
 CLIENT_NAME = "cgtree.client 0.1"
-
-CAN_RAISE_ON_OVERWRITTEN_OUTPUT = CAN_RAISE_ON_OVERWRITTEN_ACCESS
-
-OVERWRITTEN_MESSAGE = (
-    "cgtree: this output of graph {graph} was overwritten by a later submit of the same graph "
-    "(or released, or its session ended). Outputs stay valid until the graph's next submit; "
-    "clone() an output you want to keep."
-)
 
 
 @dataclass
@@ -145,52 +127,6 @@ class _Plan:
     function: str
     packed: bytes  # the packed inputs it was offered for (its key in Client._plans)
     overwritten: str  # the message an output of an earlier run raises
-
-
-@dataclass
-class _OutputMapping:
-    """One daemon output buffer opened in this process (CUDA IPC), and what was built on it."""
-
-    buffer_id: int
-    device: torch.device
-    storage: Any  # the owning IPC storage: keeps the mapping open
-    base_ptr: int
-    nbytes: int
-    generation: int = 0
-    handed_out: list = field(default_factory=list)  # weakrefs to the current generation's tensors
-
-
-class _ExportCache:
-    """CUDA IPC exports of this process's storages, one per live storage."""
-
-    def __init__(self) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._weak_ref = StorageWeakRef
-        self._entries: dict[int, tuple[Any, int, dict]] = {}
-
-    def export(self, storage: torch.UntypedStorage) -> dict:
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        entry = self._entries.get(ptr)
-        if entry is not None and not entry[0].expired() and entry[1] == nbytes:
-            return entry[2]
-        try:
-            ipc = export_cuda_storage(storage)
-        except Exception as exc:
-            raise ClientError(
-                f"cannot export a CUDA tensor to cgtreed through CUDA IPC ({exc}); memory the caching allocator "
-                "does not own (outputs of CUDA graph replays, tensors received from another process, "
-                "from_blob views) cannot be shared: pass a .clone()"
-            ) from exc
-        if not is_cuda_malloc_ipc_handle(ipc["handle"]):
-            raise ClientError(
-                "this CUDA allocation cannot travel as a legacy CUDA IPC handle (expandable segments?): "
-                "unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the client"
-            )
-        if len(self._entries) > 1024:
-            self._entries = {p: e for p, e in self._entries.items() if not e[0].expired()}
-        self._entries[ptr] = (self._weak_ref(storage), nbytes, ipc)
-        return ipc
 
 
 # ---------------------------------------------------------------------------------- client
@@ -244,18 +180,10 @@ class Client:
         # A stable routing id: a socket replaced after a timeout keeps the same session. 128 random
         # bits: whoever connects with it takes over its replies (ROUTER_HANDOVER), so unguessable.
         self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(16).hex().encode()
-        self._exports: Optional[_ExportCache] = None
-        self._mappings: dict[int, _OutputMapping] = {}
-        self._graph_buffer: dict[tuple[str, str], int] = {}
-        self._uuid_map: Optional[dict[int, int]] = None
-        self._packed: dict[tuple, tuple[bytes, list]] = {}  # see _packed_inputs
-        self._packed_by_identity: dict[tuple, tuple[bytes, list]] = {}  # the same, by tensor identity
         self._plans: dict[tuple, _Plan] = {}  # (device, graph id, packed inputs) -> prepared submit
         # (device, graph id) -> the plan its last submit ran and the identity of those inputs: a
         # loop over the same tensors finds its plan without describing or packing anything.
         self._hot_plans: dict[tuple[str, str], tuple[list, _Plan]] = {}
-        self._streams: dict[tuple, Any] = {}  # current-stream key -> torch.cuda.Stream (see _settle)
-        self._wire_names: dict[str, str] = {}
         self._use_lanes = bool(lanes)
         self._use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
             else bool(doorbell)
@@ -266,6 +194,8 @@ class Client:
         self._spin_now = 0.0  # spin_s once hello says the daemon runs CUDA (spin_while_waiting)
         self._closed = False
         self.registration = Registration(self, graph_cache)
+        self.buffers = OutputBuffers(self)
+        self.encoder = InputEncoder(self)
 
     # ------------------------------------------------------------------------ context manager
 
@@ -287,7 +217,7 @@ class Client:
         if self._closed:
             return
         with self._lock:
-            self._invalidate_all()
+            self.buffers.invalidate_all()
             if self.session_id is not None:
                 try:
                     self._call("bye", {}, timeout_s=timeout_s)
@@ -425,7 +355,7 @@ class Client:
                 return outputs
             self._forget_plan(handle, hot[1])
         self.registration.ensure(handle)
-        packed = self._packed_inputs(handle.device, inputs)
+        packed = self.encoder.packed(handle.device, inputs)
         plan = self._plans.get((handle.device, handle.graph_id, packed)) if packed is not None else None
         if plan is not None:
             outputs = self._submit_planned(handle, plan, started)
@@ -436,14 +366,14 @@ class Client:
         if packed is not None:
             descs, frames = packed, []
         else:
-            descs, frames = self._encode_inputs(handle.device, inputs)
-        self._settle(handle.device)
-        body = {"device": self._wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
+            descs, frames = self.encoder.encode(handle.device, inputs)
+        self.encoder.settle(handle.device)
+        body = {"device": self.encoder.wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
         sent = time.perf_counter()
         reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
         answered = time.perf_counter()
         self.last_execution = reply.get("execution")
-        outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
         if packed is not None and isinstance(reply.get("plan"), int):
             self._remember_plan(handle, packed, reply)
         for written in reply.get("written_inputs") or ():
@@ -460,8 +390,8 @@ class Client:
 
     def _remember_plan(self, handle: GraphHandle, packed: bytes, reply: dict) -> None:
         """Keep the plan a submit reply offered (``cgtree.daemon.plans``) with its outputs' layout."""
-        buffer_id = self._graph_buffer.get((handle.device, handle.graph_id))
-        mapping = self._mappings.get(buffer_id) if buffer_id is not None else None
+        buffer_id = self.buffers.graph_buffer.get((handle.device, handle.graph_id))
+        mapping = self.buffers.mappings.get(buffer_id) if buffer_id is not None else None
         if mapping is None or self._lane_offer is None:
             return
         slots = [_output_slot(desc, mapping, f"output {i}") for i, desc in enumerate(reply.get("outputs") or [])]
@@ -486,12 +416,12 @@ class Client:
         the plan expired, the session is gone: the general path deals with each)."""
         self._check_daemon_before_send("submit", started)
         lane = self._lane if self._lane is not None else self._lane_for("submit", [b""])
-        mapping = self._mappings.get(plan.buffer_id)
+        mapping = self.buffers.mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.session_id is None:
             return None
         if self._use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
             return self._submit_rung(handle, plan, lane, mapping, started)
-        self._settle(handle.device)
+        self.encoder.settle(handle.device)
         request_id = next(self._ids)
         message = [pack_plan_request(request_id, plan.plan_id)]
         sent = time.perf_counter()
@@ -511,12 +441,12 @@ class Client:
         self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
-    def _submit_rung(self, handle: GraphHandle, plan: "_Plan", lane: ClientLane, mapping: "_OutputMapping",
+    def _submit_rung(self, handle: GraphHandle, plan: "_Plan", lane: ClientLane, mapping: "OutputMapping",
                      started: float) -> Optional[tuple]:
         """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
         outputs are built while the device runs, then returned once it wrote its done word."""
         doorbell = lane.doorbell
-        self._settle(handle.device)
+        self.encoder.settle(handle.device)
         seq = doorbell.ring(plan.plan_id)
         sent = time.perf_counter()
         try:
@@ -533,11 +463,11 @@ class Client:
         self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
-    def _plan_outputs(self, mapping: "_OutputMapping", plan: "_Plan", generation: int) -> tuple:
+    def _plan_outputs(self, mapping: "OutputMapping", plan: "_Plan", generation: int) -> tuple:
         """The plan's outputs in its buffer's slots, written by generation ``generation``."""
         _mark_stale(mapping, plan.overwritten)  # the previous submit's outputs
         mapping.generation = generation
-        outputs = tuple([self._view_at(mapping, slot) for slot in plan.slots])
+        outputs = tuple([self.buffers.view_at(mapping, slot) for slot in plan.slots])
         mapping.handed_out = [weakref.ref(t) for t in outputs]
         return outputs
 
@@ -565,7 +495,7 @@ class Client:
             # What its fast replies run from now on (the plan's in-place recording, once made).
             plan.function = str(execution.get("function") or plan.function)
         self.last_execution = execution
-        outputs = tuple(self._decode_outputs(handle, reply, reply_frames))
+        outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
         self._last_reply_at = done = time.perf_counter()
         self.last_timing = _timing(started, sent, answered, done)
         return outputs
@@ -573,224 +503,30 @@ class Client:
     def mark_step_begin(self, device: Optional[str] = None) -> None:
         """The next submit starts a new generation of the trees (an iteration boundary)."""
         self._with_recovery("mark_step", lambda: self._session_call(
-            "mark_step", {"device": self._wire_device(_normalize_device(device)) if device else None}))
+            "mark_step", {"device": self.encoder.wire_device(_normalize_device(device)) if device else None}))
 
     def release(self, graph: Optional[GraphHandle] = None, *, device: Optional[str] = None) -> int:
         """Give back the outputs of ``graph`` (or of every graph on ``device`` / everywhere).
         Tensors over them become invalid (touching them raises where the build can)."""
         with self._lock:
             targets = [graph.device] if graph is not None else ([_normalize_device(device)] if device else
-                                                                 sorted({d for d, _ in self._graph_buffer}))
+                                                                 sorted({d for d, _ in self.buffers.graph_buffer}))
             released = 0
             for dev in targets:
                 graph_id = graph.graph_id if graph is not None else None
-                for key in [k for k in self._graph_buffer if k[0] == dev and (graph_id is None or k[1] == graph_id)]:
-                    self._drop_graph_outputs(key, close_mapping=True)
+                for key in [k for k in self.buffers.graph_buffer if k[0] == dev and (graph_id is None or k[1] == graph_id)]:
+                    self.buffers.drop_graph_outputs(key, close_mapping=True)
                 if self.session_id is not None:
-                    body = {"device": self._wire_device(dev), "graph": graph_id}
+                    body = {"device": self.encoder.wire_device(dev), "graph": graph_id}
                     released += self._with_recovery("release", lambda: self._session_call("release", body))[0]["released"]
             return released
 
     def reset(self, device: Optional[str] = None) -> None:
         """Drop this session's trees (recordings, pool); registered graphs stay registered."""
         with self._lock:
-            self._invalidate_all()
+            self.buffers.invalidate_all()
             self._with_recovery("reset", lambda: self._session_call(
-                "reset", {"device": self._wire_device(_normalize_device(device)) if device else None}))
-
-    # ------------------------------------------------------------------------------ tensors
-
-    def _packed_inputs(self, device: str, inputs: list) -> Optional[bytes]:
-        """The descriptor list packed as bytes, when every input is a CUDA tensor of this
-        process (not an earlier output) or a number; None otherwise. Remembered per the inputs'
-        storages and geometry, so a loop over the same buffers packs nothing again, and the
-        daemon, seeing the same bytes, reuses what it decoded (``cgtree.daemon.input_memo``)."""
-        by_identity = self._packed_by_identity.get(tuple(map(id, inputs)))
-        if by_identity is not None and _same_inputs(by_identity[1], inputs):
-            return by_identity[0]  # the very tensors of an earlier call, unchanged: ~0.5 us each
-        key, storages = [], []
-        for value in inputs:
-            if isinstance(value, torch.Tensor):
-                if value.device.type != "cuda":
-                    return None
-                storage = value.untyped_storage()
-                ptr = storage.data_ptr()  # raises for an overwritten output (access error set)
-                if self._mappings and self._mapping_containing(ptr, value.device) is not None:
-                    return None  # an earlier output: valid for one generation only
-                key.append((ptr, value.storage_offset(), value.shape, value.stride(), value.dtype, value.device.index))
-                storages.append(storage)
-            elif isinstance(value, (bool, int, float)):
-                key.append((type(value), value))
-            else:
-                return None
-        key_tuple = (device, *key)
-        hit = self._packed.get(key_tuple)
-        # A storage that died may have been replaced by another at the same address: its
-        # export (and so the descriptor) differs.
-        if hit is not None and not any(ref.expired() for ref in hit[1]):
-            return hit[0]
-        descs, _ = self._encode_inputs(device, inputs)
-        packed = pack(descs)
-        if len(self._packed) >= PACKED_INPUTS_KEPT:
-            self._packed.clear()
-        if storages:
-            from torch.multiprocessing.reductions import StorageWeakRef
-
-            refs = [StorageWeakRef(s) for s in storages]
-        else:
-            refs = []
-        self._packed[key_tuple] = (packed, refs)
-        if len(self._packed_by_identity) >= PACKED_INPUTS_KEPT:
-            self._packed_by_identity.clear()
-        self._packed_by_identity[tuple(map(id, inputs))] = (packed, _identity_marks(inputs))
-        return packed
-
-    def _encode_inputs(self, device: str, inputs: list) -> tuple[list, list]:
-        descs, frames = [], []
-        for index, value in enumerate(inputs):
-            if isinstance(value, torch.Tensor):
-                tensor = value.detach()
-                if tensor.device.type == "cpu":
-                    descs.append(describe_cpu(tensor, len(frames)))
-                    frames.append(cpu_frame_of(tensor))
-                elif tensor.device.type == "cuda":
-                    descs.append(self._describe_cuda_input(tensor, index))
-                else:
-                    raise ClientError(f"input {index}: tensors on {tensor.device} cannot travel to cgtreed (cpu or cuda)")
-            elif isinstance(value, (bool, int, float)):
-                descs.append({"kind": "scalar", "value": value})
-            else:
-                raise ClientError(f"input {index}: a {type(value).__name__}; inputs are tensors or numbers")
-        return descs, frames
-
-    def _describe_cuda_input(self, tensor: torch.Tensor, index: int) -> dict:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()  # raises for an overwritten output (access error set)
-        mapping = self._mapping_containing(ptr, tensor.device)
-        if mapping is not None:
-            return {"kind": "output", "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
-                    "stride": list(tensor.stride()), "offset": tensor.storage_offset(),
-                    "byte_offset": ptr - mapping.base_ptr, "buffer": mapping.buffer_id, "generation": mapping.generation}
-        if self._exports is None:
-            self._exports = _ExportCache()
-        ipc = self._exports.export(storage)
-        daemon_index = self._daemon_cuda_index(tensor.device.index)
-        if daemon_index != ipc["device"]:
-            ipc = {**ipc, "device": daemon_index}
-        return describe_cuda(tensor, ipc)
-
-    # -- device names: the daemon's "cuda:N" and ours differ when CUDA_VISIBLE_DEVICES differs;
-    # -- GPUs are matched by UUID (from hello), falling back to equal indices.
-
-    def _cuda_uuid_map(self) -> dict[int, int]:
-        """Our CUDA index -> the daemon's, for GPUs both see."""
-        if self._uuid_map is None:
-            self._ensure_session()
-            daemon_by_uuid = {d.get("uuid"): int(d["device"].split(":")[1]) for d in self.devices
-                              if d.get("uuid") and d["device"].startswith("cuda:")}
-            mapping = {}
-            if daemon_by_uuid and torch.cuda.is_available():
-                for index in range(torch.cuda.device_count()):
-                    uuid = _cuda_uuid(index)
-                    if uuid in daemon_by_uuid:
-                        mapping[index] = daemon_by_uuid[uuid]
-            self._uuid_map = mapping
-        return self._uuid_map
-
-    def _daemon_cuda_index(self, local_index: Optional[int]) -> int:
-        local_index = torch.cuda.current_device() if local_index is None else local_index
-        return self._cuda_uuid_map().get(local_index, local_index)
-
-    def _wire_device(self, local_name: str) -> str:
-        # A client that never created a CUDA context names the daemon's devices directly
-        # (mapping by UUID would create one: ~550 MB of GPU memory for nothing).
-        if not local_name.startswith("cuda") or not torch.cuda.is_initialized():
-            return local_name
-        wire = self._wire_names.get(local_name)
-        if wire is None:
-            wire = self._wire_names[local_name] = f"cuda:{self._daemon_cuda_index(torch.device(local_name).index)}"
-        return wire
-
-    def _mapping_containing(self, ptr: int, device: torch.device) -> Optional[_OutputMapping]:
-        for mapping in self._mappings.values():
-            if mapping.device == device and mapping.base_ptr <= ptr < mapping.base_ptr + mapping.nbytes:
-                return mapping
-        return None
-
-    def _decode_outputs(self, handle: GraphHandle, reply: dict, frames: list) -> list:
-        key = (handle.device, handle.graph_id)
-        buffers = {b["id"]: b for b in reply.get("buffers", [])}
-        self._drop_graph_outputs(key, close_mapping=False)  # the previous submit's outputs are stale now
-        previous = self._graph_buffer.get(key)
-        current = next(iter(buffers), None)
-        if previous is not None and previous != current:
-            self._close_mapping(previous)
-            self._graph_buffer.pop(key, None)
-        mapping = None
-        if current is not None:
-            mapping = self._mappings.get(current) or self._open_mapping(buffers[current], handle.device)
-            self._graph_buffer[key] = current
-        outputs = []
-        for index, desc in enumerate(reply.get("outputs", [])):
-            kind = desc.get("kind")
-            label = f"output {index}"
-            if kind == "cpu":
-                outputs.append(tensor_from_cpu_desc(desc, frames, label))
-            elif kind == "output" and mapping is not None and desc.get("buffer") == mapping.buffer_id:
-                mapping.generation = desc["generation"]
-                tensor = self._view_of(mapping, desc, label)
-                mapping.handed_out.append(weakref.ref(tensor))
-                outputs.append(tensor)
-            elif kind == "none":
-                outputs.append(None)
-            elif kind == "scalar":
-                outputs.append(desc.get("value"))
-            else:
-                raise ClientError(f"{label}: the daemon sent an unexpected descriptor {desc!r}")
-        return outputs
-
-    def _open_mapping(self, wire: dict, device: str) -> _OutputMapping:
-        torch.cuda._lazy_init()  # a graph with no CUDA inputs may be this process's first CUDA use
-        args = parse_ipc(wire.get("storage"), f"output buffer {wire.get('id')}", None)
-        local = torch.device(device)
-        args = (local.index,) + args[1:]  # the daemon's index for this GPU may not be ours
-        storage = torch.UntypedStorage._new_shared_cuda(*args)
-        mapping = _OutputMapping(int(wire["id"]), torch.device(device), storage, storage.data_ptr(), int(wire["nbytes"]))
-        self._mappings[mapping.buffer_id] = mapping
-        return mapping
-
-    def _view_of(self, mapping: _OutputMapping, desc: dict, label: str) -> torch.Tensor:
-        return self._view_at(mapping, _output_slot(desc, mapping, label))
-
-    @staticmethod
-    def _view_at(mapping: _OutputMapping, slot: tuple) -> torch.Tensor:
-        layout, byte_offset, nbytes = slot
-        # A fresh non-owning storage per submit: marking it stale later touches only these
-        # tensors. One C++ call builds the tensor on CUDA (an empty tensor + set_ costs ~13 us).
-        return tensor_on(non_owning_storage(mapping.base_ptr + byte_offset, max(nbytes, 1), mapping.device), layout)
-
-    def _drop_graph_outputs(self, key: tuple[str, str], *, close_mapping: bool) -> None:
-        buffer_id = self._graph_buffer.get(key)
-        mapping = self._mappings.get(buffer_id) if buffer_id is not None else None
-        if mapping is None:
-            return
-        _mark_stale(mapping, OVERWRITTEN_MESSAGE.format(graph="g" + key[1][:12]))
-        if close_mapping:
-            self._close_mapping(buffer_id)
-            self._graph_buffer.pop(key, None)
-
-    def _close_mapping(self, buffer_id: int) -> None:
-        mapping = self._mappings.pop(buffer_id, None)
-        if mapping is not None:
-            mapping.storage = None  # closes the IPC mapping; the daemon's block leaves limbo
-
-    def _invalidate_all(self) -> None:
-        self._plans.clear()  # each names an output buffer
-        self._hot_plans.clear()
-        for key in list(self._graph_buffer):
-            self._drop_graph_outputs(key, close_mapping=True)
-        self._mappings.clear()
-        self._graph_buffer.clear()
+                "reset", {"device": self.encoder.wire_device(_normalize_device(device)) if device else None}))
 
     # ---------------------------------------------------------------------------- requests
 
@@ -822,7 +558,7 @@ class Client:
         self._close_lane()
         self._lane_offer = None
         self.registration.registered.clear()
-        self._invalidate_all()  # a new daemon: the old buffers are gone
+        self.buffers.invalidate_all()  # a new daemon: the old buffers are gone
 
     def _ensure_session(self) -> None:
         if self.session_id is not None:
@@ -831,11 +567,11 @@ class Client:
         self._watch.bind()  # the daemon that just answered: what waits watch from now on
         if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
             self.registration.registered.clear()
-            self._invalidate_all()
+            self.buffers.invalidate_all()
         self.session_id = reply["session"]
         self.daemon_pid = reply["daemon_pid"]
-        self._uuid_map = None
-        self._wire_names.clear()
+        self.encoder.uuid_map = None
+        self.encoder.wire_names.clear()
         self.devices = reply["devices"]
         self.max_message_bytes = reply["max_message_bytes"]
         self._spin_now = spin_while_waiting(self.spin_s, self.devices)
@@ -966,25 +702,6 @@ class Client:
             return DaemonTimeout(f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s ({via})")
         return RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
                                   f"({exc}; the daemon died or restarted); it may or may not have run", op)
-
-    def _settle(self, device: str) -> None:
-        """Before a submit is sent: the daemon reads our memory as soon as the request arrives, so
-        it must be written; this also finishes our reads of the outputs the submit overwrites. A
-        client without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
-        The current stream's object is kept per stream (building one costs microseconds)."""
-        if not device.startswith("cuda") or not torch.cuda.is_initialized():
-            return
-        index = _torch_device(device).index
-        if _current_stream_key is None:
-            torch.cuda.current_stream(index).synchronize()
-            return
-        key = _current_stream_key(index)  # (stream id, device index, device type)
-        stream = self._streams.get(key)
-        if stream is None:
-            if len(self._streams) >= MAX_KNOWN_STREAMS:
-                self._streams.clear()
-            stream = self._streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
-        stream.synchronize()
 
     def _close_lane(self) -> None:
         if self._lane is not None:
@@ -1153,31 +870,8 @@ def _zmq_context() -> zmq.Context:
         return _CONTEXT
 
 
-_current_stream_key = getattr(torch._C, "_cuda_getCurrentStream", None)
-
-
-def _mark_stale(mapping: "_OutputMapping", message: str) -> None:
-    """The tensors handed out over ``mapping`` were overwritten: touching one raises ``message``."""
-    for ref in mapping.handed_out:
-        tensor = ref()
-        if tensor is not None:
-            mark_overwritten(tensor, message)
-    mapping.handed_out = []
-
-
 def _timing(started: float, sent: float, answered: float, done: float) -> dict:
     return {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6, "outputs_us": (done - answered) * 1e6}
-
-
-def _output_slot(desc: dict, mapping: _OutputMapping, label: str) -> tuple:
-    """(layout, byte offset, bytes) of an ``output`` descriptor, checked against its buffer."""
-    geometry = parse_geometry(desc, label, need_stride=True)
-    nbytes = geometry.extent_bytes()
-    byte_offset = desc.get("byte_offset")
-    if not isinstance(byte_offset, int) or byte_offset < 0 or byte_offset + nbytes > mapping.nbytes:
-        raise ClientError(f"{label}: outside its output buffer")
-    layout = TensorLayout(geometry.dtype, geometry.shape, geometry.stride, geometry.offset, mapping.device)
-    return layout, byte_offset, nbytes
 
 
 def spin_while_waiting(spin_s: float, devices: list) -> float:
@@ -1185,31 +879,6 @@ def spin_while_waiting(spin_s: float, devices: list) -> float:
     device (its replies wait on the GPU, not on CPU work); 0 for a daemon of CPU replay
     backends only, whose work needs the CPU cores a spinning client would take."""
     return spin_s if any(isinstance(d, dict) and d.get("backend") == "cuda" for d in devices) else 0.0
-
-
-def _identity_marks(inputs: list) -> list:
-    """What ``_same_inputs`` checks later: a weak reference to each tensor (the same object,
-    still alive) with the address and geometry it had; numbers by value."""
-    marks = []
-    for value in inputs:
-        if isinstance(value, torch.Tensor):
-            marks.append((weakref.ref(value), value.data_ptr(), value.shape, value.stride()))
-        else:
-            marks.append((None, value, type(value), None))
-    return marks
-
-
-def _same_inputs(marks: list, inputs: list) -> bool:
-    """Whether ``inputs`` are the objects ``marks`` saw, at the same address and geometry (a
-    tensor re-pointed with ``set_``/``resize_`` is not the same input)."""
-    for mark, value in zip(marks, inputs):
-        ref, first, second, stride = mark
-        if ref is None:
-            if value != first or type(value) is not second:
-                return False
-        elif ref() is not value or value.data_ptr() != first or value.shape != second or value.stride() != stride:
-            return False
-    return True
 
 
 def _decode_reply_for(message: list, request_id: int, op: str) -> Optional[tuple[dict, list]]:
@@ -1239,41 +908,3 @@ def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Op
     if op == "submit":
         return mutates_inputs is False
     return op in IDEMPOTENT_OPS
-
-
-def _as_input_list(inputs: Any) -> list:
-    if isinstance(inputs, torch.Tensor):
-        return [inputs]
-    return list(inputs)
-
-
-@functools.lru_cache(maxsize=64)
-def _torch_device(name: str) -> torch.device:
-    return torch.device(name)
-
-
-def _normalize_device(device: Any) -> str:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
-    return dev.type
-
-
-def _cuda_uuid(index: int) -> Optional[str]:
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    return str(uuid) if uuid is not None else None
-
-
-def _device_name_only(name: Optional[str]) -> Optional[str]:
-    """``"cuda"`` -> ``"cuda:0"`` without touching CUDA (this process may have none)."""
-    if name is None:
-        return None
-    device = torch.device(name)
-    return f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
-
-
-def _device_of(inputs: list) -> str:
-    for value in inputs:
-        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-            return _normalize_device(value.device)
-    return "cpu"

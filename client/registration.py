@@ -96,7 +96,7 @@ class Registration:
 
     def send_graph(self, handle: GraphHandle) -> dict:
         encoded = handle.encoded
-        base = {"device": self.client._wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
+        base = {"device": self.client.encoder.wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
         reply, _ = self.client._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
         limit = (self.client.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
         for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
@@ -109,7 +109,7 @@ class Registration:
         """Ask for ``handle``'s graph again (by id only) while cgtreed compiles it; the last reply.
         No overall deadline: the daemon bounds a compile (``daemon.compile_timeout_s``) and each
         ask is an ordinary request under ``timeout_s``, so a daemon that died is still noticed."""
-        body = {"device": self.client._wire_device(handle.device), "graph": handle.graph_id, "name": handle.name, "weights": {}}
+        body = {"device": self.client.encoder.wire_device(handle.device), "graph": handle.graph_id, "name": handle.name, "weights": {}}
         started = time.monotonic()
         delay, note_at = COMPILE_POLL_FIRST_S, started + COMPILE_NOTE_EVERY_S
         log.info("cgtreed is compiling graph %s (%s)", handle.short_name, _compile_progress(reply["compiling"]))

@@ -186,7 +186,7 @@ def test_conv_with_two_outputs_on_cuda_equals_eager(gpu_daemon):
 
 def test_touching_an_overwritten_output_raises_and_the_new_one_is_right(gpu_daemon):
     from cgtree.client import Client
-    from cgtree.client.client import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
+    from cgtree.client.outputs import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
 
     if not CAN_RAISE_ON_OVERWRITTEN_OUTPUT:
         pytest.skip("this torch build lacks torch._C._set_storage_access_error_msg")
@@ -396,7 +396,7 @@ def test_a_steady_submit_loop_runs_as_plans_and_stays_correct(gpu_daemon):
     plan run after the first submits; data read anew each time, the previous outputs marked
     overwritten, and releasing the outputs expires the plan (the loop goes on the general way)."""
     from cgtree.client import Client
-    from cgtree.client.client import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
+    from cgtree.client.outputs import CAN_RAISE_ON_OVERWRITTEN_OUTPUT
 
     model = mlp()
     with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():

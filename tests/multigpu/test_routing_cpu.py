@@ -10,7 +10,7 @@ from cgtree.manager import TreeManager
 
 
 def test_the_client_routes_a_call_to_its_first_cuda_inputs_device():
-    from cgtree.client.client import _device_of
+    from cgtree.client.inputs import _device_of
 
     assert _device_of([torch.ones(2), 3]) == "cpu"
     meta_like = [torch.empty(2, device="meta")]
