@@ -191,7 +191,7 @@ def child_main(opts: dict) -> int:
                 _emit({"e": "progress", "t": t1, **counts})
                 next_progress = t1 + PROGRESS_EVERY_S
     streaks.end()
-    transport = "lane+doorbell" if client._lane is not None and client._lane.doorbell is not None else (
+    transport = "lane+doorbell" if client.connection.lane.attached is not None and client.connection.lane.attached.doorbell is not None else (
         "lane" if client.lane_attached else "zmq")
     _emit({"e": "done", "t": time.monotonic(), "transport": transport, **counts})
     client.close(timeout_s=1.0)

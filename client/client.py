@@ -59,7 +59,6 @@ Daemon restarts (systemd restarts cgtreed after a sticky CUDA error or a crash):
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -71,6 +70,7 @@ from typing import Any, Optional, Sequence
 import torch
 import zmq
 
+from cgtree.client.connection import Connection, _decode_reply_for
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
 from cgtree.client.errors import (  # noqa: F401 (re-exported)
     ClientError,
@@ -81,15 +81,14 @@ from cgtree.client.errors import (  # noqa: F401 (re-exported)
     RequestInterrupted,
 )
 from cgtree.client.inputs import PACKED_INPUTS_KEPT, InputEncoder, _as_input_list, _device_name_only, _device_of, _identity_marks, _normalize_device, _same_inputs
-from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneError, LaneTimeout, LaneUnusable
+from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
 from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputBuffers, OutputMapping, _mark_stale, _output_slot
 from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
-from cgtree.client.watch import DaemonWatch, file_identity
+from cgtree.client.watch import file_identity
 from cgtree.daemon.doorbell import REPLAYED
-from cgtree.daemon.lane import fits_lane
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
-from cgtree.daemon.protocol import ProtocolError, decode_reply, encode_request, frame_view
-from cgtree.daemon.runtime_dir import default_endpoint, ipc_endpoint_problem, ipc_path
+from cgtree.daemon.protocol import encode_request
+from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
 from cgtree.daemon.tensors import (
     tensor_from_cpu_desc,
 )
@@ -98,18 +97,10 @@ log = logging.getLogger("cgtree.client")
 
 DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
-# A ZeroMQ wait looks at the daemon watch this often (ZeroMQ itself never says the peer died).
-POLL_SLICE_S = 0.05
 RECONNECT_POLL_S = 0.05  # how often a client waiting for a restarted daemon looks at the socket file
 PING_RESEND_S = 1.0  # endpoints without a socket file (tcp://): how often that wait pings again
-# A request after this long without any reply first checks that the daemon it last heard from
-# is still there; requests in a busy loop skip the check (~10 us).
-IDLE_CHECK_S = 0.1
 # Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
 DEFAULT_SPIN_US = 1000
-LANE_RETRY_S = 5.0  # after a lane failed to attach, requests use ZeroMQ this long before retrying
-# Requests that never travel on the lane: hello binds the lane; bye ends the session with it.
-ZMQ_ONLY_OPS = frozenset({"hello", "bye"})
 # Requests that may be sent again when the daemon died before answering: running them twice
 # (once on the old daemon, once on the new) ends in the same state. ``submit`` is decided per
 # graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
@@ -172,30 +163,18 @@ class Client:
         self._plan_run: Optional[tuple] = None  # (plan, node id, daemon_us, started, sent, answered, done)
         self._pid = os.getpid()
         self._lock = threading.RLock()
-        self._ids = itertools.count(1)
-        self._context = _zmq_context()
-        self._socket: Optional[zmq.Socket] = None
-        self._watch = DaemonWatch(self.endpoint)  # is the daemon that last answered still there?
-        self._last_reply_at = 0.0  # perf_counter() of the last reply: see IDLE_CHECK_S
-        # A stable routing id: a socket replaced after a timeout keeps the same session. 128 random
-        # bits: whoever connects with it takes over its replies (ROUTER_HANDOVER), so unguessable.
-        self._routing_id = b"cgtree-" + str(os.getpid()).encode() + b"-" + os.urandom(16).hex().encode()
         self._plans: dict[tuple, _Plan] = {}  # (device, graph id, packed inputs) -> prepared submit
         # (device, graph id) -> the plan its last submit ran and the identity of those inputs: a
         # loop over the same tensors finds its plan without describing or packing anything.
         self._hot_plans: dict[tuple[str, str], tuple[list, _Plan]] = {}
-        self._use_lanes = bool(lanes)
         self._use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
             else bool(doorbell)
-        self._lane: Optional[ClientLane] = None
-        self._lane_offer: Optional[dict] = None  # {"path", "token"} from hello
-        self._lane_retry_at = 0.0
         self.spin_s = (int(os.environ.get("CGTREE_SPIN_US", DEFAULT_SPIN_US)) if spin_us is None else int(spin_us)) * 1e-6
-        self._spin_now = 0.0  # spin_s once hello says the daemon runs CUDA (spin_while_waiting)
         self._closed = False
         self.registration = Registration(self, graph_cache)
         self.buffers = OutputBuffers(self)
         self.encoder = InputEncoder(self)
+        self.connection = Connection(self, lanes)
 
     # ------------------------------------------------------------------------ context manager
 
@@ -220,24 +199,24 @@ class Client:
             self.buffers.invalidate_all()
             if self.session_id is not None:
                 try:
-                    self._call("bye", {}, timeout_s=timeout_s)
+                    self.connection.call("bye", {}, timeout_s=timeout_s)
                 except (ClientError, zmq.ZMQError):
                     pass
             self.session_id = None
             self._closed = True
-            self._close_lane()
-            self._reset_socket()  # LINGER 0; the shared context is never terminated (_zmq_context)
+            self.connection.lane.close()
+            self.connection.zmq.reset()  # LINGER 0; the shared context is never terminated (_zmq_context)
 
     # ---------------------------------------------------------------------------- public API
 
     def ping(self) -> dict:
-        return self._with_recovery("ping", lambda: self._call("ping", {})[0])
+        return self._with_recovery("ping", lambda: self.connection.call("ping", {})[0])
 
     def status(self, session_only: bool = False) -> dict:
         """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md); with
         ``"compile_backend"`` (``cgtree.client.compile_backend.CompileStats``) once a
         ``cgtree.client.backend(client)`` compiled graphs: which ran here instead, and why."""
-        state = self._with_recovery("status", lambda: self._call("status", {"session_only": bool(session_only)})[0])
+        state = self._with_recovery("status", lambda: self.connection.call("status", {"session_only": bool(session_only)})[0])
         stats = getattr(self, "compile_stats", None)
         if stats is not None:  # what cgtree.client.backend(self) kept in this process, and why
             state = {**state, "compile_backend": stats.as_dict()}
@@ -392,7 +371,7 @@ class Client:
         """Keep the plan a submit reply offered (``cgtree.daemon.plans``) with its outputs' layout."""
         buffer_id = self.buffers.graph_buffer.get((handle.device, handle.graph_id))
         mapping = self.buffers.mappings.get(buffer_id) if buffer_id is not None else None
-        if mapping is None or self._lane_offer is None:
+        if mapping is None or self.connection.lane.offer is None:
             return
         slots = [_output_slot(desc, mapping, f"output {i}") for i, desc in enumerate(reply.get("outputs") or [])]
         if len(self._plans) >= PACKED_INPUTS_KEPT:
@@ -414,18 +393,18 @@ class Client:
     def _submit_planned(self, handle: GraphHandle, plan: "_Plan", started: float) -> Optional[tuple]:
         """The submit as a plan run on the lane; None when it must go the general way (no lane,
         the plan expired, the session is gone: the general path deals with each)."""
-        self._check_daemon_before_send("submit", started)
-        lane = self._lane if self._lane is not None else self._lane_for("submit", [b""])
+        self.connection.check_daemon_before_send("submit", started)
+        lane = self.connection.lane.attached if self.connection.lane.attached is not None else self.connection.lane.for_request("submit", [b""])
         mapping = self.buffers.mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.session_id is None:
             return None
         if self._use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
             return self._submit_rung(handle, plan, lane, mapping, started)
         self.encoder.settle(handle.device)
-        request_id = next(self._ids)
+        request_id = next(self.connection.ids)
         message = [pack_plan_request(request_id, plan.plan_id)]
         sent = time.perf_counter()
-        raw = self._lane_exchange(lane, "submit", message, self.timeout_s)
+        raw = self.connection.lane.exchange(lane, "submit", message, self.timeout_s)
         if raw is None:
             return None
         answered = time.perf_counter()
@@ -434,10 +413,10 @@ class Client:
             return self._general_plan_outcome(handle, plan, raw, request_id, message, (started, sent, answered))
         reply_id, generation, node_id, daemon_us = fast
         if reply_id != request_id:
-            self._close_lane()
+            self.connection.lane.close()
             raise ClientError("the daemon answered a plan run with another request's reply")
         outputs = self._plan_outputs(mapping, plan, generation)
-        self._last_reply_at = done = time.perf_counter()
+        self.connection.last_reply_at = done = time.perf_counter()
         self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
@@ -450,16 +429,16 @@ class Client:
         seq = doorbell.ring(plan.plan_id)
         sent = time.perf_counter()
         try:
-            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.timeout_s, self._spin_now)
+            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.timeout_s, self.connection.lane.spin_now)
             answered = time.perf_counter()
             if status != REPLAYED:
-                raw = lane.receive(self.timeout_s, self._spin_now)  # sent before the ack
+                raw = lane.receive(self.timeout_s, self.connection.lane.spin_now)  # sent before the ack
                 return self._general_plan_outcome(handle, plan, raw, seq, [], (started, sent, answered))
             outputs = self._plan_outputs(mapping, plan, generation)
-            doorbell.wait_done(device_index, seq, lane, self.timeout_s, self._spin_now)
+            doorbell.wait_done(device_index, seq, lane, self.timeout_s, self.connection.lane.spin_now)
         except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
-            raise self._lane_failed(exc, "submit", self.timeout_s, "doorbell") from None
-        self._last_reply_at = done = time.perf_counter()
+            raise self.connection.lane.failed(exc, "submit", self.timeout_s, "doorbell") from None
+        self.connection.last_reply_at = done = time.perf_counter()
         self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
 
@@ -478,11 +457,11 @@ class Client:
         started, sent, answered = stamps
         try:
             if raw is MOVED:
-                reply, reply_frames = self._call_on_zmq("submit", request_id, message, self.timeout_s, send=False)
+                reply, reply_frames = self.connection.zmq.call("submit", request_id, message, self.timeout_s, send=False)
             else:
                 decoded = _decode_reply_for(raw, request_id, "submit")
                 if decoded is None:
-                    self._close_lane()
+                    self.connection.lane.close()
                     raise ClientError("the daemon answered a plan run with another request's reply")
                 reply, reply_frames = decoded
         except DaemonError as exc:
@@ -496,7 +475,7 @@ class Client:
             plan.function = str(execution.get("function") or plan.function)
         self.last_execution = execution
         outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
-        self._last_reply_at = done = time.perf_counter()
+        self.connection.last_reply_at = done = time.perf_counter()
         self.last_timing = _timing(started, sent, answered, done)
         return outputs
 
@@ -537,7 +516,7 @@ class Client:
         retried: set[str] = set()
         while True:
             try:
-                return self._call(op, body, frames)
+                return self.connection.call(op, body, frames)
             except DaemonError as exc:
                 if exc.code == "no_session" and "no_session" not in retried:
                     retried.add("no_session")
@@ -555,16 +534,16 @@ class Client:
 
     def _forget_session(self) -> None:
         self.session_id = None
-        self._close_lane()
-        self._lane_offer = None
+        self.connection.lane.close()
+        self.connection.lane.offer = None
         self.registration.registered.clear()
         self.buffers.invalidate_all()  # a new daemon: the old buffers are gone
 
     def _ensure_session(self) -> None:
         if self.session_id is not None:
             return
-        reply, _ = self._call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
-        self._watch.bind()  # the daemon that just answered: what waits watch from now on
+        reply, _ = self.connection.call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
+        self.connection.watch.bind()  # the daemon that just answered: what waits watch from now on
         if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
             self.registration.registered.clear()
             self.buffers.invalidate_all()
@@ -574,172 +553,15 @@ class Client:
         self.encoder.wire_names.clear()
         self.devices = reply["devices"]
         self.max_message_bytes = reply["max_message_bytes"]
-        self._spin_now = spin_while_waiting(self.spin_s, self.devices)
-        self._close_lane()
-        self._lane_offer = reply.get("lane") if self._use_lanes else None
-        self._lane_retry_at = 0.0
-
-    def _call(self, op: str, body: dict, frames: Sequence[Any] = (), *, timeout_s: Optional[float] = None) -> tuple[dict, list]:
-        """One request, one reply: (body, frames). Raises DaemonError for an error reply."""
-        if self._closed:
-            raise ClientError("the client is closed")
-        if os.getpid() != self._pid:
-            raise ClientError("a Client cannot be used across fork(); create a new one in the child process")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        with self._lock:
-            request_id = next(self._ids)
-            envelope = encode_request(request_id, op, body)
-            if self.max_message_bytes is not None:
-                size = len(envelope) + sum(memoryview(f).nbytes for f in frames)
-                if size > self.max_message_bytes:
-                    raise DaemonError("too_large", f"the {op} request is {size} bytes; the daemon accepts at most {self.max_message_bytes}", op)
-            message = [envelope, *frames]
-            self._check_daemon_before_send(op, time.perf_counter())
-            lane = self._lane_for(op, message)
-            if lane is not None:
-                reply = self._call_on_lane(lane, op, request_id, message, timeout)
-                if reply is not None:
-                    self._last_reply_at = time.perf_counter()
-                    return reply
-            reply = self._call_on_zmq(op, request_id, message, timeout)
-            self._last_reply_at = time.perf_counter()
-            return reply
-
-    def _check_daemon_before_send(self, op: str, now: float) -> None:
-        """After an idle spell, do not send to a daemon that died meanwhile (SIGKILL leaves its
-        socket file; a lane or ZeroMQ would take the request and nobody would answer): raise
-        ``DaemonGone`` (not sent; ``_with_recovery`` waits for the next daemon). A missing
-        socket file is left to ``_connect`` (absent daemon: ``DaemonUnavailable`` at once)."""
-        if now - self._last_reply_at < IDLE_CHECK_S or self._watch.bound is None:
-            return
-        reason = self._watch.gone(fresh=True)
-        if reason is not None and self._socket_file_present():
-            self._close_lane()
-            self._reset_socket()
-            raise DaemonGone(f"cgtreed at {self.endpoint} is gone ({reason}); {op!r} was not sent")
-
-    def _call_on_zmq(self, op: str, request_id: int, message: list, timeout: float, *, send: bool = True) -> tuple[dict, list]:
-        """Send ``message`` on the ZeroMQ socket (unless ``send`` is false: the reply of a lane
-        request was moved here) and wait for the reply carrying ``request_id``."""
-        sock = self._connect()
-        if send:
-            try:
-                sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                self._reset_socket()
-                raise DaemonTimeout(f"cgtreed at {self.endpoint} is not accepting requests (send queue full)") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            # Wait in slices: ZeroMQ reconnects silently, so a dead daemon shows only on the
-            # watch (its socket file gone or replaced, its process exiting or gone).
-            remaining = deadline - time.monotonic()
-            if remaining > 0 and sock.poll(max(1, int(min(remaining, POLL_SLICE_S) * 1000)), zmq.POLLIN):
-                decoded = _decode_reply_for(sock.recv_multipart(copy=False), request_id, op)
-                if decoded is not None:
-                    return decoded
-                continue
-            reason = self._watch.gone()
-            if reason is not None:
-                self._reset_socket()
-                raise RequestInterrupted(f"cgtreed at {self.endpoint} went away while {op!r} was in flight "
-                                         f"({reason}); it may or may not have run", op)
-            if remaining <= 0:
-                self._reset_socket()
-                raise DaemonTimeout(
-                    f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s "
-                    "(is it running? start `cgtreed`, or set CGTREE_ENDPOINT to where it listens)"
-                )
-
-    # ---------------------------------------------------------------------------- the lane
-
-    def _lane_for(self, op: str, message: list) -> Optional[ClientLane]:
-        """The lane to send ``message`` on, attaching it first if needed; None: use ZeroMQ."""
-        if op in ZMQ_ONLY_OPS or self._lane_offer is None or self.session_id is None or not fits_lane(message):
-            return None
-        if self._lane is None:
-            if time.monotonic() < self._lane_retry_at:
-                return None
-            try:
-                self._lane = ClientLane.connect(self._lane_offer["path"], self._lane_offer["token"],
-                                                timeout_s=min(self.timeout_s, 5.0), gone=self._watch.gone)
-            except (LaneError, KeyError, TypeError) as exc:
-                self._lane_retry_at = time.monotonic() + LANE_RETRY_S
-                log.info("submit lane not attached (%s); using ZeroMQ for %g s", exc, LANE_RETRY_S)
-                return None
-        return self._lane
-
-    def _call_on_lane(self, lane: ClientLane, op: str, request_id: int, message: list, timeout: float) -> Optional[tuple[dict, list]]:
-        """The reply of ``message`` sent on the lane; None when the lane could not take it (it
-        was not sent: the caller sends it over ZeroMQ)."""
-        reply = self._lane_exchange(lane, op, message, timeout)
-        if reply is None:
-            return None
-        if reply is MOVED:  # too large for a datagram: the daemon sent it over ZeroMQ
-            return self._call_on_zmq(op, request_id, message, timeout, send=False)
-        decoded = _decode_reply_for(reply, request_id, op)
-        if decoded is None:
-            self._close_lane()
-            raise ClientError(f"the daemon answered {op!r} on the submit lane with another request's reply")
-        return decoded
-
-    def _lane_exchange(self, lane: ClientLane, op: str, message: list, timeout: float) -> Any:
-        """The raw reply frames of ``message`` on the lane, ``MOVED``, or None when the lane
-        could not take it (nothing was sent). A dead or silent daemon raises as ``_call`` does."""
-        try:
-            return lane.request(message, timeout, self._spin_now)
-        except LaneUnusable as exc:
-            log.info("%s; sending %s over ZeroMQ", exc, op)
-            self._close_lane()
-            return None
-        except (LaneTimeout, LaneClosed) as exc:
-            raise self._lane_failed(exc, op, timeout, "submit lane") from None
-
-    def _lane_failed(self, exc: Exception, op: str, timeout: float, via: str) -> Exception:
-        """Close the lane after a request on it (or its doorbell) timed out or lost the daemon;
-        the error to raise, as ``_call`` would."""
-        self._close_lane()  # a late reply must never be read as the next request's
-        if isinstance(exc, (LaneTimeout, DoorbellTimeout)):
-            return DaemonTimeout(f"cgtreed at {self.endpoint} did not answer {op!r} within {timeout:g} s ({via})")
-        return RequestInterrupted(f"cgtreed at {self.endpoint} closed the submit lane while {op!r} was in flight "
-                                  f"({exc}; the daemon died or restarted); it may or may not have run", op)
-
-    def _close_lane(self) -> None:
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
+        self.connection.lane.spin_now = spin_while_waiting(self.spin_s, self.devices)
+        self.connection.lane.close()
+        self.connection.lane.offer = reply.get("lane") if self.connection.lane.enabled else None
+        self.connection.lane.retry_at = 0.0
 
     @property
     def lane_attached(self) -> bool:
         """Whether requests currently travel on the submit lane (else ZeroMQ)."""
-        return self._lane is not None
-
-    def _socket_file_present(self) -> bool:
-        path = ipc_path(self.endpoint)
-        return path is None or os.path.exists(path)
-
-    def _connect(self) -> zmq.Socket:
-        if not self._socket_file_present():
-            self._reset_socket()
-        if self._socket is None:
-            problem = ipc_endpoint_problem(self.endpoint)
-            if problem is not None:
-                raise DaemonUnavailable(f"no cgtreed reachable at {self.endpoint}: {problem}")
-            sock = self._context.socket(zmq.DEALER)
-            try:
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
-                sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
-                sock.connect(self.endpoint)
-            except zmq.ZMQError:
-                sock.close(linger=0)  # never left open: a socket nobody closes is a leak
-                raise
-            self._socket = sock
-        return self._socket
-
-    def _reset_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = None
+        return self.connection.lane.attached is not None
 
     # ------------------------------------------------------------------------ daemon restarts
 
@@ -761,7 +583,7 @@ class Client:
             what = f"graph {what.short_name}"
         subject = f"{op} of {what}" if what else op
         if not resend_after_interruption(op, may_have_run=may_have_run, mutates_inputs=mutates_inputs):
-            self._reset_socket()
+            self.connection.zmq.reset()
             self._let_go_if_gone()
             raise RequestInterrupted(
                 f"cgtreed went away while {subject} was in flight; not sent again because the graph writes its inputs "
@@ -775,15 +597,15 @@ class Client:
         """Wait (up to ``timeout_s``) until a daemon answers ping at the endpoint. A new daemon
         (another pid) means a new session: forget ours, its registrations and its outputs."""
         deadline = time.monotonic() + self.timeout_s
-        self._close_lane()
-        self._reset_socket()
+        self.connection.lane.close()
+        self.connection.zmq.reset()
         self._let_go_if_gone()
-        self._watch.unbind()
+        self.connection.watch.unbind()
         reply = self._ping_until_answered(deadline)
         if reply is None:
             raise DaemonUnavailable(
                 f"cgtreed at {self.endpoint} did not come back within {self.timeout_s:g} s after {op!r} was interrupted") from cause
-        self._watch.bind()
+        self.connection.watch.bind()
         if reply.get("daemon_pid") != self.daemon_pid:
             log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.daemon_pid, reply.get("daemon_pid"))
             self._forget_session()
@@ -793,8 +615,8 @@ class Client:
         the session now, not when the next daemon answers: the mappings of its CUDA output
         buffers (CUDA IPC) and its doorbell page are all that a dead daemon's memory may still
         be held by, and its exit may wait for them."""
-        if self.session_id is not None and self._watch.gone(fresh=True) is not None:
-            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.endpoint, self._watch.gone(), self.session_id)
+        if self.session_id is not None and self.connection.watch.gone(fresh=True) is not None:
+            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.endpoint, self.connection.watch.gone(), self.session_id)
             self._forget_session()
 
     def _ping_until_answered(self, deadline: float) -> Optional[dict]:
@@ -813,61 +635,35 @@ class Client:
             if identity is None or (path is None and time.monotonic() - sent_at > PING_RESEND_S):
                 sent_to = None
             if identity is None:
-                self._reset_socket()
+                self.connection.zmq.reset()
                 time.sleep(RECONNECT_POLL_S)
                 continue
             if identity != sent_to:
-                self._reset_socket()
+                self.connection.zmq.reset()
                 try:
-                    sock = self._connect()
+                    sock = self.connection.zmq.connect()
                 except DaemonUnavailable:  # the file went away again
                     time.sleep(RECONNECT_POLL_S)
                     continue
-                request_id, sent_at = next(self._ids), time.monotonic()
+                request_id, sent_at = next(self.connection.ids), time.monotonic()
                 try:
                     sock.send_multipart([encode_request(request_id, "ping", {})], flags=zmq.NOBLOCK)
                 except zmq.Again:
                     time.sleep(RECONNECT_POLL_S)
                     continue
                 sent_to = identity
-            if not self._socket.poll(int(RECONNECT_POLL_S * 1000), zmq.POLLIN):
+            if not self.connection.zmq.socket.poll(int(RECONNECT_POLL_S * 1000), zmq.POLLIN):
                 continue
             try:
-                decoded = _decode_reply_for(self._socket.recv_multipart(copy=False), request_id, "ping")
+                decoded = _decode_reply_for(self.connection.zmq.socket.recv_multipart(copy=False), request_id, "ping")
             except DaemonError:  # unavailable: the old daemon is stopping
                 sent_to = None
                 time.sleep(RECONNECT_POLL_S)
                 continue
             if decoded is not None:
                 return decoded[0]
-        self._reset_socket()
+        self.connection.zmq.reset()
         return None
-
-
-# ---------------------------------------------------------------------------------- helpers
-
-
-_CONTEXT: Optional[zmq.Context] = None
-_CONTEXT_PID: Optional[int] = None
-_CONTEXT_LOCK = threading.Lock()
-
-
-def _zmq_context() -> zmq.Context:
-    """The ZeroMQ context of every ``Client`` in this process, never terminated.
-
-    ``Context.term()`` waits until every socket of the context is closed and its messages sent
-    or dropped; with one context per client, ``close()`` had to call it, and it hung now and
-    then (the socket monitor the client used to keep is a known source of such hangs in
-    libzmq). A shared context leaves ``close()`` only sockets to close (LINGER 0), which never
-    blocks, and costs one I/O thread per process instead of one per client. A forked child
-    gets its own (a context must not cross ``fork``). Private to this module, so that nobody
-    else's ``zmq.Context.instance().term()`` can pull it away from the clients.
-    """
-    global _CONTEXT, _CONTEXT_PID
-    with _CONTEXT_LOCK:
-        if _CONTEXT is None or _CONTEXT_PID != os.getpid() or _CONTEXT.closed:
-            _CONTEXT, _CONTEXT_PID = zmq.Context(), os.getpid()
-        return _CONTEXT
 
 
 def _timing(started: float, sent: float, answered: float, done: float) -> dict:
@@ -879,20 +675,6 @@ def spin_while_waiting(spin_s: float, devices: list) -> float:
     device (its replies wait on the GPU, not on CPU work); 0 for a daemon of CPU replay
     backends only, whose work needs the CPU cores a spinning client would take."""
     return spin_s if any(isinstance(d, dict) and d.get("backend") == "cuda" for d in devices) else 0.0
-
-
-def _decode_reply_for(message: list, request_id: int, op: str) -> Optional[tuple[dict, list]]:
-    """(body, data frames) of a reply to ``request_id``; None for a late reply to an earlier
-    request (not ours); raises ``DaemonError`` for an error reply to this one."""
-    try:
-        reply_id, reply_body = decode_reply(frame_view(message[0]))
-    except ProtocolError as exc:
-        if getattr(exc, "request_id", request_id) not in (request_id, None):
-            return None  # a late error reply to an earlier request
-        raise DaemonError(exc.code, exc.message, op) from None
-    if reply_id != request_id:
-        return None
-    return reply_body, list(message[1:])
 
 
 def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Optional[bool]) -> bool:

@@ -13,7 +13,7 @@ CYCLES = textwrap.dedent("""
     import faulthandler, os, sys, time
     import torch
     from cgtree.client import Client
-    from cgtree.client import client as client_module
+    from cgtree.client import connection as client_module
     from cgtree.client.lowering import encode, lower
 
     faulthandler.dump_traceback_later(float(sys.argv[2]), exit=True)  # where it hung, if it does

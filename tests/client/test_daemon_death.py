@@ -88,7 +88,7 @@ def test_a_doorbell_wait_on_a_dead_daemon_ends_at_once(daemon_factory, daemon_to
     successor = None
     try:
         client.submit(model, [x])
-        lane = client._lane
+        lane = client.connection.lane.attached
         assert lane is not None and lane.doorbell is not None
         daemon.signal(signal.SIGSTOP)
         seq = lane.doorbell.ring(987654)

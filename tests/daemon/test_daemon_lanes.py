@@ -128,7 +128,7 @@ def test_garbage_and_oversized_datagrams_on_an_attached_lane_get_errors(cgtreed)
     x = torch.randn(4, 8)
     with Client(cgtreed.endpoint, timeout_s=30) as client:
         client.submit(model, [x])
-        hello = client._lane_offer  # the offer from this client's hello: attach a second lane as it
+        hello = client.connection.lane.offer  # the offer from this client's hello: attach a second lane as it
         sock = _connect(hello["path"])
         send_frames(sock, [LANE_MAGIC, hello["token"]])
         assert _answer(sock) == [b"ok"]

@@ -198,7 +198,7 @@ def test_a_ringing_cpu_daemon_answers_a_bad_plan_on_the_lane_and_keeps_serving(d
     x = torch.randn(4, 8)
     with Client(daemon.endpoint, timeout_s=30) as client, torch.no_grad():
         client.submit(model, [x])
-        lane = client._lane
+        lane = client.connection.lane.attached
         assert lane is not None and lane.doorbell is not None
         session = client.status(session_only=True)["sessions"][0]
         assert session["doorbell"] is True and session["doorbell_requests"] == 0

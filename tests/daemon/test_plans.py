@@ -74,7 +74,7 @@ def test_the_same_submit_gets_the_same_plan_and_a_changed_one_expires():
 def test_a_plan_request_for_an_unknown_plan_gets_plan_expired(cgtreed):
     with Client(cgtreed.endpoint, timeout_s=30) as client:
         client.mark_step_begin()  # a session request: hello done, the lane offer known
-        offer = client._lane_offer
+        offer = client.connection.lane.offer
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.settimeout(10)
         sock.connect(offer["path"])

@@ -72,7 +72,7 @@ client = Client(ENDPOINT, session="train", timeout_s=30)
 for _ in range(3):
     (out,) = client.submit(encoded, [x])
 check(out)
-say(session=client.session_id, graph=encoded.graph_id, routing_id=client._routing_id.decode(),
+say(session=client.session_id, graph=encoded.graph_id, routing_id=client.connection.zmq.routing_id.decode(),
     lane=client.lane_attached, mode=client.last_execution["mode"])
 sys.stdin.readline()  # Bob probes meanwhile
 (out,) = client.submit(encoded, [x])

@@ -496,7 +496,7 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(gpu_dae
             # Copied at once, on this process's stream: were the outputs handed back before
             # the device finished, the copy would hold the previous step's values.
             seen.append(out.clone())
-        assert client._lane.doorbell is not None, "a CUDA daemon on x86-64 offers doorbells by default"
+        assert client.connection.lane.attached.doorbell is not None, "a CUDA daemon on x86-64 offers doorbells by default"
         session = client.status(session_only=True)["sessions"][0]
         assert session["doorbell"] is True and session["doorbell_requests"] - rung >= 90, session
         wrong = sum(not torch.allclose(got, model(given)[0], atol=1e-4, rtol=1e-4) for got, given in zip(seen, inputs))

@@ -46,7 +46,7 @@ def test_a_doorbell_loop_on_a_daemon_that_died_is_served_by_the_next_one(daemon_
             for _ in range(60):  # a steady loop: plan runs rung on the doorbell
                 x.normal_()
                 client.submit(handle, [x])
-            assert client._lane is not None and client._lane.doorbell is not None
+            assert client.connection.lane.attached is not None and client.connection.lane.attached.doorbell is not None
             assert client.last_execution.get("plan") is not None
             daemon.signal(signal.SIGSTOP)
             x.normal_()
