@@ -84,11 +84,10 @@ from cgtree.client.inputs import PACKED_INPUTS_KEPT, InputEncoder, _as_input_lis
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
 from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputBuffers, OutputMapping, _mark_stale, _output_slot
 from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
-from cgtree.client.watch import file_identity
+from cgtree.client.session import Session
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
-from cgtree.daemon.protocol import encode_request
-from cgtree.daemon.runtime_dir import default_endpoint, ipc_path
+from cgtree.daemon.runtime_dir import default_endpoint
 from cgtree.daemon.tensors import (
     tensor_from_cpu_desc,
 )
@@ -97,15 +96,8 @@ log = logging.getLogger("cgtree.client")
 
 DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
-RECONNECT_POLL_S = 0.05  # how often a client waiting for a restarted daemon looks at the socket file
-PING_RESEND_S = 1.0  # endpoints without a socket file (tcp://): how often that wait pings again
 # Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
 DEFAULT_SPIN_US = 1000
-# Requests that may be sent again when the daemon died before answering: running them twice
-# (once on the old daemon, once on the new) ends in the same state. ``submit`` is decided per
-# graph (``resend_after_interruption``); ``bye`` is never re-sent (the session is gone anyway).
-IDEMPOTENT_OPS = frozenset({"ping", "status", "hello", "register", "mark_step", "release", "reset"})
-CLIENT_NAME = "cgtree.client 0.1"
 
 
 @dataclass
@@ -175,6 +167,7 @@ class Client:
         self.buffers = OutputBuffers(self)
         self.encoder = InputEncoder(self)
         self.connection = Connection(self, lanes)
+        self.session = Session(self)
 
     # ------------------------------------------------------------------------ context manager
 
@@ -210,13 +203,13 @@ class Client:
     # ---------------------------------------------------------------------------- public API
 
     def ping(self) -> dict:
-        return self._with_recovery("ping", lambda: self.connection.call("ping", {})[0])
+        return self.session.with_recovery("ping", lambda: self.connection.call("ping", {})[0])
 
     def status(self, session_only: bool = False) -> dict:
         """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md); with
         ``"compile_backend"`` (``cgtree.client.compile_backend.CompileStats``) once a
         ``cgtree.client.backend(client)`` compiled graphs: which ran here instead, and why."""
-        state = self._with_recovery("status", lambda: self.connection.call("status", {"session_only": bool(session_only)})[0])
+        state = self.session.with_recovery("status", lambda: self.connection.call("status", {"session_only": bool(session_only)})[0])
         stats = getattr(self, "compile_stats", None)
         if stats is not None:  # what cgtree.client.backend(self) kept in this process, and why
             state = {**state, "compile_backend": stats.as_dict()}
@@ -230,7 +223,7 @@ class Client:
         device: the daemon device to run on; default: where the example inputs are.
         """
         if isinstance(graph, GraphHandle):
-            self._with_recovery("register", lambda: self.registration.ensure(graph))
+            self.session.with_recovery("register", lambda: self.registration.ensure(graph))
             return graph
         inputs = _as_input_list(example_inputs)
         device = self.target_device(device, inputs)
@@ -238,12 +231,12 @@ class Client:
         by_spec = self.registration.cache_for(graph)
         if by_spec is not None and key in by_spec:
             handle = by_spec[key]
-            self._with_recovery("register", lambda: self.registration.ensure(handle))
+            self.session.with_recovery("register", lambda: self.registration.ensure(handle))
             return handle
         encoded = graph if _is_encoded(graph) else _lower_and_encode(graph, inputs, self.registration.graph_cache)
         handle = self.registration.by_id.get((device, encoded.graph_id)) or GraphHandle(
             encoded.graph_id, device, encoded, len(encoded.input_specs), name=_graph_label(graph))
-        self._with_recovery("register", lambda: self.registration.ensure(handle))
+        self.session.with_recovery("register", lambda: self.registration.ensure(handle))
         self.registration.by_id[(device, handle.graph_id)] = handle
         if by_spec is not None:
             by_spec[key] = handle
@@ -262,7 +255,7 @@ class Client:
         if self.default_device is not None:
             return self.default_device
         with self._lock:
-            self._with_recovery("hello", self._ensure_session)
+            self.session.with_recovery("hello", self.session.ensure)
             served = [d.get("device") for d in self.devices]
         if not served or "cpu" in served:
             return "cpu"
@@ -281,8 +274,8 @@ class Client:
         handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
         with self._lock:
             mutates = None if handle.mutated_inputs is None else bool(handle.mutated_inputs)
-            return self._with_recovery("submit", functools.partial(self._submit_once, handle, inputs), mutates_inputs=mutates,
-                                       what=handle)
+            return self.session.with_recovery("submit", functools.partial(self._submit_once, handle, inputs), mutates_inputs=mutates,
+                                              what=handle)
 
     @property
     def last_execution(self) -> Optional[dict]:
@@ -349,7 +342,7 @@ class Client:
         self.encoder.settle(handle.device)
         body = {"device": self.encoder.wire_device(handle.device), "graph": handle.graph_id, "inputs": descs}
         sent = time.perf_counter()
-        reply, reply_frames = self._session_call("submit", body, frames, handle=handle)
+        reply, reply_frames = self.session.call("submit", body, frames, handle=handle)
         answered = time.perf_counter()
         self.last_execution = reply.get("execution")
         outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
@@ -481,7 +474,7 @@ class Client:
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
         """The next submit starts a new generation of the trees (an iteration boundary)."""
-        self._with_recovery("mark_step", lambda: self._session_call(
+        self.session.with_recovery("mark_step", lambda: self.session.call(
             "mark_step", {"device": self.encoder.wire_device(_normalize_device(device)) if device else None}))
 
     def release(self, graph: Optional[GraphHandle] = None, *, device: Optional[str] = None) -> int:
@@ -497,196 +490,21 @@ class Client:
                     self.buffers.drop_graph_outputs(key, close_mapping=True)
                 if self.session_id is not None:
                     body = {"device": self.encoder.wire_device(dev), "graph": graph_id}
-                    released += self._with_recovery("release", lambda: self._session_call("release", body))[0]["released"]
+                    released += self.session.with_recovery("release", lambda: self.session.call("release", body))[0]["released"]
             return released
 
     def reset(self, device: Optional[str] = None) -> None:
         """Drop this session's trees (recordings, pool); registered graphs stay registered."""
         with self._lock:
             self.buffers.invalidate_all()
-            self._with_recovery("reset", lambda: self._session_call(
+            self.session.with_recovery("reset", lambda: self.session.call(
                 "reset", {"device": self.encoder.wire_device(_normalize_device(device)) if device else None}))
-
-    # ---------------------------------------------------------------------------- requests
-
-    def _session_call(self, op: str, body: dict, frames: Sequence[Any] = (), *, handle: Optional[GraphHandle] = None) -> tuple[dict, list]:
-        """A request that needs the session: say hello first if needed; after a daemon restart
-        say hello again (``no_session``) and re-register (``unknown_graph``), once each."""
-        self._ensure_session()
-        retried: set[str] = set()
-        while True:
-            try:
-                return self.connection.call(op, body, frames)
-            except DaemonError as exc:
-                if exc.code == "no_session" and "no_session" not in retried:
-                    retried.add("no_session")
-                    self._forget_session()
-                    self._ensure_session()
-                    if handle is not None:
-                        self.registration.register_payload(handle)
-                    continue
-                if exc.code == "unknown_graph" and handle is not None and "unknown_graph" not in retried:
-                    retried.add("unknown_graph")
-                    self.registration.registered.discard((handle.device, handle.graph_id))
-                    self.registration.register_payload(handle)
-                    continue
-                raise
-
-    def _forget_session(self) -> None:
-        self.session_id = None
-        self.connection.lane.close()
-        self.connection.lane.offer = None
-        self.registration.registered.clear()
-        self.buffers.invalidate_all()  # a new daemon: the old buffers are gone
-
-    def _ensure_session(self) -> None:
-        if self.session_id is not None:
-            return
-        reply, _ = self.connection.call("hello", {"pid": os.getpid(), "name": self.session_name, "client": CLIENT_NAME})
-        self.connection.watch.bind()  # the daemon that just answered: what waits watch from now on
-        if self.daemon_pid is not None and reply["daemon_pid"] != self.daemon_pid:
-            self.registration.registered.clear()
-            self.buffers.invalidate_all()
-        self.session_id = reply["session"]
-        self.daemon_pid = reply["daemon_pid"]
-        self.encoder.uuid_map = None
-        self.encoder.wire_names.clear()
-        self.devices = reply["devices"]
-        self.max_message_bytes = reply["max_message_bytes"]
-        self.connection.lane.spin_now = spin_while_waiting(self.spin_s, self.devices)
-        self.connection.lane.close()
-        self.connection.lane.offer = reply.get("lane") if self.connection.lane.enabled else None
-        self.connection.lane.retry_at = 0.0
 
     @property
     def lane_attached(self) -> bool:
         """Whether requests currently travel on the submit lane (else ZeroMQ)."""
         return self.connection.lane.attached is not None
 
-    # ------------------------------------------------------------------------ daemon restarts
-
-    def _with_recovery(self, op: str, attempt: Any, *, mutates_inputs: Optional[bool] = False, what: Any = "") -> Any:
-        """``attempt()``; if the daemon went away under it, wait for the next daemon and run it
-        once more when ``resend_after_interruption`` allows (see the module docstring).
-        ``what`` names the subject in messages: text, or the GraphHandle submitted."""
-        try:
-            return attempt()
-        except DaemonGone as exc:
-            interrupted, may_have_run = exc, False
-        except RequestInterrupted as exc:
-            interrupted, may_have_run = exc, True
-        except DaemonError as exc:
-            if exc.code != "unavailable":
-                raise
-            interrupted, may_have_run = exc, False
-        if isinstance(what, GraphHandle):
-            what = f"graph {what.short_name}"
-        subject = f"{op} of {what}" if what else op
-        if not resend_after_interruption(op, may_have_run=may_have_run, mutates_inputs=mutates_inputs):
-            self.connection.zmq.reset()
-            self._let_go_if_gone()
-            raise RequestInterrupted(
-                f"cgtreed went away while {subject} was in flight; not sent again because the graph writes its inputs "
-                f"(it may have run partly: check them before submitting again). The next call reconnects. ({interrupted})", op,
-            ) from interrupted
-        log.warning("cgtreed went away during %s (%s); waiting for it to come back, then sending it once more", subject, interrupted)
-        self._await_daemon(op, interrupted)
-        return attempt()
-
-    def _await_daemon(self, op: str, cause: BaseException) -> None:
-        """Wait (up to ``timeout_s``) until a daemon answers ping at the endpoint. A new daemon
-        (another pid) means a new session: forget ours, its registrations and its outputs."""
-        deadline = time.monotonic() + self.timeout_s
-        self.connection.lane.close()
-        self.connection.zmq.reset()
-        self._let_go_if_gone()
-        self.connection.watch.unbind()
-        reply = self._ping_until_answered(deadline)
-        if reply is None:
-            raise DaemonUnavailable(
-                f"cgtreed at {self.endpoint} did not come back within {self.timeout_s:g} s after {op!r} was interrupted") from cause
-        self.connection.watch.bind()
-        if reply.get("daemon_pid") != self.daemon_pid:
-            log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.daemon_pid, reply.get("daemon_pid"))
-            self._forget_session()
-
-    def _let_go_if_gone(self) -> None:
-        """When the watch says the daemon is gone for sure (not merely a lane that closed), drop
-        the session now, not when the next daemon answers: the mappings of its CUDA output
-        buffers (CUDA IPC) and its doorbell page are all that a dead daemon's memory may still
-        be held by, and its exit may wait for them."""
-        if self.session_id is not None and self.connection.watch.gone(fresh=True) is not None:
-            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.endpoint, self.connection.watch.gone(), self.session_id)
-            self._forget_session()
-
-    def _ping_until_answered(self, deadline: float) -> Optional[dict]:
-        """The first ping reply from a daemon at the endpoint, or None at ``deadline``.
-
-        One ping per socket file: it stays queued while the file is the same (a daemon that
-        bound it answers when its loop starts: no reply is dropped for being late), and a file
-        replaced by another daemon's gets a new ping on a new socket (the old connection may
-        lead to a daemon that is still exiting). A daemon stopping answers ``unavailable``:
-        asked again on the next file."""
-        path = ipc_path(self.endpoint)
-        sent_to: Any = None  # the file the ping in flight went to
-        sent_at = request_id = 0
-        while time.monotonic() < deadline:
-            identity = file_identity(path) if path is not None else "endpoint"
-            if identity is None or (path is None and time.monotonic() - sent_at > PING_RESEND_S):
-                sent_to = None
-            if identity is None:
-                self.connection.zmq.reset()
-                time.sleep(RECONNECT_POLL_S)
-                continue
-            if identity != sent_to:
-                self.connection.zmq.reset()
-                try:
-                    sock = self.connection.zmq.connect()
-                except DaemonUnavailable:  # the file went away again
-                    time.sleep(RECONNECT_POLL_S)
-                    continue
-                request_id, sent_at = next(self.connection.ids), time.monotonic()
-                try:
-                    sock.send_multipart([encode_request(request_id, "ping", {})], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    time.sleep(RECONNECT_POLL_S)
-                    continue
-                sent_to = identity
-            if not self.connection.zmq.socket.poll(int(RECONNECT_POLL_S * 1000), zmq.POLLIN):
-                continue
-            try:
-                decoded = _decode_reply_for(self.connection.zmq.socket.recv_multipart(copy=False), request_id, "ping")
-            except DaemonError:  # unavailable: the old daemon is stopping
-                sent_to = None
-                time.sleep(RECONNECT_POLL_S)
-                continue
-            if decoded is not None:
-                return decoded[0]
-        self.connection.zmq.reset()
-        return None
-
 
 def _timing(started: float, sent: float, answered: float, done: float) -> dict:
     return {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6, "outputs_us": (done - answered) * 1e6}
-
-
-def spin_while_waiting(spin_s: float, devices: list) -> float:
-    """How long to poll for a reply without sleeping: ``spin_s`` when the daemon serves a CUDA
-    device (its replies wait on the GPU, not on CPU work); 0 for a daemon of CPU replay
-    backends only, whose work needs the CPU cores a spinning client would take."""
-    return spin_s if any(isinstance(d, dict) and d.get("backend") == "cuda" for d in devices) else 0.0
-
-
-def resend_after_interruption(op: str, *, may_have_run: bool, mutates_inputs: Optional[bool]) -> bool:
-    """Whether a request whose daemon went away may be sent once more to the next daemon.
-
-    may_have_run: False when the daemon refused it (``unavailable``): it never ran, any request
-        may be re-sent. True when the connection dropped before the reply: it may have run.
-    mutates_inputs: for ``submit``: whether the graph writes any of its inputs; None (unknown)
-        counts as yes. Running a non-mutating inference graph twice gives the same outputs.
-    """
-    if not may_have_run:
-        return True
-    if op == "submit":
-        return mutates_inputs is False
-    return op in IDEMPOTENT_OPS

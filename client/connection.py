@@ -92,7 +92,7 @@ class Connection:
     def check_daemon_before_send(self, op: str, now: float) -> None:
         """After an idle spell, do not send to a daemon that died meanwhile (SIGKILL leaves its
         socket file; a lane or ZeroMQ would take the request and nobody would answer): raise
-        ``DaemonGone`` (not sent; ``_with_recovery`` waits for the next daemon). A missing
+        ``DaemonGone`` (not sent; ``Session.with_recovery`` waits for the next daemon). A missing
         socket file is left to ``ZmqChannel.connect`` (absent daemon: ``DaemonUnavailable`` at once)."""
         if now - self.last_reply_at < IDLE_CHECK_S or self.watch.bound is None:
             return

@@ -173,7 +173,7 @@ class InputEncoder:
     def cuda_uuid_map(self) -> dict[int, int]:
         """Our CUDA index -> the daemon's, for GPUs both see."""
         if self.uuid_map is None:
-            self.client._ensure_session()
+            self.client.session.ensure()
             daemon_by_uuid = {d.get("uuid"): int(d["device"].split(":")[1]) for d in self.client.devices
                               if d.get("uuid") and d["device"].startswith("cuda:")}
             mapping = {}

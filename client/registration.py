@@ -97,12 +97,12 @@ class Registration:
     def send_graph(self, handle: GraphHandle) -> dict:
         encoded = handle.encoded
         base = {"device": self.client.encoder.wire_device(handle.device), "graph": handle.graph_id, "payload": 0, "name": handle.name}
-        reply, _ = self.client._session_call("register", {**base, "weights": {}}, [encoded.graph_bytes])
+        reply, _ = self.client.session.call("register", {**base, "weights": {}}, [encoded.graph_bytes])
         limit = (self.client.max_message_bytes or 2**62) - ENVELOPE_ALLOWANCE - len(encoded.graph_bytes)
         for batch in _batches(reply.get("missing_weights") or [], encoded.weights, limit):
             frames = [encoded.graph_bytes] + [encoded.weights[h].data for h in batch]
             weights = {h: i + 1 for i, h in enumerate(batch)}
-            reply, _ = self.client._session_call("register", {**base, "weights": weights}, frames)
+            reply, _ = self.client.session.call("register", {**base, "weights": weights}, frames)
         return reply
 
     def wait_for_compile(self, handle: GraphHandle, reply: dict) -> dict:
@@ -116,7 +116,7 @@ class Registration:
         while reply.get("compiling"):
             time.sleep(delay)
             delay = min(2 * delay, COMPILE_POLL_MAX_S)
-            reply, _ = self.client._session_call("register", body)
+            reply, _ = self.client.session.call("register", body)
             now = time.monotonic()
             if reply.get("compiling") and now >= note_at:
                 note_at = now + COMPILE_NOTE_EVERY_S

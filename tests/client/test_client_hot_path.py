@@ -3,8 +3,8 @@ the very tensors of an earlier call (their packed descriptors are then reused)."
 
 import torch
 
-from cgtree.client.client import spin_while_waiting
 from cgtree.client.inputs import _identity_marks, _same_inputs
+from cgtree.client.session import spin_while_waiting
 
 
 def test_spin_only_for_a_daemon_that_serves_cuda():

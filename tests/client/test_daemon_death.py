@@ -157,7 +157,7 @@ def test_waiting_for_the_next_daemon_keeps_its_ping_until_a_late_daemon_answers(
     client = Client(endpoint, timeout_s=8)
     try:
         started = time.monotonic()
-        client._await_daemon("ping", RuntimeError("the test's daemon went away"))
+        client.session.await_daemon("ping", RuntimeError("the test's daemon went away"))
         assert time.monotonic() - started < 6.0
         assert len(pings) == 1 and unpack(pings[0])["op"] == "ping"
     finally:

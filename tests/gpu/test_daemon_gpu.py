@@ -306,7 +306,7 @@ def test_a_stale_ipc_handle_is_refused_and_the_daemon_keeps_serving(gpu_daemon):
         torch.cuda.ipc_collect()
         torch.cuda.empty_cache()  # the segment is cudaFree'd: its handle is stale
         with pytest.raises(DaemonError) as info:
-            client._session_call("submit", {"device": "cuda:0", "graph": handle.graph_id, "inputs": [desc]})
+            client.session.call("submit", {"device": "cuda:0", "graph": handle.graph_id, "inputs": [desc]})
         assert info.value.code == "bad_tensor" and "input 0" in info.value.message
         x = torch.randn(16, 64, device="cuda:0")
         (out,) = client.submit(handle, [x])

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from cgtree.client.client import IDEMPOTENT_OPS, resend_after_interruption
+from cgtree.client.session import IDEMPOTENT_OPS, resend_after_interruption
 from cgtree.config import Config, DaemonConfig, Policy
 from cgtree.daemon import ctl, ctl_render
 from cgtree.daemon.reloading import plan_reload
