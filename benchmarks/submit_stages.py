@@ -116,8 +116,8 @@ LANE_DAEMON_STAMPS = (("cgtree.daemon.graphs:DeviceRuntime.synchronize", "sync_s
 CLIENT_STAMPS = (
     ("cgtree.client.compile_backend:DaemonGraph.__call__", "graph_call", "graph_done"),
     ("cgtree.client.client:Client.submit", "submit", "submit_done"),
-    ("cgtree.client.client:Client._submit_planned", "plan_run", "plan_run_done"),
-    ("cgtree.client.client:Client._plan_outputs", None, "outputs_built"),
+    ("cgtree.client.plans:Plans.submit_planned", "plan_run", "plan_run_done"),
+    ("cgtree.client.plans:Plans.outputs_of", None, "outputs_built"),
     ("cgtree.client.lane:ClientLane.request", "request_sent", "reply_received"),
     ("cgtree.client.doorbell:ClientDoorbell.ring", None, "rung"),
     ("cgtree.client.doorbell:ClientDoorbell.wait_ack", None, "acked"),

@@ -7,13 +7,19 @@
         client.mark_step_begin()
         state = client.status()
 
+``Client`` is the API; each concern is a module of its own (docs/ARCHITECTURE.md, "The client"):
+``connection`` (one request, one reply: ZeroMQ or the submit lane), ``session`` (hello, a
+daemon's restart, what is re-sent), ``registration`` (graphs and weights), ``inputs`` and
+``outputs`` (tensors to descriptors and back, output lifetimes), ``plans`` (prepared submits, the
+doorbell), ``errors``.
+
 Invariants:
 - No call hangs: every request waits at most ``timeout_s`` for its reply (ZeroMQ DEALER,
   LINGER 0), then the socket is replaced (a late reply can never be taken for the next one)
   and ``DaemonTimeout`` says which endpoint did not answer. A missing ipc socket file fails at
   once with ``DaemonUnavailable``. ``close()`` closes this client's sockets (LINGER 0) and
   never terminates the ZeroMQ context: every ``Client`` of a process shares one that lives as
-  long as the process (``_zmq_context``), so closing cannot block.
+  long as the process (``connection._zmq_context``), so closing cannot block.
 - Output lifetime: an output is valid until the same graph's next submit in this session, or
   until released. CPU outputs are copies the client owns and never change. CUDA outputs are
   views of a daemon-owned buffer; each submit builds them on fresh non-owning storages over the
@@ -63,15 +69,12 @@ import logging
 import os
 import threading
 import time
-import weakref
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import zmq
 
-from cgtree.client.connection import Connection, _decode_reply_for
-from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
+from cgtree.client.connection import Connection
 from cgtree.client.errors import (  # noqa: F401 (re-exported)
     ClientError,
     DaemonError,
@@ -80,13 +83,11 @@ from cgtree.client.errors import (  # noqa: F401 (re-exported)
     DaemonUnavailable,
     RequestInterrupted,
 )
-from cgtree.client.inputs import PACKED_INPUTS_KEPT, InputEncoder, _as_input_list, _device_name_only, _device_of, _identity_marks, _normalize_device, _same_inputs
-from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
-from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputBuffers, OutputMapping, _mark_stale, _output_slot
+from cgtree.client.inputs import InputEncoder, _as_input_list, _device_name_only, _device_of, _identity_marks, _normalize_device, _same_inputs
+from cgtree.client.outputs import OutputBuffers
+from cgtree.client.plans import Plans, _timing
 from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
 from cgtree.client.session import Session
-from cgtree.daemon.doorbell import REPLAYED
-from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
 from cgtree.daemon.runtime_dir import default_endpoint
 from cgtree.daemon.tensors import (
     tensor_from_cpu_desc,
@@ -98,18 +99,6 @@ DEFAULT_TIMEOUT_S = 60.0
 BYE_TIMEOUT_S = 2.0
 # Poll a lane reply without sleeping this long before waiting in the kernel (``spin_us``).
 DEFAULT_SPIN_US = 1000
-
-
-@dataclass
-class _Plan:
-    """A prepared submit the daemon offered (``cgtree.daemon.plans``), and its outputs' layout."""
-
-    plan_id: int
-    buffer_id: int
-    slots: list  # per output: (layout, byte offset, bytes) in the buffer
-    function: str
-    packed: bytes  # the packed inputs it was offered for (its key in Client._plans)
-    overwritten: str  # the message an output of an earlier run raises
 
 
 # ---------------------------------------------------------------------------------- client
@@ -150,17 +139,8 @@ class Client:
         self.max_message_bytes: Optional[int] = None
         self._last_execution: Optional[dict] = None
         self._last_timing: Optional[dict] = None
-        # A plan run's report, turned into last_execution / last_timing only when they are read:
-        # building two dicts per submit is a measurable share of a tiny graph's round trip.
-        self._plan_run: Optional[tuple] = None  # (plan, node id, daemon_us, started, sent, answered, done)
         self._pid = os.getpid()
         self._lock = threading.RLock()
-        self._plans: dict[tuple, _Plan] = {}  # (device, graph id, packed inputs) -> prepared submit
-        # (device, graph id) -> the plan its last submit ran and the identity of those inputs: a
-        # loop over the same tensors finds its plan without describing or packing anything.
-        self._hot_plans: dict[tuple[str, str], tuple[list, _Plan]] = {}
-        self._use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
-            else bool(doorbell)
         self.spin_s = (int(os.environ.get("CGTREE_SPIN_US", DEFAULT_SPIN_US)) if spin_us is None else int(spin_us)) * 1e-6
         self._closed = False
         self.registration = Registration(self, graph_cache)
@@ -168,6 +148,7 @@ class Client:
         self.encoder = InputEncoder(self)
         self.connection = Connection(self, lanes)
         self.session = Session(self)
+        self.plans = Plans(self, doorbell)
 
     # ------------------------------------------------------------------------ context manager
 
@@ -282,13 +263,13 @@ class Client:
         """What the daemon did on the last submit: ``mode`` (warmup, recorded, replayed,
         skipped), ``node_id``, ``function``, ``skip_reason``, ``daemon_us`` (its own time,
         synchronization included), and ``plan`` when it ran as a prepared submit."""
-        if self._plan_run is not None:
-            self._settle_plan_report()
+        if self.plans.run is not None:
+            self.plans.settle_report()
         return self._last_execution
 
     @last_execution.setter
     def last_execution(self, value: Optional[dict]) -> None:
-        self._settle_plan_report()
+        self.plans.settle_report()
         self._last_execution = value
 
     @property
@@ -298,43 +279,34 @@ class Client:
         share is ``last_execution["daemon_us"]``), ``outputs_us`` (outputs built). A plan run
         rung on a doorbell is answered at its launch: its ``request_us`` ends there and its
         ``outputs_us`` includes waiting for the device."""
-        if self._plan_run is not None:
-            self._settle_plan_report()
+        if self.plans.run is not None:
+            self.plans.settle_report()
         return self._last_timing
 
     @last_timing.setter
     def last_timing(self, value: Optional[dict]) -> None:
-        self._settle_plan_report()
+        self.plans.settle_report()
         self._last_timing = value
-
-    def _settle_plan_report(self) -> None:
-        run, self._plan_run = self._plan_run, None
-        if run is None:
-            return
-        plan, node_id, daemon_us, started, sent, answered, done = run
-        self._last_execution = {"mode": "replayed", "node_id": node_id, "function": plan.function,
-                                "skip_reason": None, "daemon_us": daemon_us, "plan": plan.plan_id}
-        self._last_timing = _timing(started, sent, answered, done)
 
     def _submit_once(self, handle: GraphHandle, inputs: list) -> tuple:
         # Encoded on every attempt: after a restart the session, its registrations and its
         # output buffers are new.
         started = time.perf_counter()
-        hot = self._hot_plans.get((handle.device, handle.graph_id))
+        hot = self.plans.hot.get((handle.device, handle.graph_id))
         if hot is not None and len(inputs) == len(hot[0]) and _same_inputs(hot[0], inputs):
-            outputs = self._submit_planned(handle, hot[1], started)
+            outputs = self.plans.submit_planned(handle, hot[1], started)
             if outputs is not None:
                 return outputs
-            self._forget_plan(handle, hot[1])
+            self.plans.forget(handle, hot[1])
         self.registration.ensure(handle)
         packed = self.encoder.packed(handle.device, inputs)
-        plan = self._plans.get((handle.device, handle.graph_id, packed)) if packed is not None else None
+        plan = self.plans.known.get((handle.device, handle.graph_id, packed)) if packed is not None else None
         if plan is not None:
-            outputs = self._submit_planned(handle, plan, started)
+            outputs = self.plans.submit_planned(handle, plan, started)
             if outputs is not None:
-                self._hot_plans[(handle.device, handle.graph_id)] = (_identity_marks(inputs), plan)
+                self.plans.hot[(handle.device, handle.graph_id)] = (_identity_marks(inputs), plan)
                 return outputs
-            self._forget_plan(handle, plan)
+            self.plans.forget(handle, plan)
         if packed is not None:
             descs, frames = packed, []
         else:
@@ -347,7 +319,7 @@ class Client:
         self.last_execution = reply.get("execution")
         outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
         if packed is not None and isinstance(reply.get("plan"), int):
-            self._remember_plan(handle, packed, reply)
+            self.plans.remember(handle, packed, reply)
         for written in reply.get("written_inputs") or ():
             # A CPU input the graph wrote: the daemon wrote its copy; bring the change home.
             index = written.get("input")
@@ -356,120 +328,6 @@ class Client:
             with torch.no_grad():
                 inputs[index].copy_(tensor_from_cpu_desc(written, reply_frames, f"written input {index}"))
         self.last_timing = _timing(started, sent, answered, time.perf_counter())
-        return outputs
-
-    # ------------------------------------------------------------------------ prepared submits
-
-    def _remember_plan(self, handle: GraphHandle, packed: bytes, reply: dict) -> None:
-        """Keep the plan a submit reply offered (``cgtree.daemon.plans``) with its outputs' layout."""
-        buffer_id = self.buffers.graph_buffer.get((handle.device, handle.graph_id))
-        mapping = self.buffers.mappings.get(buffer_id) if buffer_id is not None else None
-        if mapping is None or self.connection.lane.offer is None:
-            return
-        slots = [_output_slot(desc, mapping, f"output {i}") for i, desc in enumerate(reply.get("outputs") or [])]
-        if len(self._plans) >= PACKED_INPUTS_KEPT:
-            self._plans.clear()
-            self._hot_plans.clear()
-        execution = reply.get("execution") or {}
-        self._plans[(handle.device, handle.graph_id, packed)] = _Plan(
-            reply["plan"], buffer_id, slots, execution.get("function", ""), packed,
-            OVERWRITTEN_MESSAGE.format(graph=handle.short_name))
-
-    def _forget_plan(self, handle: GraphHandle, plan: "_Plan") -> None:
-        """The daemon would not run ``plan`` (expired, no lane...): the general way from now on."""
-        self._plans.pop((handle.device, handle.graph_id, plan.packed), None)
-        key = (handle.device, handle.graph_id)
-        hot = self._hot_plans.get(key)
-        if hot is not None and hot[1] is plan:
-            del self._hot_plans[key]
-
-    def _submit_planned(self, handle: GraphHandle, plan: "_Plan", started: float) -> Optional[tuple]:
-        """The submit as a plan run on the lane; None when it must go the general way (no lane,
-        the plan expired, the session is gone: the general path deals with each)."""
-        self.connection.check_daemon_before_send("submit", started)
-        lane = self.connection.lane.attached if self.connection.lane.attached is not None else self.connection.lane.for_request("submit", [b""])
-        mapping = self.buffers.mappings.get(plan.buffer_id)
-        if lane is None or mapping is None or self.session_id is None:
-            return None
-        if self._use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
-            return self._submit_rung(handle, plan, lane, mapping, started)
-        self.encoder.settle(handle.device)
-        request_id = next(self.connection.ids)
-        message = [pack_plan_request(request_id, plan.plan_id)]
-        sent = time.perf_counter()
-        raw = self.connection.lane.exchange(lane, "submit", message, self.timeout_s)
-        if raw is None:
-            return None
-        answered = time.perf_counter()
-        fast = parse_plan_reply(raw[0]) if raw is not MOVED and len(raw) == 1 else None
-        if fast is None:
-            return self._general_plan_outcome(handle, plan, raw, request_id, message, (started, sent, answered))
-        reply_id, generation, node_id, daemon_us = fast
-        if reply_id != request_id:
-            self.connection.lane.close()
-            raise ClientError("the daemon answered a plan run with another request's reply")
-        outputs = self._plan_outputs(mapping, plan, generation)
-        self.connection.last_reply_at = done = time.perf_counter()
-        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
-        return outputs
-
-    def _submit_rung(self, handle: GraphHandle, plan: "_Plan", lane: ClientLane, mapping: "OutputMapping",
-                     started: float) -> Optional[tuple]:
-        """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
-        outputs are built while the device runs, then returned once it wrote its done word."""
-        doorbell = lane.doorbell
-        self.encoder.settle(handle.device)
-        seq = doorbell.ring(plan.plan_id)
-        sent = time.perf_counter()
-        try:
-            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.timeout_s, self.connection.lane.spin_now)
-            answered = time.perf_counter()
-            if status != REPLAYED:
-                raw = lane.receive(self.timeout_s, self.connection.lane.spin_now)  # sent before the ack
-                return self._general_plan_outcome(handle, plan, raw, seq, [], (started, sent, answered))
-            outputs = self._plan_outputs(mapping, plan, generation)
-            doorbell.wait_done(device_index, seq, lane, self.timeout_s, self.connection.lane.spin_now)
-        except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
-            raise self.connection.lane.failed(exc, "submit", self.timeout_s, "doorbell") from None
-        self.connection.last_reply_at = done = time.perf_counter()
-        self._plan_run = (plan, node_id, daemon_us, started, sent, answered, done)
-        return outputs
-
-    def _plan_outputs(self, mapping: "OutputMapping", plan: "_Plan", generation: int) -> tuple:
-        """The plan's outputs in its buffer's slots, written by generation ``generation``."""
-        _mark_stale(mapping, plan.overwritten)  # the previous submit's outputs
-        mapping.generation = generation
-        outputs = tuple([self.buffers.view_at(mapping, slot) for slot in plan.slots])
-        mapping.handed_out = [weakref.ref(t) for t in outputs]
-        return outputs
-
-    def _general_plan_outcome(self, handle: GraphHandle, plan: "_Plan", raw: Any, request_id: int, message: list,
-                              stamps: tuple) -> Optional[tuple]:
-        """A plan run answered with the full submit reply (a recording, a skip, new outputs) or a
-        refusal: its outputs, or None when the plan is gone (the general path takes over)."""
-        started, sent, answered = stamps
-        try:
-            if raw is MOVED:
-                reply, reply_frames = self.connection.zmq.call("submit", request_id, message, self.timeout_s, send=False)
-            else:
-                decoded = _decode_reply_for(raw, request_id, "submit")
-                if decoded is None:
-                    self.connection.lane.close()
-                    raise ClientError("the daemon answered a plan run with another request's reply")
-                reply, reply_frames = decoded
-        except DaemonError as exc:
-            if exc.code in ("plan_expired", "no_session", "unknown_graph"):
-                return None
-            raise
-        execution = reply.get("execution")
-        if reply.get("plan") == plan.plan_id and isinstance(execution, dict):
-            execution = {**execution, "plan": plan.plan_id}  # the plan stands; this run did not replay
-            # What its fast replies run from now on (the plan's in-place recording, once made).
-            plan.function = str(execution.get("function") or plan.function)
-        self.last_execution = execution
-        outputs = tuple(self.buffers.decode(handle, reply, reply_frames))
-        self.connection.last_reply_at = done = time.perf_counter()
-        self.last_timing = _timing(started, sent, answered, done)
         return outputs
 
     def mark_step_begin(self, device: Optional[str] = None) -> None:
@@ -504,7 +362,3 @@ class Client:
     def lane_attached(self) -> bool:
         """Whether requests currently travel on the submit lane (else ZeroMQ)."""
         return self.connection.lane.attached is not None
-
-
-def _timing(started: float, sent: float, answered: float, done: float) -> dict:
-    return {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6, "outputs_us": (done - answered) * 1e6}

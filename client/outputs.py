@@ -137,8 +137,8 @@ class OutputBuffers:
             mapping.storage = None  # closes the IPC mapping; the daemon's block leaves limbo
 
     def invalidate_all(self) -> None:
-        self.client._plans.clear()  # each names an output buffer
-        self.client._hot_plans.clear()
+        self.client.plans.known.clear()  # each names an output buffer
+        self.client.plans.hot.clear()
         for key in list(self.graph_buffer):
             self.drop_graph_outputs(key, close_mapping=True)
         self.mappings.clear()

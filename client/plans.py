@@ -1,0 +1,187 @@
+"""Prepared submits (``cgtree.daemon.plans``) on the client's side (``Plans``).
+
+A submit reply may offer a plan: the daemon keeps the decoded inputs and the recording, and the
+next submit of the same graph on the same packed inputs is a plan run: a few bytes on the lane,
+or a ring of the lane's doorbell page (``cgtree.daemon.doorbell``), answered with a generation
+number; the outputs are built from the layout kept with the plan.
+
+Invariants:
+- A plan is used only for the very inputs it was offered for (``known`` is keyed by the packed
+  inputs; ``hot`` by the inputs' identity, checked with ``_same_inputs``).
+- Whatever a plan run cannot do (no lane, the plan expired, the session is gone) returns None and
+  the general submit path takes over; a plan the daemon would not run is forgotten.
+- A doorbell run returns its outputs only once the device wrote its done word.
+- The report of a plan run is kept raw (``run``) and turned into ``last_execution`` /
+  ``last_timing`` only when they are read (``settle_report``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cgtree.client.connection import _decode_reply_for
+from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
+from cgtree.client.errors import ClientError, DaemonError
+from cgtree.client.inputs import PACKED_INPUTS_KEPT
+from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
+from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputMapping, _mark_stale, _output_slot
+from cgtree.client.registration import GraphHandle
+from cgtree.daemon.doorbell import REPLAYED
+from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
+
+
+@dataclass
+class Plan:
+    """A prepared submit the daemon offered (``cgtree.daemon.plans``), and its outputs' layout."""
+
+    plan_id: int
+    buffer_id: int
+    slots: list  # per output: (layout, byte offset, bytes) in the buffer
+    function: str
+    packed: bytes  # the packed inputs it was offered for (its key in Plans.known)
+    overwritten: str  # the message an output of an earlier run raises
+
+
+class Plans:
+    """The plans the daemon offered, the one each graph's loop runs now, and the last run's report."""
+
+    def __init__(self, client: Any, doorbell: Optional[bool]) -> None:
+        self.client = client
+        # A plan run's report, turned into last_execution / last_timing only when they are read:
+        # building two dicts per submit is a measurable share of a tiny graph's round trip.
+        self.run: Optional[tuple] = None  # (plan, node id, daemon_us, started, sent, answered, done)
+        self.known: dict[tuple, Plan] = {}  # (device, graph id, packed inputs) -> prepared submit
+        # (device, graph id) -> the plan its last submit ran and the identity of those inputs: a
+        # loop over the same tensors finds its plan without describing or packing anything.
+        self.hot: dict[tuple[str, str], tuple[list, Plan]] = {}
+        self.use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
+            else bool(doorbell)
+
+    def settle_report(self) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        plan, node_id, daemon_us, started, sent, answered, done = run
+        self.client._last_execution = {"mode": "replayed", "node_id": node_id, "function": plan.function,
+                                       "skip_reason": None, "daemon_us": daemon_us, "plan": plan.plan_id}
+        self.client._last_timing = _timing(started, sent, answered, done)
+
+    def remember(self, handle: GraphHandle, packed: bytes, reply: dict) -> None:
+        """Keep the plan a submit reply offered (``cgtree.daemon.plans``) with its outputs' layout."""
+        buffer_id = self.client.buffers.graph_buffer.get((handle.device, handle.graph_id))
+        mapping = self.client.buffers.mappings.get(buffer_id) if buffer_id is not None else None
+        if mapping is None or self.client.connection.lane.offer is None:
+            return
+        slots = [_output_slot(desc, mapping, f"output {i}") for i, desc in enumerate(reply.get("outputs") or [])]
+        if len(self.known) >= PACKED_INPUTS_KEPT:
+            self.known.clear()
+            self.hot.clear()
+        execution = reply.get("execution") or {}
+        self.known[(handle.device, handle.graph_id, packed)] = Plan(
+            reply["plan"], buffer_id, slots, execution.get("function", ""), packed,
+            OVERWRITTEN_MESSAGE.format(graph=handle.short_name))
+
+    def forget(self, handle: GraphHandle, plan: "Plan") -> None:
+        """The daemon would not run ``plan`` (expired, no lane...): the general way from now on."""
+        self.known.pop((handle.device, handle.graph_id, plan.packed), None)
+        key = (handle.device, handle.graph_id)
+        hot = self.hot.get(key)
+        if hot is not None and hot[1] is plan:
+            del self.hot[key]
+
+    def submit_planned(self, handle: GraphHandle, plan: "Plan", started: float) -> Optional[tuple]:
+        """The submit as a plan run on the lane; None when it must go the general way (no lane,
+        the plan expired, the session is gone: the general path deals with each)."""
+        self.client.connection.check_daemon_before_send("submit", started)
+        lane = self.client.connection.lane.attached if self.client.connection.lane.attached is not None else self.client.connection.lane.for_request("submit", [b""])
+        mapping = self.client.buffers.mappings.get(plan.buffer_id)
+        if lane is None or mapping is None or self.client.session_id is None:
+            return None
+        if self.use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
+            return self.submit_rung(handle, plan, lane, mapping, started)
+        self.client.encoder.settle(handle.device)
+        request_id = next(self.client.connection.ids)
+        message = [pack_plan_request(request_id, plan.plan_id)]
+        sent = time.perf_counter()
+        raw = self.client.connection.lane.exchange(lane, "submit", message, self.client.timeout_s)
+        if raw is None:
+            return None
+        answered = time.perf_counter()
+        fast = parse_plan_reply(raw[0]) if raw is not MOVED and len(raw) == 1 else None
+        if fast is None:
+            return self.general_outcome(handle, plan, raw, request_id, message, (started, sent, answered))
+        reply_id, generation, node_id, daemon_us = fast
+        if reply_id != request_id:
+            self.client.connection.lane.close()
+            raise ClientError("the daemon answered a plan run with another request's reply")
+        outputs = self.outputs_of(mapping, plan, generation)
+        self.client.connection.last_reply_at = done = time.perf_counter()
+        self.run = (plan, node_id, daemon_us, started, sent, answered, done)
+        return outputs
+
+    def submit_rung(self, handle: GraphHandle, plan: "Plan", lane: ClientLane, mapping: "OutputMapping",
+                    started: float) -> Optional[tuple]:
+        """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
+        outputs are built while the device runs, then returned once it wrote its done word."""
+        doorbell = lane.doorbell
+        self.client.encoder.settle(handle.device)
+        seq = doorbell.ring(plan.plan_id)
+        sent = time.perf_counter()
+        try:
+            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
+            answered = time.perf_counter()
+            if status != REPLAYED:
+                raw = lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # sent before the ack
+                return self.general_outcome(handle, plan, raw, seq, [], (started, sent, answered))
+            outputs = self.outputs_of(mapping, plan, generation)
+            doorbell.wait_done(device_index, seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
+        except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
+            raise self.client.connection.lane.failed(exc, "submit", self.client.timeout_s, "doorbell") from None
+        self.client.connection.last_reply_at = done = time.perf_counter()
+        self.run = (plan, node_id, daemon_us, started, sent, answered, done)
+        return outputs
+
+    def outputs_of(self, mapping: "OutputMapping", plan: "Plan", generation: int) -> tuple:
+        """The plan's outputs in its buffer's slots, written by generation ``generation``."""
+        _mark_stale(mapping, plan.overwritten)  # the previous submit's outputs
+        mapping.generation = generation
+        outputs = tuple([self.client.buffers.view_at(mapping, slot) for slot in plan.slots])
+        mapping.handed_out = [weakref.ref(t) for t in outputs]
+        return outputs
+
+    def general_outcome(self, handle: GraphHandle, plan: "Plan", raw: Any, request_id: int, message: list,
+                        stamps: tuple) -> Optional[tuple]:
+        """A plan run answered with the full submit reply (a recording, a skip, new outputs) or a
+        refusal: its outputs, or None when the plan is gone (the general path takes over)."""
+        started, sent, answered = stamps
+        try:
+            if raw is MOVED:
+                reply, reply_frames = self.client.connection.zmq.call("submit", request_id, message, self.client.timeout_s, send=False)
+            else:
+                decoded = _decode_reply_for(raw, request_id, "submit")
+                if decoded is None:
+                    self.client.connection.lane.close()
+                    raise ClientError("the daemon answered a plan run with another request's reply")
+                reply, reply_frames = decoded
+        except DaemonError as exc:
+            if exc.code in ("plan_expired", "no_session", "unknown_graph"):
+                return None
+            raise
+        execution = reply.get("execution")
+        if reply.get("plan") == plan.plan_id and isinstance(execution, dict):
+            execution = {**execution, "plan": plan.plan_id}  # the plan stands; this run did not replay
+            # What its fast replies run from now on (the plan's in-place recording, once made).
+            plan.function = str(execution.get("function") or plan.function)
+        self.client.last_execution = execution
+        outputs = tuple(self.client.buffers.decode(handle, reply, reply_frames))
+        self.client.connection.last_reply_at = done = time.perf_counter()
+        self.client.last_timing = _timing(started, sent, answered, done)
+        return outputs
+
+
+def _timing(started: float, sent: float, answered: float, done: float) -> dict:
+    return {"prepare_us": (sent - started) * 1e6, "request_us": (answered - sent) * 1e6, "outputs_us": (done - answered) * 1e6}
