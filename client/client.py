@@ -83,10 +83,25 @@ from cgtree.client.errors import (  # noqa: F401 (re-exported)
     DaemonUnavailable,
     RequestInterrupted,
 )
-from cgtree.client.inputs import InputEncoder, _as_input_list, _device_name_only, _device_of, _identity_marks, _normalize_device, _same_inputs
+from cgtree.client.inputs import (
+    InputEncoder,
+    _as_input_list,
+    _device_name_only,
+    _device_of,
+    _identity_marks,
+    _normalize_device,
+    _same_inputs,
+)
 from cgtree.client.outputs import OutputBuffers
 from cgtree.client.plans import Plans, _timing
-from cgtree.client.registration import GraphHandle, Registration, _graph_label, _is_encoded, _lower_and_encode, _spec_key
+from cgtree.client.registration import (
+    GraphHandle,
+    Registration,
+    _graph_label,
+    _is_encoded,
+    _lower_and_encode,
+    _spec_key,
+)
 from cgtree.client.session import Session
 from cgtree.daemon.runtime_dir import default_endpoint
 from cgtree.daemon.tensors import (

@@ -195,7 +195,8 @@ class LaneChannel:
                 return None
             try:
                 self.attached = ClientLane.connect(self.offer["path"], self.offer["token"],
-                                                   timeout_s=min(self.client.timeout_s, 5.0), gone=self.client.connection.watch.gone)
+                                                   timeout_s=min(self.client.timeout_s, 5.0),
+                                                   gone=self.client.connection.watch.gone)
             except (LaneError, KeyError, TypeError) as exc:
                 self.retry_at = time.monotonic() + LANE_RETRY_S
                 log.info("submit lane not attached (%s); using ZeroMQ for %g s", exc, LANE_RETRY_S)

@@ -97,7 +97,8 @@ class Plans:
         """The submit as a plan run on the lane; None when it must go the general way (no lane,
         the plan expired, the session is gone: the general path deals with each)."""
         self.client.connection.check_daemon_before_send("submit", started)
-        lane = self.client.connection.lane.attached if self.client.connection.lane.attached is not None else self.client.connection.lane.for_request("submit", [b""])
+        lane = (self.client.connection.lane.attached if self.client.connection.lane.attached is not None
+                else self.client.connection.lane.for_request("submit", [b""]))
         mapping = self.client.buffers.mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.client.session_id is None:
             return None
@@ -132,7 +133,8 @@ class Plans:
         seq = doorbell.ring(plan.plan_id)
         sent = time.perf_counter()
         try:
-            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
+            status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(
+                seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
             answered = time.perf_counter()
             if status != REPLAYED:
                 raw = lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # sent before the ack
@@ -160,7 +162,8 @@ class Plans:
         started, sent, answered = stamps
         try:
             if raw is MOVED:
-                reply, reply_frames = self.client.connection.zmq.call("submit", request_id, message, self.client.timeout_s, send=False)
+                reply, reply_frames = self.client.connection.zmq.call("submit", request_id, message, self.client.timeout_s,
+                                                                      send=False)
             else:
                 decoded = _decode_reply_for(raw, request_id, "submit")
                 if decoded is None:

@@ -81,7 +81,8 @@ class Session:
     def ensure(self) -> None:
         if self.client.session_id is not None:
             return
-        reply, _ = self.client.connection.call("hello", {"pid": os.getpid(), "name": self.client.session_name, "client": CLIENT_NAME})
+        reply, _ = self.client.connection.call("hello", {"pid": os.getpid(), "name": self.client.session_name,
+                                                          "client": CLIENT_NAME})
         self.client.connection.watch.bind()  # the daemon that just answered: what waits watch from now on
         if self.client.daemon_pid is not None and reply["daemon_pid"] != self.client.daemon_pid:
             self.client.registration.registered.clear()
@@ -136,10 +137,12 @@ class Session:
         reply = self.ping_until_answered(deadline)
         if reply is None:
             raise DaemonUnavailable(
-                f"cgtreed at {self.client.endpoint} did not come back within {self.client.timeout_s:g} s after {op!r} was interrupted") from cause
+                f"cgtreed at {self.client.endpoint} did not come back within {self.client.timeout_s:g} s "
+                f"after {op!r} was interrupted") from cause
         self.client.connection.watch.bind()
         if reply.get("daemon_pid") != self.client.daemon_pid:
-            log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.client.daemon_pid, reply.get("daemon_pid"))
+            log.info("cgtreed restarted (pid %s -> %s): new session, graphs registered again", self.client.daemon_pid,
+                     reply.get("daemon_pid"))
             self.forget()
 
     def let_go_if_gone(self) -> None:
@@ -148,7 +151,8 @@ class Session:
         buffers (CUDA IPC) and its doorbell page are all that a dead daemon's memory may still
         be held by, and its exit may wait for them."""
         if self.client.session_id is not None and self.client.connection.watch.gone(fresh=True) is not None:
-            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.client.endpoint, self.client.connection.watch.gone(), self.client.session_id)
+            log.info("cgtreed at %s is gone (%s): session %s forgotten", self.client.endpoint,
+                     self.client.connection.watch.gone(), self.client.session_id)
             self.forget()
 
     def ping_until_answered(self, deadline: float) -> Optional[dict]:
