@@ -48,6 +48,16 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT_DIR/
     || { echo "gpu_measure: install failed"; tail -20 "$OUT_DIR/install.log"; exit 2; }
 
 background=()
+# This script and the shells that started it: their command lines may name what the leftover
+# sweep looks for (the lent machine's `bash -c "...benchmarks/..."` did, and the sweep killed
+# the whole call), so they are never swept.
+ancestors() {
+    local pid=$$
+    while [ -n "$pid" ] && [ "$pid" -gt 1 ]; do
+        echo "$pid"
+        pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
+    done
+}
 run_now() {
     local step=$1 limit=$2; shift 2
     local started=$SECONDS
@@ -58,7 +68,7 @@ run_now() {
     # compile workers, xdist workers) and they would load every later step's measurements:
     # end them, and say so.
     local leftovers
-    leftovers=$(pgrep -f "cgtree\.daemon|cgtreed|compile_worker|xdist|benchmarks/" | grep -v "^$$\$" || true)
+    leftovers=$(pgrep -f "cgtree\.daemon|cgtreed|compile_worker|xdist|benchmarks/" | grep -vxF -f <(ancestors) || true)
     if [ "$in_background" = 0 ] && [ ${#background[@]} -eq 0 ] && [ -n "$leftovers" ]; then
         echo "$step: ending $(echo "$leftovers" | wc -l) leftover process(es)" | tee -a "$OUT_DIR/$step.log"
         kill $leftovers 2>/dev/null; sleep 2; kill -9 $leftovers 2>/dev/null

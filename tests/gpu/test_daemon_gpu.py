@@ -473,7 +473,24 @@ class Deep(torch.nn.Module):
         return (x,)
 
 
-def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(gpu_daemon):
+@pytest.fixture(scope="module")
+def wide_spin_daemon(daemon_tools):
+    """A CUDA daemon whose spin window (20 ms) outlasts any gap between a tight loop's steps,
+    even with the rest of the GPU suite sharing the GPU and the cores (pytest-xdist): with the
+    default 500 us, a loop step stretched by another process's kernels finds the daemon asleep
+    and goes over the lane instead, which is correct but not what the doorbell test counts
+    (31 of 100 steps rung, once, in a parallel run on the H200, session 9)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), daemon_tools.GPU_TEST_CONFIG + "spin_us = 20000\n",
+                                        devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.kill()
+
+
+def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_spin_daemon):
     """cgtree.daemon.doorbell: on a CUDA daemon a tight plan loop goes through the lane's
     doorbell page; the daemon answers at launch, so every returned output must still be the
     finished one (the client waits for the device's done word), and the in-place recording
@@ -481,7 +498,7 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(gpu_dae
     from cgtree.client import Client
 
     model = Deep().eval().cuda()
-    with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
+    with Client(wide_spin_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
         x = torch.randn(64, 1024, device="cuda:0")
         handle = client.register(model, [x])
         for _ in range(60):  # past the plan's in-place recording
