@@ -21,6 +21,10 @@
 #                        runs only those)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
 #   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
+#   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; tiny, mlp24) on the
+#                        tree in $BEFORE_TREE (default before/, ignored by git: carry it) and on this one,
+#                        alternating, ROUNDS=1 by default. Make the tree with
+#                        `rm -rf before && mkdir before && git archive REV | tar -x -C before`
 # Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
 # machines return at most 8 files, so everything is also packed into $OUT/measure.tar.gz and
 # only that and the step logs' summary stay. pytest-xdist, where its wheel travelled in .whl/,
@@ -119,6 +123,10 @@ for spec in "$@"; do
                $PY -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
                run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
                    --junitxml="$OUT_DIR/gpu_tests.xml" ${TESTS_K:+-k "$TESTS_K"} tests ;;
+        before-after) mkdir -p "$OUT_DIR/before_after"
+                      run_step "$step" "${limit:-300}" env OUT="$OUT_DIR/before_after" RUN_LIMIT=140 \
+                          bash scripts/gpu_before_after.sh "${BEFORE_TREE:-before}" "${ROUNDS:-1}" \
+                          benchmarks/bench_daemon.py --device cuda --quick --sections latency --models tiny,mlp24 ;;
         *) echo "gpu_measure: unknown step $step" | tee -a "$OUT_DIR/summary.txt" ;;
     esac
 done
