@@ -5,7 +5,7 @@
 # benchmark script *from that tree*, and writes its JSON under $OUT/<label>-<round>.json.
 #
 #   scripts/gpu_before_after.sh OLD_TREE ROUNDS BENCHMARK [ARGS...]
-#   e.g. git archive d958683 | (mkdir -p before && tar -x -C before)
+#   e.g. mkdir before && git archive d958683 | tar -x -C before && echo d958683 >before/REVISION
 #        scripts/gpu_before_after.sh before 2 benchmarks/bench_daemon.py --quick --sections latency
 #
 # Alternating (old, new, old, new) keeps a drift of the machine from looking like a change of
@@ -19,11 +19,13 @@ PY=${PYTHON:-python3}
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/cgtree-pycache}
 install() { $PY -m pip install -q --no-deps --no-build-isolation --no-index -e "$1" >/dev/null 2>&1 \
                 || { echo "gpu_before_after: cannot install $1"; exit 2; }; }
+# An archived tree names its revision in REVISION (git would answer for the checkout around it).
+revision() { if [ -f "$1/REVISION" ]; then cat "$1/REVISION"; else git -C "$1" rev-parse --short HEAD 2>/dev/null || echo "$1"; fi; }
 for round in $(seq 1 "$rounds"); do
     for label in before after; do
         tree=$old; [ "$label" = after ] && tree=$new
         install "$tree"
-        echo "=== $label round $round ($(cd "$tree" && git rev-parse --short HEAD 2>/dev/null || echo "$tree"))"
+        echo "=== $label round $round ($(revision "$tree"))"
         (cd "$tree" && timeout --kill-after=10 "${RUN_LIMIT:-600}" $PY "$bench" "$@" --json "$OUT_DIR/$label-$round.json") >"$OUT_DIR/$label-$round.log" 2>&1
         echo "rc=$?"; tail -n "${TAIL_LINES:-12}" "$OUT_DIR/$label-$round.log"
     done

@@ -24,7 +24,7 @@
 #   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; tiny, mlp24) on the
 #                        tree in $BEFORE_TREE (default before/, ignored by git: carry it) and on this one,
 #                        alternating, ROUNDS=1 by default. Make the tree with
-#                        `rm -rf before && mkdir before && git archive REV | tar -x -C before`
+#                        `rm -rf before && mkdir before && git archive REV | tar -x -C before && echo REV >before/REVISION`
 # Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
 # machines return at most 8 files, so everything is also packed into $OUT/measure.tar.gz and
 # only that and the step logs' summary stay. pytest-xdist, where its wheel travelled in .whl/,
