@@ -52,11 +52,21 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT_DIR/
     || { echo "gpu_measure: install failed"; tail -20 "$OUT_DIR/install.log"; exit 2; }
 
 background=()
-# This script and the shells that started it: their command lines may name what the leftover
-# sweep looks for (the lent machine's `bash -c "...benchmarks/..."` did, and the sweep killed
-# the whole call), so they are never swept.
+# The leftover sweep ends what this run started and nothing else. Matching command lines
+# (pgrep -f cgtreed|benchmarks/...) killed the lent machine's own `bash -c "...benchmarks/..."`
+# once, which ended the whole call, and on a shared GPU host it would kill a production
+# cgtreed. So every process this run starts carries a tag in its environment (daemons and
+# workers inherit it, even once reparented to init), and the sweep ends the tagged processes
+# other than this shell and its ancestors.
+export CGTREE_MEASURE_TAG="gpu-measure-$$-$RANDOM$RANDOM"
+tagged() {  # still alive after the scan: the scan's own short-lived processes carry the tag too
+    local pid
+    for pid in $(grep -lsz -x -F "CGTREE_MEASURE_TAG=$CGTREE_MEASURE_TAG" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+        [ -d "/proc/$pid" ] && echo "$pid"
+    done
+}
 ancestors() {
-    local pid=$$
+    local pid=$BASHPID
     while [ -n "$pid" ] && [ "$pid" -gt 1 ]; do
         echo "$pid"
         pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
@@ -72,7 +82,7 @@ run_now() {
     # compile workers, xdist workers) and they would load every later step's measurements:
     # end them, and say so.
     local leftovers
-    leftovers=$(pgrep -f "cgtree\.daemon|cgtreed|compile_worker|xdist|benchmarks/" | grep -vxF -f <(ancestors) || true)
+    leftovers=$(tagged | grep -vxF -f <(ancestors) || true)
     if [ "$in_background" = 0 ] && [ ${#background[@]} -eq 0 ] && [ -n "$leftovers" ]; then
         echo "$step: ending $(echo "$leftovers" | wc -l) leftover process(es)" | tee -a "$OUT_DIR/$step.log"
         kill $leftovers 2>/dev/null; sleep 2; kill -9 $leftovers 2>/dev/null
