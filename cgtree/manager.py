@@ -33,6 +33,7 @@ from cgtree import policy as rules
 from cgtree.backends.base import Backend
 from cgtree.config import Policy
 from cgtree.errors import ManagerClosedError, overwritten_message
+from cgtree.in_place_inputs import InPlaceInputs
 from cgtree.inspection import Inspector, InspectionAbort, input_storage_index
 from cgtree.liveness import (
     CAN_RAISE_ON_OVERWRITTEN_ACCESS,
@@ -699,7 +700,7 @@ class TreeManager:
         node.copied_idxs = copied
         node.in_place_idxs = frozenset(in_place)
         node.static_idxs = variant.function.static_input_idxs
-        node.in_place_ptrs = tuple(
+        node.in_place_inputs = InPlaceInputs(
             (idx, inputs[idx].data_ptr()) for idx in sorted(in_place) if isinstance(inputs[idx], torch.Tensor)
         )
         node.expected_dead = expected_dead
@@ -802,10 +803,10 @@ class TreeManager:
         return flat
 
     def _why_not_replayable(self, node: RecordedNode, inputs: Sequence[Any]) -> Optional[str]:
-        for idx, ptr in node.in_place_ptrs:
-            if inputs[idx].data_ptr() != ptr:  # hot path: a handful of attribute reads
-                kind = "static" if idx in node.static_idxs else "tree-managed"
-                return f"{kind} input {idx} moved"
+        moved = node.in_place_inputs.first_moved(inputs)  # hot path: one C++ call on CUDA builds
+        if moved is not None:
+            kind = "static" if moved in node.static_idxs else "tree-managed"
+            return f"{kind} input {moved} moved"
         if node.expected_dead and not node.expected_dead_still_dead(node.path):
             return "an output this graph may overwrite is still alive"
         return None

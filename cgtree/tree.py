@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from cgtree.in_place_inputs import InPlaceInputs
 from cgtree.liveness import StorageRef, TensorGeometry
 from cgtree.types import FunctionId, GraphId
 
@@ -114,7 +115,7 @@ class RecordedNode(TreeNode):
         self.pool_positions: tuple[int, ...] = ()  # flat output positions that are pool memory
         self.output_structure: Any = None  # pytree spec, or None for a single tensor
         self.storage_sizes: list[tuple[int, int]] = []  # (data_ptr, nbytes) per pool storage
-        self.in_place_ptrs: tuple[tuple[int, int], ...] = ()  # (input index, expected data_ptr)
+        self.in_place_inputs = InPlaceInputs()  # (input index, expected data_ptr), checked per replay
         self.copied_idxs: tuple[int, ...] = ()
         self.in_place_idxs: frozenset[int] = frozenset()
         self.static_idxs: frozenset[int] = frozenset()
