@@ -71,15 +71,27 @@ one after the other, not interleaved: the point is coverage across many models, 
 latency difference (``bench_compile.py`` does that). Each path's first three calls are also
 timed (cold start: compile, warmup, record) and kept in the JSON.
 
-Isolation (``--isolate``, the default): each model runs in a child process of its own
-(``--child``, ``python -X faulthandler``), the daemon is shared (restarted if it died). A crash
-(a segfault in a kernel launch, say) makes that path an error, with the crashing thread's
-innermost frame from faulthandler in the note, and a new child takes the model's remaining
-paths. ``--model-timeout`` kills a child that hangs.
+Isolation (``--isolate``, the default): the models run in child processes (``--child``,
+``python -X faulthandler``; ``benchmarks/model_children.py``), one child for all of them as
+long as none crashes or hangs, so python, torch, transformers, CUDA and inductor start once,
+not once per model. The child rewrites its out file (every model's entry so far) when it starts
+a model or a path and after every path; the parent reads it as progress and saves the report
+after every finished model. A crash (a segfault in a kernel launch, say) makes the path that
+was running an error, with the signal, the crashing thread's innermost frame and the model
+library's frame from faulthandler in the note, and a new child takes that model's remaining
+paths and the models after it. ``--model-timeout`` is a silence limit: a child that writes no
+progress for that long (one path, or one model's eager reference, hanging) is killed, and the
+path it was in is a time-out error; so is a child still running 120 s past the time budget.
+The daemon is the parent's, shared by every child; a child that finds it dead before a cgtreed
+path exits (no error row), and the parent starts a new daemon and a new child. The report
+counts both (``daemon_starts``, ``child_starts``). Models in one process do not share compiled
+state: every path ends with ``torch._dynamo.reset()`` and PyTorch's tree reset (Fairness).
 
-Run time on an H200 (torch 2.11): about 35-45 s a model (four paths, three inductor compiles
-into an empty cache, a child process start), so the whole zoo takes about ten minutes: split
-it across calls with ``--models`` / ``--families``, or give ``--time-budget``.
+Run time on an H200 (torch 2.11), measured with a child per model: a model's four paths take
+about 22 s (three inductor compiles into an empty cache), and starting a child (imports, CUDA
+and inductor's first use) added about 20 s a model, now paid once per child; the whole zoo
+should fit about six minutes (not yet measured so): split it across calls with ``--models`` /
+``--families``, or give ``--time-budget``.
 
 Summary: models graphed per path (k of n, n counting the rows where the path ran or failed);
 geomean speed-up over eager per path, over the models graphed on that path and on
@@ -114,7 +126,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
@@ -124,7 +136,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks import real_models  # noqa: E402
+from benchmarks import model_children, real_models  # noqa: E402
+from benchmarks.model_children import BUDGET_NOTE  # noqa: E402
 from benchmarks.bench_compile import relative_error  # noqa: E402
 from benchmarks.report import fmt as _fmt, write_reports  # noqa: E402
 from benchmarks.timing import summarize_ns, sync_samples_ns  # noqa: E402
@@ -139,7 +152,8 @@ COLD_START_CALLS = 3
 GENERATE_REPLAY_SLACK = 3  # a generate call may have up to this many decode steps not replayed
 SMOKE_MODELS = ("gpt2", "bert", "resnet18-timm", "mobilenet-v3-small-tv")
 CLIENT_LOGGER = "cgtree.client.compile"
-CRASH_HOOK = "BENCH_MODELS_CRASH_ON"  # "<model>/<path>": that path kills its process (tests only)
+# Tests only: "<model>/<path>[:hang],...": that path kills its process (SIGSEGV) or hangs.
+CRASH_HOOK = "BENCH_MODELS_CRASH_ON"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +332,10 @@ def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float
 
 
 class Context:
-    """One process's run: the device, the time budget, and the daemon (started by the parent
-    process on first need and restarted if it died; a child process is handed its endpoint)."""
+    """One process's run: the device, the time budget (``deadline``: an absolute
+    ``time.monotonic()``, handed to child processes as is, so that their imports do not extend
+    it), and the daemon (started by the parent process on first need and restarted if it died;
+    a child process is handed its endpoint and pid)."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, workdir: str,
                  endpoint: Optional[str] = None, budget_s: Optional[float] = None) -> None:
@@ -330,14 +346,13 @@ class Context:
         self.daemon: Any = None
         self.daemon_error: Optional[str] = None
         self.daemon_starts = 0
+        self.child_starts = 0  # --isolate: child processes started (benchmarks/model_children.py)
         self.endpoint = endpoint
+        self.daemon_pid: Optional[int] = None  # a child: the parent's daemon, checked before cgtreed paths
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
 
     def over_budget(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
-
-    def budget_left(self) -> Optional[float]:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def daemon_endpoint(self) -> str:
         if self.endpoint is not None:
@@ -691,9 +706,21 @@ def new_model_entry(case: real_models.ModelCase) -> dict:
             "paths": {}}
 
 
+def _crash_hook(where: str) -> None:
+    """Tests: a child dying (SIGSEGV) or hanging on a path, as ``CRASH_HOOK`` asks."""
+    for spec in (os.environ.get(CRASH_HOOK) or "").split(","):
+        target, _, how = spec.partition(":")
+        if target == where:
+            if how == "hang":
+                while True:
+                    time.sleep(60)
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
               progress: Callable[[dict], None] = lambda model: None) -> dict:
-    """``paths`` of one model in this process; ``progress`` gets the entry after each path."""
+    """``paths`` of one model in this process; ``progress`` gets the entry before and after each
+    path (a child's heartbeat: ``model_children``)."""
     model = new_model_entry(case)
     missing = real_models.missing_library(case)
     if missing is not None:
@@ -710,11 +737,13 @@ def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
         return model
     for path in paths:
         if ctx.over_budget():
-            model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
+            model["paths"][path] = PathRow(status="skipped", note=BUDGET_NOTE).to_json()
             continue
+        if path == "cgtreed" and ctx.daemon_pid is not None and not process_alive(ctx.daemon_pid):
+            raise DaemonGone(f"cgtreed (pid {ctx.daemon_pid}) exited")
         print(f"[bench_models]   {path} ...", file=sys.stderr, flush=True)
-        if os.environ.get(CRASH_HOOK) == f"{case.name}/{path}":  # tests: a child dying on a path
-            os.kill(os.getpid(), signal.SIGSEGV)
+        progress(model)
+        _crash_hook(f"{case.name}/{path}")
         started = time.perf_counter()
         row = run_path(path, case, ctx, refs)
         row.details["path_wall_s"] = round(time.perf_counter() - started, 2)
@@ -726,149 +755,95 @@ def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
 
 
 # ---------------------------------------------------------------------------------------------
-# One process per model (the parent), so that a crash (a segfault in a compiler or a graph
-# replay) costs one path of one model, not the run
+# Child processes (--isolate): the parent side is benchmarks/model_children.py
 
 
 CHILD_ARGS = ("device", "iters", "warmup", "generate_iters", "train_iters", "cgtree_compiler", "daemon_compile",
               "max_new_tokens", "smoke")
 
 
-def _signal_name(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
-        return f"signal {-returncode}"
-    return f"exit status {returncode}"
+class DaemonGone(Exception):
+    """In a child: the parent's cgtreed died before a cgtreed path (the parent restarts it)."""
 
 
-def crash_report(stderr_text: str) -> str:
-    """The faulthandler block of a crashed child ("Fatal Python error: ..." and its frames)."""
-    lines = stderr_text.splitlines()
-    for index in range(len(lines) - 1, -1, -1):
-        if lines[index].startswith("Fatal Python error"):
-            block = [line for line in lines[index:index + 200] if not line.startswith("Extension modules")]
-            return "\n".join(block)
-    return "\n".join(lines[-15:])
+def process_alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
-def _innermost_frame(crash: str) -> str:
-    """The crashing thread's innermost frame (faulthandler lists that thread as "Current thread")."""
-    lines = crash.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
-    frames = [line.strip() for line in lines[start:] if line.strip().startswith("File ")]
-    return frames[0] if frames else ""
-
-
-def run_model_isolated(case: real_models.ModelCase, ctx: Context) -> dict:
-    """The model's paths in child processes (``--child``): one child normally; after a child dies
-    on a path, that path is an error and a new child takes the remaining ones."""
-    import json
-    import subprocess
-
-    from benchmarks.bench_daemon import child_env, python_argv, spawn, stop_process
-
-    args = ctx.args
-    model = new_model_entry(case)
-    missing = real_models.missing_library(case)
-    if missing is not None:
-        model["status"], model["note"] = "skipped", f"skipped: {missing}"
-        return model
-    remaining = list(args.paths)
-    attempt = 0
-    while remaining:
+def in_process_entries(cases: list[real_models.ModelCase], ctx: Context) -> Iterator[dict]:
+    """Every model's entry, in order, all in this process (``--no-isolate``)."""
+    for case in cases:
         if ctx.over_budget():
-            for path in remaining:
-                model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
-            break
-        endpoint = None
-        if "cgtreed" in remaining:
-            try:
-                endpoint = ctx.daemon_endpoint()
-            except Exception as exc:
-                model["paths"]["cgtreed"] = PathRow(status="error", note=_error_note("cgtreed", exc)).to_json()
-                remaining.remove("cgtreed")
-                continue
-        attempt += 1
-        base = os.path.join(ctx.workdir, f"{case.name}.{attempt}")
-        out_path, err_path = base + ".json", base + ".stderr"
-        budget = ctx.budget_left()
-        config = {"args": {k: getattr(args, k) for k in CHILD_ARGS}, "model": case.name, "paths": remaining,
-                  "endpoint": endpoint, "budget_s": budget, "out": out_path}
-        Path(base + ".config.json").write_text(json.dumps(config))
-        timeout = args.model_timeout if budget is None else min(args.model_timeout, budget + 120.0)
-        with open(err_path, "wb") as err:
-            proc = spawn([*python_argv(), "-X", "faulthandler", str(Path(__file__).resolve()), "--child",
-                          base + ".config.json"], env=child_env(), cwd=ctx.workdir, stdout=err, stderr=subprocess.STDOUT)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            stop_process(proc, grace_s=5.0)
-        stderr_text = Path(err_path).read_text(errors="replace")
-        sys.stderr.write(stderr_text)
-        sys.stderr.flush()
-        done: dict = {}
-        with contextlib.suppress(Exception):
-            child_model = json.loads(Path(out_path).read_text())
-            done = child_model.get("paths") or {}
-            if child_model.get("status") not in (None, "ok"):
-                model["status"], model["note"] = child_model["status"], child_model.get("note", "")
-        model["paths"].update(done)
-        if model["status"] != "ok":
-            break
-        left = [p for p in remaining if p not in done]
-        if not left:
-            break
-        failed_path, remaining = left[0], left[1:]
-        if timed_out:
-            note = f"child process timed out after {timeout:.0f} s during this path (--model-timeout)"
-            crash = ""
+            entry = new_model_entry(case)
+            entry["status"], entry["note"] = "skipped", BUDGET_NOTE
+            yield entry
         else:
-            crash = crash_report(stderr_text)
-            note = f"child process died ({_signal_name(proc.returncode)}) during this path"
-            frame = _innermost_frame(crash)
-            if frame:
-                note += f"; innermost frame: {frame}"
-            caller = _model_frame(crash)
-            if caller and caller != frame:
-                note += f"; in the model's code: {caller}"
-        model["paths"][failed_path] = PathRow(status="error", note=note, details={"crash": crash}).to_json()
-        print(f"[bench_models]   {failed_path}: error {note}", file=sys.stderr, flush=True)
-    model["paths"] = {p: model["paths"][p] for p in args.paths if p in model["paths"]}
-    return model
+            yield run_model(case, ctx, ctx.args.paths)
 
 
-def _model_frame(crash: str) -> str:
-    """The crashing thread's innermost frame in a model library (transformers, timm, torchvision)."""
-    lines = crash.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
-    for line in lines[start:]:
-        if line.strip().startswith("File ") and any(f"/{lib}/" in line for lib in ("transformers", "timm", "torchvision")):
-            return line.strip()
-    return ""
+def isolated_entries(cases: list[real_models.ModelCase], ctx: Context) -> Iterator[dict]:
+    """Every model's entry, in order, from as few child processes as crashes allow."""
+    items = []
+    for case in cases:
+        item = model_children.WorkItem(case, new_model_entry(case), list(ctx.args.paths), order=list(ctx.args.paths))
+        missing = real_models.missing_library(case)
+        if missing is not None:
+            item.entry["status"], item.entry["note"] = "skipped", f"skipped: {missing}"
+        items.append(item)
+    yield from model_children.run_isolated(
+        items, ctx, script=Path(__file__).resolve(), child_args={k: getattr(ctx.args, k) for k in CHILD_ARGS},
+        path_row=lambda **fields: PathRow(**fields).to_json())
 
 
 def child_main(config_path: str) -> int:
-    """``--child CONFIG``: one model's paths in this process; the entry is written to the
-    config's ``out`` after every path."""
+    """``--child CONFIG``: the config's models (``work``), each with its paths, in this process,
+    until done or the deadline; the out file is rewritten at every model start, path start and
+    path end (``model_children``: what the parent reads as progress)."""
     import json
 
     config = json.loads(Path(config_path).read_text())
     args = argparse.Namespace(**config["args"])
     device = _setup_device(args.device)
     strict_fp32()
-    ctx = Context(args, device, os.path.dirname(config_path), endpoint=config["endpoint"], budget_s=config["budget_s"])
-    case = real_models.CASES[config["model"]]
+    ctx = Context(args, device, os.path.dirname(config_path), endpoint=config["endpoint"])
+    ctx.deadline = config["deadline"]
+    ctx.daemon_pid = config["daemon_pid"]
+    doc: dict = {"models": [], "finished": 0, "writes": 0}
 
-    def progress(model: dict) -> None:
+    def write() -> None:
+        doc["writes"] += 1
         tmp = config["out"] + ".tmp"
-        Path(tmp).write_text(json.dumps(model, default=str))
+        Path(tmp).write_text(json.dumps(doc, default=str))
         os.replace(tmp, config["out"])
 
-    progress(run_model(case, ctx, config["paths"], progress))
+    for index, work in enumerate(config["work"]):
+        if ctx.over_budget():
+            break  # the parent marks the rest skipped
+        case = real_models.CASES[work["model"]]
+        doc["models"].append(new_model_entry(case))
+        write()
+
+        def progress(model: dict, __index: int = index) -> None:
+            doc["models"][__index] = model
+            write()
+
+        try:
+            doc["models"][index] = run_model(case, ctx, work["paths"], progress)
+        except DaemonGone:
+            write()
+            return model_children.EXIT_DAEMON_GONE
+        doc["finished"] = index + 1
+        write()
     return 0
 
 
@@ -1160,17 +1135,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     started = time.monotonic()
     try:
-        for index, case in enumerate(args.cases):
-            if ctx.over_budget():
+        for entry in (isolated_entries if args.isolate else in_process_entries)(args.cases, ctx):
+            if entry["note"] == BUDGET_NOTE and report["interrupted"] is None:
                 report["interrupted"] = f"time budget of {args.time_budget:g} s spent after {time.monotonic() - started:.0f} s"
-                for rest in args.cases[index:]:
-                    report["models"].append({"name": rest.name, "family": rest.family, "library": rest.library,
-                                             "status": "skipped", "note": "skipped: time budget", "paths": {}})
-                break
-            if args.isolate:
-                report["models"].append(run_model_isolated(case, ctx))
-            else:
-                report["models"].append(run_model(case, ctx, args.paths))
+            report["models"].append(entry)
             finish()
             # Rewritten after every model: a run killed from outside still leaves its rows.
             with contextlib.suppress(Exception):
@@ -1188,6 +1156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             stop_all_processes()
         report["daemon_starts"] = ctx.daemon_starts
+        report["child_starts"] = ctx.child_starts
         shutil.rmtree(workdir, ignore_errors=True)
     report["wall_s"] = round(time.monotonic() - started, 1)
     finish()
