@@ -4,10 +4,12 @@ transformers, CUDA and inductor start once per child, not once per model, while 
 hang still costs one path of one model, not the run.
 
 How a child reports: its config names an out file, which the child rewrites atomically (a
-temporary file, then ``os.replace``) when it starts a model, when it starts a path and after
-every path: ``{"models": [the entry of every model it started, in order], "finished": n,
-"writes": w}``, the first ``n`` entries being final. Every rewrite is *progress*; ``writes``
-counts them (a file's mtime may not change between two rewrites in the same clock tick).
+temporary file, then ``os.replace``) when it starts a model, when a path starts being prepared
+or timed (a forward model's paths are timed side by side, in rounds) and when a model's rows
+are written: ``{"models": [the entry of every model it started, in order], "finished": n,
+"running": {"model", "path"} or null, "writes": w}``, the first ``n`` entries being final.
+Every rewrite is *progress*; ``writes`` counts them (a file's mtime may not change between two
+rewrites in the same clock tick).
 
 Invariants:
 
@@ -16,8 +18,9 @@ Invariants:
   child runs on, so the caller can save the report after every model.
 - A child that dies (a signal, an exit status other than 0 and ``EXIT_DAEMON_GONE``) or hangs
   (no progress for ``--model-timeout`` seconds, or still running ``BUDGET_GRACE_S`` after the
-  time budget ran out) is killed and costs exactly the path it was running: the first path of
-  its first unfinished model that its out file does not hold (paths run in order). That path
+  time budget ran out) is killed and costs exactly the path it was running: ``running`` in its
+  out file (else the first path of its first unfinished model that the file does not hold;
+  the other paths of that model, alive beside it, are run again by the next child). That path
   becomes an error row whose note names the signal, the crashing thread's innermost frame and
   the model library's frame (faulthandler's report in the child's log), or the time-out; a new
   child takes that model's remaining paths and the models after it.
@@ -149,6 +152,7 @@ class Child:
                               env=child_env(), cwd=os.path.dirname(base), stdout=err, stderr=subprocess.STDOUT)
         self.last_progress = time.monotonic()
         self._writes_seen = 0
+        self.doc: dict = {}  # the out file as last read
         self._log_offset = 0
 
     def read_progress(self) -> Optional[dict]:
@@ -158,6 +162,7 @@ class Child:
             if doc.get("writes", 0) != self._writes_seen:
                 self._writes_seen = doc.get("writes", 0)
                 self.last_progress = time.monotonic()
+                self.doc = doc
                 return doc
         return None
 
@@ -258,7 +263,11 @@ def run_isolated(items: list[WorkItem], ctx: Any, *, script: Path, child_args: d
             note, crash = timed_out, ""
         else:
             note, crash = death_note(returncode, child.log_text())
-        failed = unfinished.paths.pop(0)
+        running = child.doc.get("running") or {}
+        failed = unfinished.paths[0]
+        if running.get("model") == unfinished.case.name and running.get("path") in unfinished.paths:
+            failed = running["path"]
+        unfinished.paths.remove(failed)
         unfinished.started = True
         unfinished.entry["paths"][failed] = path_row(status="error", note=note, details={"crash": crash})
         print(f"[bench_models]   {unfinished.case.name} / {failed}: error {note}", file=sys.stderr, flush=True)

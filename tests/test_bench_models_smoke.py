@@ -97,6 +97,7 @@ def test_bench_models_cpu_smoke_run(tmp_path):
             assert row["status"] == "ok", (name, path, row)
             assert row["max_rel_err"] <= report["config"]["max_rel_err"], (name, path, row)
             assert row["p50_us"] > 0 and row["timed_calls"] == report["config"]["iters"]
+            assert len(row["round_p50_us"]) == report["config"]["rounds"] == 1  # CPU default
             assert "graphed" in row
         assert rows["eager"]["graphed"] is None
         # cgtree: the verdict is the tree manager's counters over the timed calls.
@@ -146,28 +147,30 @@ def test_bench_models_child_crash_costs_one_path(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_bench_models_crash_and_hang_cost_one_path_each(tmp_path):
-    # Two models, one child process for both unless a path kills or hangs it: gpt2 dies on its
-    # first path (SIGSEGV), the second child runs gpt2's other path and then hangs on bert's
-    # first, is killed when it writes no progress for --model-timeout seconds, and a third child
+    # Two models, one child process for both unless a path kills or hangs it; paths timed side
+    # by side in two rounds. gpt2 dies in cgtree's first timed block (SIGSEGV): that path is the
+    # error, and the second child measures gpt2's eager again, then hangs opening bert's eager,
+    # is killed when it writes no progress for --model-timeout seconds, and a third child
     # measures bert's remaining path.
     json_path = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_models.py"), "--device", "cpu", "--smoke",
-         "--models", "gpt2,bert", "--paths", "eager,cgtree", "--model-timeout", "20",
+         "--models", "gpt2,bert", "--paths", "eager,cgtree", "--rounds", "2", "--model-timeout", "20",
          "--json", str(json_path), "--md", str(tmp_path / "bench.md")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "BENCH_MODELS_CRASH_ON": "gpt2/eager,bert/eager:hang"},
+        env={**os.environ, "BENCH_MODELS_CRASH_ON": "gpt2/cgtree@timing,bert/eager:hang"},
     )
     assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-8000:]
     report = json.loads(json_path.read_text())
     assert [m["name"] for m in report["models"]] == ["gpt2", "bert"], proc.stderr[-8000:]
     gpt2, bert = (m["paths"] for m in report["models"])
     assert list(gpt2) == list(bert) == ["eager", "cgtree"], proc.stderr[-8000:]
-    assert gpt2["eager"]["status"] == "error" and "SIGSEGV" in gpt2["eager"]["note"], gpt2["eager"]
-    assert "Fatal Python error" in gpt2["eager"]["details"]["crash"]
+    assert gpt2["cgtree"]["status"] == "error" and "SIGSEGV" in gpt2["cgtree"]["note"], gpt2["cgtree"]
+    assert "Fatal Python error" in gpt2["cgtree"]["details"]["crash"]
     assert bert["eager"]["status"] == "error", bert["eager"]
     assert "timed out" in bert["eager"]["note"] and "--model-timeout" in bert["eager"]["note"], bert["eager"]
-    for row in (gpt2["cgtree"], bert["cgtree"]):
+    for row in (gpt2["eager"], bert["cgtree"]):
         assert row["status"] == "ok" and row["max_rel_err"] <= 1e-3 and row["timed_calls"] == 3, row
+        assert len(row["round_p50_us"]) == 2, row  # 2 + 1 calls
     assert report["child_starts"] == 3, proc.stderr[-8000:]
-    assert report["failed"] == ["gpt2/eager", "bert/eager"], proc.stderr[-8000:]
+    assert report["failed"] == ["gpt2/cgtree", "bert/eager"], proc.stderr[-8000:]
