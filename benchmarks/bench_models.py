@@ -18,8 +18,9 @@ step (``hf-train``). For each model and each *path* one run measures:
 - **graphed**: read from counters only, never inferred from matching values (below).
 - **sync p50**: median over ``--iters`` calls of (call + device synchronize) with the same
   inputs, after ``--warmup`` untimed calls (``benchmarks/timing.py``); outputs dropped at once.
-  ``hf-generate``: one sample is one ``generate`` call; ``hf-train``: one training step
-  (forward, backward, optimizer step).
+  A forward model's paths are timed side by side in ``--rounds`` rounds (below); each round's
+  p50 is kept too (``round_p50_us``). ``hf-generate``: one sample is one ``generate`` call;
+  ``hf-train``: one training step (forward, backward, optimizer step).
 
 Paths, and how "graphed" is read:
 
@@ -60,26 +61,58 @@ lazily inside the first, compiled, forward and cannot mark it static) and
 reset before each call). ``hf-train`` is graphed when both forward and backward graphs
 replayed on every timed step and no call was skipped.
 
-Fairness: every path builds its own model (same seed, so the same weights) and compiles into
-a fresh dynamo state (``torch._dynamo.reset()`` between paths, which also closes cgtree's
-managers and PyTorch's trees); inductor uses an empty temporary cache
-(``--fresh-inductor-cache``). Float32 is float32: TF32 is off in every process of the run, the
-daemon included (cuDNN convolutions default to TF32, which alone moves a conv net's logits by
-~1e-3 against eager). Warmup is 64 calls on CUDA: a cgtreed steady loop records its plan's
-own graph after 50 runs, and the timed calls should see every path's steady state. Paths run
-one after the other, not interleaved: the point is coverage across many models, not a 2%
-latency difference (``bench_compile.py`` does that). Each path's first three calls are also
-timed (cold start: compile, warmup, record) and kept in the JSON.
+Fairness: every path builds its own model (same seed, so the same weights) and compiles its own
+graphs: dynamo keeps a cache entry per backend on the model class's code objects (its
+BACKEND_MATCH guard), so no path reuses another's, and while a model's paths are alive side by
+side the recompile limit is multiplied by the number of compiled paths, so each keeps the limit
+it would have alone. After a model (generate, train: after each path) ``torch._dynamo.reset()``
+closes cgtree's managers and PyTorch's trees, so every model starts from a fresh dynamo state;
+inductor uses an empty temporary cache (``--fresh-inductor-cache``). Float32 is float32: TF32
+is off in every process of the run, the daemon included (cuDNN convolutions default to TF32,
+which alone moves a conv net's logits by ~1e-3 against eager). Warmup is 64 calls on CUDA: a
+cgtreed steady loop records its plan's own graph after 50 runs, and the timed calls should see
+every path's steady state.
 
-Isolation (``--isolate``, the default): each model runs in a child process of its own
-(``--child``, ``python -X faulthandler``), the daemon is shared (restarted if it died). A crash
-(a segfault in a kernel launch, say) makes that path an error, with the crashing thread's
-innermost frame from faulthandler in the note, and a new child takes the model's remaining
-paths. ``--model-timeout`` kills a child that hangs.
+Timing rounds (a forward model; generate and train paths run one after the other): every path
+is first built, compiled, checked (``CHECK_STEPS``) and warmed up, one after the other, and
+kept alive; then ``--rounds`` rounds (3 on CUDA, 1 on the CPU and in smoke mode) each time
+every path for its share of ``--iters`` calls, in turn, the order rotated by one path a round
+so that no path is always first; then each path's late check, counters and verdicts. So the
+ratios between paths compare samples taken in alternation, not one path's block after the
+other's with compiles in between (measured on the H200 that way, cgtree/reduce-overhead swung
+by +-30% from run to run on near-identical graphs). Each block starts with ``REWARM_CALLS``
+untimed calls (the first call after another path ran pays for the switch: caches, a cgtreed
+lane that stopped spinning). Counters for "graphed" are summed over the path's own timed blocks
+(snapshots around each), its life counters over its own phases only (PyTorch's tree counters
+and cgtree's managers are process-wide, and the other paths run in between). A path that fails
+while being prepared is an error row; the others go on. Rounds after the first are dropped once
+the time budget is spent. Several CUDA graph pools are alive at once this way (PyTorch's,
+cgtree's, the daemon's). Each path's first three calls are also timed (cold start: compile,
+warmup, record) and kept in the JSON.
 
-Run time on an H200 (torch 2.11): about 35-45 s a model (four paths, three inductor compiles
-into an empty cache, a child process start), so the whole zoo takes about ten minutes: split
-it across calls with ``--models`` / ``--families``, or give ``--time-budget``.
+Isolation (``--isolate``, the default): the models run in child processes (``--child``,
+``python -X faulthandler``; ``benchmarks/model_children.py``), one child for all of them as
+long as none crashes or hangs, so python, torch, transformers, CUDA and inductor start once,
+not once per model. The child rewrites its out file (every model's entry so far, and the path
+running) when it starts a model, when a path starts being prepared or timed and when a model's
+rows are written; the parent reads it as progress and saves the report after every finished
+model. A crash (a segfault in a kernel launch, say) makes the path that was running an error,
+with the signal, the crashing thread's innermost frame and the model library's frame from
+faulthandler in the note, and a new child takes that model's remaining paths (those that were
+alive beside it are measured again) and the models after it. ``--model-timeout`` is a silence
+limit: a child that writes no progress for that long (one path, or one model's eager reference,
+hanging) is killed, and the path it was in is a time-out error; so is a child still running 120
+s past the time budget. The daemon is the parent's, shared by every child; a child that finds
+it dead before a cgtreed path exits (no error row), and the parent starts a new daemon and a
+new child. The report counts both (``daemon_starts``, ``child_starts``). Models in one process
+do not share compiled state: every model ends with ``torch._dynamo.reset()`` and PyTorch's
+tree reset (Fairness).
+
+Run time on an H200 (torch 2.11), measured with a child per model: a model's four paths take
+about 22 s (three inductor compiles into an empty cache), and starting a child (imports, CUDA
+and inductor's first use) added about 20 s a model, now paid once per child; the whole zoo
+should fit about six minutes (not yet measured so): split it across calls with ``--models`` /
+``--families``, or give ``--time-budget``.
 
 Summary: models graphed per path (k of n, n counting the rows where the path ran or failed);
 geomean speed-up over eager per path, over the models graphed on that path and on
@@ -114,7 +147,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
@@ -124,7 +157,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks import real_models  # noqa: E402
+from benchmarks import model_children, real_models  # noqa: E402
+from benchmarks.model_children import BUDGET_NOTE  # noqa: E402
 from benchmarks.bench_compile import relative_error  # noqa: E402
 from benchmarks.report import fmt as _fmt, write_reports  # noqa: E402
 from benchmarks.timing import summarize_ns, sync_samples_ns  # noqa: E402
@@ -136,10 +170,13 @@ CHECK_STEPS = (0, 1, 2, 3)  # before timing: warmup, record, replays with new va
 LATE_CHECK_STEP = 100  # after timing
 TIMED_STEP = 50  # the inputs of the timed calls
 COLD_START_CALLS = 3
+REWARM_CALLS = 3  # untimed calls before each timed block of paths timed side by side
 GENERATE_REPLAY_SLACK = 3  # a generate call may have up to this many decode steps not replayed
 SMOKE_MODELS = ("gpt2", "bert", "resnet18-timm", "mobilenet-v3-small-tv")
 CLIENT_LOGGER = "cgtree.client.compile"
-CRASH_HOOK = "BENCH_MODELS_CRASH_ON"  # "<model>/<path>": that path kills its process (tests only)
+# Tests only: "<model>/<path>[@timing][:hang],...": that path kills its process (SIGSEGV) or
+# hangs, when it is opened (prepared) or, with @timing, in its first timed block.
+CRASH_HOOK = "BENCH_MODELS_CRASH_ON"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +322,7 @@ class PathRow:
     counters_timed: dict = field(default_factory=dict)
     counters_life: dict = field(default_factory=dict)
     timed_calls: int = 0
+    round_p50_us: Optional[list] = None  # each timing round's p50 (forward models: --rounds)
     details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -318,8 +356,10 @@ def start_daemon(devices: str, workdir: str, compile_mode: str, timeout_s: float
 
 
 class Context:
-    """One process's run: the device, the time budget, and the daemon (started by the parent
-    process on first need and restarted if it died; a child process is handed its endpoint)."""
+    """One process's run: the device, the time budget (``deadline``: an absolute
+    ``time.monotonic()``, handed to child processes as is, so that their imports do not extend
+    it), and the daemon (started by the parent process on first need and restarted if it died;
+    a child process is handed its endpoint and pid)."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, workdir: str,
                  endpoint: Optional[str] = None, budget_s: Optional[float] = None) -> None:
@@ -330,14 +370,13 @@ class Context:
         self.daemon: Any = None
         self.daemon_error: Optional[str] = None
         self.daemon_starts = 0
+        self.child_starts = 0  # --isolate: child processes started (benchmarks/model_children.py)
         self.endpoint = endpoint
+        self.daemon_pid: Optional[int] = None  # a child: the parent's daemon, checked before cgtreed paths
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
 
     def over_budget(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
-
-    def budget_left(self) -> Optional[float]:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def daemon_endpoint(self) -> str:
         if self.endpoint is not None:
@@ -558,118 +597,203 @@ def graphed_verdict(path: str, case: real_models.ModelCase, timed: dict, life: d
     return True, f"replays +{replays} over {calls} {'generate ' if kind == 'generate' else ''}calls, no skips"
 
 
-def run_path(path: str, case: real_models.ModelCase, ctx: Context, refs: dict) -> PathRow:
-    row = PathRow()
-    args = ctx.args
+@dataclass
+class PathRun:
+    """One path of one model under way: ``open_path`` prepares it (and, but for training, runs
+    the checked first calls and the warmup), ``time_block`` times it (once a round),
+    ``train_path`` runs a training path's steps, ``close_path`` checks it late, reads its
+    counters and closes it. Counters are summed over this path's own phases only (``life``) and
+    over its timed blocks only (``timed``), so that paths alive side by side do not count each
+    other's calls (PyTorch's tree counters and cgtree's managers are process-wide)."""
+
+    path: str
+    row: PathRow = field(default_factory=PathRow)
+    prepared: Optional[Prepared] = None
+    client_log: Optional[ClientLog] = None
+    logger_level: int = logging.NOTSET
+    stage: str = "setup"
+    worst: float = 0.0
+    samples: list = field(default_factory=list)
+    life: dict = field(default_factory=dict)
+    timed: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)  # the last snapshot (absolute values: skip reasons, graphs in client)
+    wall_s: float = 0.0
+    timed_args: tuple = ((), {})
+
+    @property
+    def alive(self) -> bool:
+        return self.prepared is not None and self.row.status == "ok"
+
+    def measure(self, work: Callable[[], Any], timed: bool = False) -> Any:
+        """``work()`` with this path's counters read around it (added to ``life``, and to
+        ``timed`` for a timed block) and its wall time counted."""
+        began = time.perf_counter()
+        before = self.prepared.snapshot()
+        result = work()
+        self.last = self.prepared.snapshot()
+        grown = delta(self.last, before)
+        for key, value in grown.items():
+            self.life[key] = self.life.get(key, 0) + value
+            if timed:
+                self.timed[key] = self.timed.get(key, 0) + value
+        self.wall_s += time.perf_counter() - began
+        return result
+
+    def fail(self, exc: BaseException) -> None:
+        self.row.status, self.row.note = "error", _error_note(self.stage, exc)
+        traceback.print_exc()
+        if self.client_log is not None and self.client_log.kept:
+            self.row.details = {"client_log": list(self.client_log.kept)}
+        self.close()
+
+    def close(self) -> None:
+        """Idempotent: the client goes (cgtreed), the log handler comes off; compiled state stays
+        until the model's ``reset_graph_state``."""
+        if self.client_log is not None:
+            logger = logging.getLogger(CLIENT_LOGGER)
+            logger.removeHandler(self.client_log)
+            logger.setLevel(self.logger_level)
+        if self.prepared is not None:
+            with contextlib.suppress(Exception):
+                self.prepared.close()
+        self.prepared = None
+
+
+def open_path(path: str, case: real_models.ModelCase, ctx: Context, refs: dict) -> PathRun:
+    """The path built and compiled; unless training, its checked first calls (``CHECK_STEPS``,
+    the first three also timed as cold start) and its warmup calls. A failure is the row's error."""
+    run = PathRun(path)
     kind = kind_of(case)
     if path == "reduce-overhead":
         if ctx.device.type != "cuda":
-            return PathRow(status="n/a", note="needs CUDA (no CUDA graphs on CPU)")
+            run.row = PathRow(status="n/a", note="needs CUDA (no CUDA graphs on CPU)")
+            return run
         TORCH_TREE_CALLS.install()
-    client_log = None
-    handler_logger = logging.getLogger(CLIENT_LOGGER)
-    logger_level = handler_logger.level
     if path == "cgtreed":
-        client_log = ClientLog()
-        handler_logger.addHandler(client_log)
-        if handler_logger.getEffectiveLevel() > logging.INFO:
-            handler_logger.setLevel(logging.INFO)
-    prepared: Optional[Prepared] = None
-    stage = "setup"
+        run.client_log = ClientLog()
+        logger = logging.getLogger(CLIENT_LOGGER)
+        run.logger_level = logger.level
+        logger.addHandler(run.client_log)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    began = time.perf_counter()
     try:
-        prepared = prepare(path, case, ctx, client_log)
-        built = prepared.built
-        start = prepared.snapshot()
-        worst = 0.0
-        stage = "first calls"
-        if kind == "train":
-            # Every step is checked; the first --warmup steps are untimed.
-            steps = train_steps(ctx)
-            samples, timed_before = [], None
-            for index, step in enumerate(steps):
-                if index == args.warmup:
-                    timed_before = prepared.snapshot()
-                step_args, step_kwargs = built.inputs(step), built.kwargs(step)
-                ctx.sync()
-                began = time.perf_counter_ns()
-                loss = prepared.call(step_args, step_kwargs)
-                ctx.sync()
-                elapsed = time.perf_counter_ns() - began
-                if index < COLD_START_CALLS:
-                    row.cold_start_ms = (row.cold_start_ms or []) + [elapsed / 1e6]
-                if index >= args.warmup:
-                    samples.append(elapsed)
-                worst = max(worst, _compare(kind, loss, refs[step]))
-            timed_after = prepared.snapshot()
-            row.timed_calls = len(samples)
-        else:
-            row.cold_start_ms = []
-            for index, step in enumerate(CHECK_STEPS):
-                step_args, step_kwargs = built.inputs(step), built.kwargs(step)
-                ctx.sync()
-                began = time.perf_counter_ns()
-                out = prepared.call(step_args, step_kwargs)
-                ctx.sync()
-                if index < COLD_START_CALLS:
-                    row.cold_start_ms.append((time.perf_counter_ns() - began) / 1e6)
-                got, out = _clone(out), None
-                worst = max(worst, _compare(kind, got, refs[step]))
-            stage = "timing"
-            step_args, step_kwargs = built.inputs(TIMED_STEP), built.kwargs(TIMED_STEP)
-            call = prepared.call
-            iters = args.generate_iters if kind == "generate" else args.iters
-            warmup = 1 if kind == "generate" else args.warmup
-
-            def once() -> None:
-                call(step_args, step_kwargs)  # output dropped at once
-
-            for _ in range(warmup):
-                once()
-            ctx.sync()
-            timed_before = prepared.snapshot()
-            samples = sync_samples_ns(once, iters, 0, ctx.sync)
-            timed_after = prepared.snapshot()
-            row.timed_calls = iters
-            stage = "late check"
-            got = _clone(prepared.call(built.inputs(LATE_CHECK_STEP), built.kwargs(LATE_CHECK_STEP)))
-            worst = max(worst, _compare(kind, got, refs[LATE_CHECK_STEP]))
-        stage = "counters"
-        end = prepared.snapshot()
-        row.sync = summarize_ns(samples).to_dict()
-        row.p50_us = row.sync["p50_us"]
-        row.max_rel_err = worst
-        row.counters_timed = delta(timed_after, timed_before)
-        row.counters_life = delta(end, start)
-        if "skip_reasons" in end:
-            row.counters_life["skip_reasons"] = end["skip_reasons"]
-        if "graphs_in_client" in end:
-            row.counters_life["graphs_in_client"] = end["graphs_in_client"]
-        if path != "eager":
-            row.graphed, row.graphed_note = graphed_verdict(path, case, row.counters_timed, row.counters_life,
-                                                            row.timed_calls, ctx,
-                                                            tuple(client_log.kept) if client_log is not None else ())
-        with contextlib.suppress(Exception):
-            row.details = prepared.details()
-        limit = 0.0 if kind == "generate" else MAX_REL_ERR
-        if not worst <= limit:
-            row.status = "incorrect"
-            row.note = (f"{worst:.1%} of generated tokens differ" if kind == "generate"
-                        else f"max relative error {worst:.3g} > {MAX_REL_ERR:g}")
-    except KeyboardInterrupt:
-        raise
+        run.prepared = prepare(path, case, ctx, run.client_log)
+        built = run.prepared.built
+        run.timed_args = (built.inputs(TIMED_STEP), built.kwargs(TIMED_STEP))
+        if kind != "train":
+            run.stage = "first calls"
+            run.measure(lambda: _first_calls(run, kind, ctx, refs))
     except Exception as exc:  # a model that fails on a path must not stop the run
-        row.status, row.note = "error", _error_note(stage, exc)
-        traceback.print_exc()
-        if client_log is not None and client_log.kept:
-            row.details = {"client_log": list(client_log.kept)}
-    finally:
-        if client_log is not None:
-            handler_logger.removeHandler(client_log)
-            handler_logger.setLevel(logger_level)
-        if prepared is not None:
+        run.fail(exc)
+    run.wall_s = time.perf_counter() - began  # building, compiling, first calls, warmup
+    return run
+
+
+def _first_calls(run: PathRun, kind: str, ctx: Context, refs: dict) -> None:
+    built, call = run.prepared.built, run.prepared.call
+    run.row.cold_start_ms = []
+    for index, step in enumerate(CHECK_STEPS):
+        step_args, step_kwargs = built.inputs(step), built.kwargs(step)
+        ctx.sync()
+        began = time.perf_counter_ns()
+        out = call(step_args, step_kwargs)
+        ctx.sync()
+        if index < COLD_START_CALLS:
+            run.row.cold_start_ms.append((time.perf_counter_ns() - began) / 1e6)
+        got, out = _clone(out), None
+        run.worst = max(run.worst, _compare(kind, got, refs[step]))
+    _untimed_calls(run, 1 if kind == "generate" else ctx.args.warmup, ctx)
+
+
+def _untimed_calls(run: PathRun, calls: int, ctx: Context) -> None:
+    call, (step_args, step_kwargs) = run.prepared.call, run.timed_args
+    for _ in range(calls):
+        call(step_args, step_kwargs)  # output dropped at once
+    ctx.sync()
+
+
+def time_block(run: PathRun, calls: int, rewarm: int, ctx: Context) -> None:
+    """``calls`` timed calls (sync p50 samples) after ``rewarm`` untimed ones (outside the
+    counters: the path's state after other paths ran); this block's p50 is kept."""
+    run.stage = "timing"
+    call, (step_args, step_kwargs) = run.prepared.call, run.timed_args
+
+    def once() -> None:
+        call(step_args, step_kwargs)  # output dropped at once
+
+    try:
+        run.measure(lambda: _untimed_calls(run, rewarm, ctx))
+        samples = run.measure(lambda: sync_samples_ns(once, calls, 0, ctx.sync), timed=True)
+        run.samples += samples
+        run.row.round_p50_us = (run.row.round_p50_us or []) + [summarize_ns(samples).to_dict()["p50_us"]]
+    except Exception as exc:
+        run.fail(exc)
+
+
+def train_path(run: PathRun, case: real_models.ModelCase, ctx: Context, refs: dict) -> None:
+    """Every training step checked against eager's loss; the steps after ``--warmup`` timed."""
+    run.stage = "first calls"
+    built, args = run.prepared.built, ctx.args
+    start = run.prepared.snapshot()
+    began_path = time.perf_counter()
+    timed_before = None
+    for index, step in enumerate(train_steps(ctx)):
+        if index == args.warmup:
+            timed_before = run.prepared.snapshot()
+            run.stage = "timing"
+        step_args, step_kwargs = built.inputs(step), built.kwargs(step)
+        ctx.sync()
+        began = time.perf_counter_ns()
+        loss = run.prepared.call(step_args, step_kwargs)
+        ctx.sync()
+        elapsed = time.perf_counter_ns() - began
+        if index < COLD_START_CALLS:
+            run.row.cold_start_ms = (run.row.cold_start_ms or []) + [elapsed / 1e6]
+        if index >= args.warmup:
+            run.samples.append(elapsed)
+        run.worst = max(run.worst, _compare("train", loss, refs[step]))
+    run.last = run.prepared.snapshot()
+    run.timed = delta(run.last, timed_before if timed_before is not None else run.last)
+    run.life = delta(run.last, start)
+    run.wall_s += time.perf_counter() - began_path
+
+
+def close_path(run: PathRun, case: real_models.ModelCase, ctx: Context, refs: dict) -> PathRow:
+    """The late check (not training), the counters and the verdicts; the path closed."""
+    row, kind = run.row, kind_of(case)
+    if run.alive:
+        try:
+            if kind != "train":
+                run.stage = "late check"
+                built = run.prepared.built
+                got = run.measure(lambda: _clone(run.prepared.call(built.inputs(LATE_CHECK_STEP),
+                                                                   built.kwargs(LATE_CHECK_STEP))))
+                run.worst = max(run.worst, _compare(kind, got, refs[LATE_CHECK_STEP]))
+            run.stage = "counters"
+            row.sync = summarize_ns(run.samples).to_dict()
+            row.p50_us = row.sync["p50_us"]
+            row.timed_calls = len(run.samples)
+            row.max_rel_err = run.worst
+            row.counters_timed, row.counters_life = dict(run.timed), dict(run.life)
+            for absolute in ("skip_reasons", "graphs_in_client"):
+                if absolute in run.last:
+                    row.counters_life[absolute] = run.last[absolute]
+            if run.path != "eager":
+                messages = tuple(run.client_log.kept) if run.client_log is not None else ()
+                row.graphed, row.graphed_note = graphed_verdict(run.path, case, row.counters_timed, row.counters_life,
+                                                                row.timed_calls, ctx, messages)
             with contextlib.suppress(Exception):
-                prepared.close()
-        reset_graph_state(ctx)
+                row.details = run.prepared.details()
+            limit = 0.0 if kind == "generate" else MAX_REL_ERR
+            if not run.worst <= limit:
+                row.status = "incorrect"
+                row.note = (f"{run.worst:.1%} of generated tokens differ" if kind == "generate"
+                            else f"max relative error {run.worst:.3g} > {MAX_REL_ERR:g}")
+        except Exception as exc:
+            run.fail(exc)
+    run.close()
+    row.details["path_wall_s"] = round(run.wall_s, 2)
     return row
 
 
@@ -691,9 +815,26 @@ def new_model_entry(case: real_models.ModelCase) -> dict:
             "paths": {}}
 
 
+def _crash_hook(where: str, phase: str) -> None:
+    """Tests: a child dying (SIGSEGV) or hanging on a path, when it is opened or timed, as
+    ``CRASH_HOOK`` asks."""
+    for spec in (os.environ.get(CRASH_HOOK) or "").split(","):
+        target, _, how = spec.partition(":")
+        target, _, at = target.partition("@")
+        if target == where and (at or "open") == phase:
+            if how == "hang":
+                while True:
+                    time.sleep(60)
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
-              progress: Callable[[dict], None] = lambda model: None) -> dict:
-    """``paths`` of one model in this process; ``progress`` gets the entry after each path."""
+              progress: Callable[[dict, Optional[str]], None] = lambda model, running: None) -> dict:
+    """``paths`` of one model in this process: side by side in timing rounds (a forward model),
+    or one after the other (generate, train). ``progress(entry, running)`` is called when a path
+    starts being prepared or timed (``running``: that path) and when the rows are written (None):
+    a child's heartbeat and the parent's way to know which path a crash happened in
+    (``model_children``)."""
     model = new_model_entry(case)
     missing = real_models.missing_library(case)
     if missing is not None:
@@ -708,167 +849,168 @@ def run_model(case: real_models.ModelCase, ctx: Context, paths: list[str],
         model["status"], model["note"] = "error", _error_note("eager reference", exc)
         traceback.print_exc()
         return model
-    for path in paths:
-        if ctx.over_budget():
-            model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
-            continue
-        print(f"[bench_models]   {path} ...", file=sys.stderr, flush=True)
-        if os.environ.get(CRASH_HOOK) == f"{case.name}/{path}":  # tests: a child dying on a path
-            os.kill(os.getpid(), signal.SIGSEGV)
-        started = time.perf_counter()
-        row = run_path(path, case, ctx, refs)
-        row.details["path_wall_s"] = round(time.perf_counter() - started, 2)
-        model["paths"][path] = row.to_json()
-        print(f"[bench_models]   {path}: {row.status} {row.note} graphed={row.graphed} {row.graphed_note} "
-              f"({row.details['path_wall_s']} s)", file=sys.stderr, flush=True)
-        progress(model)
+    if kind_of(case) == "forward":
+        run_paths(paths, case, ctx, refs, model, progress, ctx.args.rounds)
+    else:
+        for path in paths:
+            run_paths([path], case, ctx, refs, model, progress, 1)
+    model["paths"] = {p: model["paths"][p] for p in paths if p in model["paths"]}
     return model
+
+
+def run_paths(group: list[str], case: real_models.ModelCase, ctx: Context, refs: dict, model: dict,
+              progress: Callable[[dict, Optional[str]], None], rounds: int) -> None:
+    """``group``'s paths side by side: each opened in turn (built, compiled, checked, warmed up)
+    and kept alive, then timed in ``rounds`` rounds, then closed; their rows go into ``model``.
+    Compiled state is reset once, at the end (``reset_graph_state``). Dynamo keeps one cache
+    entry per backend on the model's shared code objects (its BACKEND_MATCH guard), so each
+    path compiles its own graphs; the recompile limit is multiplied by the number of compiled
+    paths alive, so that each keeps the limit it would have alone."""
+    kind = kind_of(case)
+    runs: dict[str, PathRun] = {}
+    compiled = max(1, sum(1 for path in group if path != "eager"))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * compiled):
+            for path in group:
+                if ctx.over_budget():
+                    model["paths"][path] = PathRow(status="skipped", note=BUDGET_NOTE).to_json()
+                    continue
+                if path == "cgtreed" and ctx.daemon_pid is not None and not process_alive(ctx.daemon_pid):
+                    raise DaemonGone(f"cgtreed (pid {ctx.daemon_pid}) exited")
+                print(f"[bench_models]   {path} ...", file=sys.stderr, flush=True)
+                progress(model, path)
+                _crash_hook(f"{case.name}/{path}", "open")
+                run = runs[path] = open_path(path, case, ctx, refs)
+                if kind == "train" and run.alive:
+                    try:
+                        train_path(run, case, ctx, refs)
+                    except Exception as exc:
+                        run.fail(exc)
+            if kind != "train":
+                _timing_rounds([run for run in runs.values() if run.alive], case, ctx, model, progress, rounds)
+            for path, run in runs.items():
+                row = close_path(run, case, ctx, refs)
+                model["paths"][path] = row.to_json()
+                print(f"[bench_models]   {path}: {row.status} {row.note} graphed={row.graphed} {row.graphed_note} "
+                      f"({row.details['path_wall_s']} s)", file=sys.stderr, flush=True)
+            progress(model, None)
+    finally:
+        for run in runs.values():
+            run.close()
+        reset_graph_state(ctx)
+
+
+def _timing_rounds(runs: list[PathRun], case: real_models.ModelCase, ctx: Context, model: dict,
+                   progress: Callable[[dict, Optional[str]], None], rounds: int) -> None:
+    """``rounds`` rounds, each timing every path for its share of the calls, the order rotated
+    a path a round (no path always first); rounds after the first are dropped past the budget.
+    With more than one path, each block starts with ``REWARM_CALLS`` untimed calls."""
+    iters = ctx.args.generate_iters if kind_of(case) == "generate" else ctx.args.iters
+    rounds = max(1, min(rounds, iters))
+    rewarm = min(REWARM_CALLS, ctx.args.warmup) if len(runs) > 1 else 0
+    for index in range(rounds):
+        if index and ctx.over_budget():
+            break  # the rounds done stand; the next would start after the budget
+        calls = iters // rounds + (1 if index < iters % rounds else 0)
+        shift = index % max(1, len(runs))
+        for run in runs[shift:] + runs[:shift]:
+            if run.alive:
+                progress(model, run.path)
+                _crash_hook(f"{case.name}/{run.path}", "timing")
+                time_block(run, calls, rewarm, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
-# One process per model (the parent), so that a crash (a segfault in a compiler or a graph
-# replay) costs one path of one model, not the run
+# Child processes (--isolate): the parent side is benchmarks/model_children.py
 
 
-CHILD_ARGS = ("device", "iters", "warmup", "generate_iters", "train_iters", "cgtree_compiler", "daemon_compile",
+CHILD_ARGS = ("device", "iters", "rounds", "warmup", "generate_iters", "train_iters", "cgtree_compiler", "daemon_compile",
               "max_new_tokens", "smoke")
 
 
-def _signal_name(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
-        return f"signal {-returncode}"
-    return f"exit status {returncode}"
+class DaemonGone(Exception):
+    """In a child: the parent's cgtreed died before a cgtreed path (the parent restarts it)."""
 
 
-def crash_report(stderr_text: str) -> str:
-    """The faulthandler block of a crashed child ("Fatal Python error: ..." and its frames)."""
-    lines = stderr_text.splitlines()
-    for index in range(len(lines) - 1, -1, -1):
-        if lines[index].startswith("Fatal Python error"):
-            block = [line for line in lines[index:index + 200] if not line.startswith("Extension modules")]
-            return "\n".join(block)
-    return "\n".join(lines[-15:])
+def process_alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
-def _innermost_frame(crash: str) -> str:
-    """The crashing thread's innermost frame (faulthandler lists that thread as "Current thread")."""
-    lines = crash.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
-    frames = [line.strip() for line in lines[start:] if line.strip().startswith("File ")]
-    return frames[0] if frames else ""
-
-
-def run_model_isolated(case: real_models.ModelCase, ctx: Context) -> dict:
-    """The model's paths in child processes (``--child``): one child normally; after a child dies
-    on a path, that path is an error and a new child takes the remaining ones."""
-    import json
-    import subprocess
-
-    from benchmarks.bench_daemon import child_env, python_argv, spawn, stop_process
-
-    args = ctx.args
-    model = new_model_entry(case)
-    missing = real_models.missing_library(case)
-    if missing is not None:
-        model["status"], model["note"] = "skipped", f"skipped: {missing}"
-        return model
-    remaining = list(args.paths)
-    attempt = 0
-    while remaining:
+def in_process_entries(cases: list[real_models.ModelCase], ctx: Context) -> Iterator[dict]:
+    """Every model's entry, in order, all in this process (``--no-isolate``)."""
+    for case in cases:
         if ctx.over_budget():
-            for path in remaining:
-                model["paths"][path] = PathRow(status="skipped", note="skipped: time budget").to_json()
-            break
-        endpoint = None
-        if "cgtreed" in remaining:
-            try:
-                endpoint = ctx.daemon_endpoint()
-            except Exception as exc:
-                model["paths"]["cgtreed"] = PathRow(status="error", note=_error_note("cgtreed", exc)).to_json()
-                remaining.remove("cgtreed")
-                continue
-        attempt += 1
-        base = os.path.join(ctx.workdir, f"{case.name}.{attempt}")
-        out_path, err_path = base + ".json", base + ".stderr"
-        budget = ctx.budget_left()
-        config = {"args": {k: getattr(args, k) for k in CHILD_ARGS}, "model": case.name, "paths": remaining,
-                  "endpoint": endpoint, "budget_s": budget, "out": out_path}
-        Path(base + ".config.json").write_text(json.dumps(config))
-        timeout = args.model_timeout if budget is None else min(args.model_timeout, budget + 120.0)
-        with open(err_path, "wb") as err:
-            proc = spawn([*python_argv(), "-X", "faulthandler", str(Path(__file__).resolve()), "--child",
-                          base + ".config.json"], env=child_env(), cwd=ctx.workdir, stdout=err, stderr=subprocess.STDOUT)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            stop_process(proc, grace_s=5.0)
-        stderr_text = Path(err_path).read_text(errors="replace")
-        sys.stderr.write(stderr_text)
-        sys.stderr.flush()
-        done: dict = {}
-        with contextlib.suppress(Exception):
-            child_model = json.loads(Path(out_path).read_text())
-            done = child_model.get("paths") or {}
-            if child_model.get("status") not in (None, "ok"):
-                model["status"], model["note"] = child_model["status"], child_model.get("note", "")
-        model["paths"].update(done)
-        if model["status"] != "ok":
-            break
-        left = [p for p in remaining if p not in done]
-        if not left:
-            break
-        failed_path, remaining = left[0], left[1:]
-        if timed_out:
-            note = f"child process timed out after {timeout:.0f} s during this path (--model-timeout)"
-            crash = ""
+            entry = new_model_entry(case)
+            entry["status"], entry["note"] = "skipped", BUDGET_NOTE
+            yield entry
         else:
-            crash = crash_report(stderr_text)
-            note = f"child process died ({_signal_name(proc.returncode)}) during this path"
-            frame = _innermost_frame(crash)
-            if frame:
-                note += f"; innermost frame: {frame}"
-            caller = _model_frame(crash)
-            if caller and caller != frame:
-                note += f"; in the model's code: {caller}"
-        model["paths"][failed_path] = PathRow(status="error", note=note, details={"crash": crash}).to_json()
-        print(f"[bench_models]   {failed_path}: error {note}", file=sys.stderr, flush=True)
-    model["paths"] = {p: model["paths"][p] for p in args.paths if p in model["paths"]}
-    return model
+            yield run_model(case, ctx, ctx.args.paths)
 
 
-def _model_frame(crash: str) -> str:
-    """The crashing thread's innermost frame in a model library (transformers, timm, torchvision)."""
-    lines = crash.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
-    for line in lines[start:]:
-        if line.strip().startswith("File ") and any(f"/{lib}/" in line for lib in ("transformers", "timm", "torchvision")):
-            return line.strip()
-    return ""
+def isolated_entries(cases: list[real_models.ModelCase], ctx: Context) -> Iterator[dict]:
+    """Every model's entry, in order, from as few child processes as crashes allow."""
+    items = []
+    for case in cases:
+        item = model_children.WorkItem(case, new_model_entry(case), list(ctx.args.paths), order=list(ctx.args.paths))
+        missing = real_models.missing_library(case)
+        if missing is not None:
+            item.entry["status"], item.entry["note"] = "skipped", f"skipped: {missing}"
+        items.append(item)
+    yield from model_children.run_isolated(
+        items, ctx, script=Path(__file__).resolve(), child_args={k: getattr(ctx.args, k) for k in CHILD_ARGS},
+        path_row=lambda **fields: PathRow(**fields).to_json())
 
 
 def child_main(config_path: str) -> int:
-    """``--child CONFIG``: one model's paths in this process; the entry is written to the
-    config's ``out`` after every path."""
+    """``--child CONFIG``: the config's models (``work``), each with its paths, in this process,
+    until done or the deadline; the out file is rewritten at every model start, path start and
+    path end (``model_children``: what the parent reads as progress)."""
     import json
 
     config = json.loads(Path(config_path).read_text())
     args = argparse.Namespace(**config["args"])
     device = _setup_device(args.device)
     strict_fp32()
-    ctx = Context(args, device, os.path.dirname(config_path), endpoint=config["endpoint"], budget_s=config["budget_s"])
-    case = real_models.CASES[config["model"]]
+    ctx = Context(args, device, os.path.dirname(config_path), endpoint=config["endpoint"])
+    ctx.deadline = config["deadline"]
+    ctx.daemon_pid = config["daemon_pid"]
+    doc: dict = {"models": [], "finished": 0, "running": None, "writes": 0}
 
-    def progress(model: dict) -> None:
+    def write() -> None:
+        doc["writes"] += 1
         tmp = config["out"] + ".tmp"
-        Path(tmp).write_text(json.dumps(model, default=str))
+        Path(tmp).write_text(json.dumps(doc, default=str))
         os.replace(tmp, config["out"])
 
-    progress(run_model(case, ctx, config["paths"], progress))
+    for index, work in enumerate(config["work"]):
+        if ctx.over_budget():
+            break  # the parent marks the rest skipped
+        case = real_models.CASES[work["model"]]
+        doc["models"].append(new_model_entry(case))
+        write()
+
+        def progress(model: dict, running: Optional[str], __index: int = index) -> None:
+            doc["models"][__index] = model
+            doc["running"] = None if running is None else {"model": model["name"], "path": running}
+            write()
+
+        try:
+            doc["models"][index] = run_model(case, ctx, work["paths"], progress)
+        except DaemonGone:
+            write()
+            return model_children.EXIT_DAEMON_GONE
+        doc["finished"], doc["running"] = index + 1, None
+        write()
     return 0
 
 
@@ -1062,6 +1204,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--families", default=None, help=f"comma-separated ({', '.join(real_models.FAMILIES)})")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated (default {','.join(PATHS)}; eager always runs)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per model and path (default 200; cpu 5; smoke 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timing rounds of a forward model's paths, side by side (default 3; cpu and smoke 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 64; cpu 5; smoke 2)")
     parser.add_argument("--generate-iters", type=int, default=None, help="timed generate calls (default 5; smoke 1)")
     parser.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 20; smoke 2)")
@@ -1100,6 +1244,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # 64 on CUDA: a cgtreed steady loop gets its plan's own recording after 50 runs
     # (daemon/plans.py DIRECT_AFTER_RUNS); the timed calls should see the steady state of every path.
     args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else (5 if not cuda else 64))
+    args.rounds = args.rounds or (1 if small else 3)
     args.model_timeout = args.model_timeout or (240.0 if not cuda else 480.0)
     args.generate_iters = args.generate_iters or (1 if small else 5)
     args.train_iters = args.train_iters or (2 if small else 20)
@@ -1142,7 +1287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device),
         "config": {"device": str(device), "paths": args.paths, "models": [c.name for c in args.cases],
-                   "iters": args.iters, "warmup": args.warmup, "generate_iters": args.generate_iters,
+                   "iters": args.iters, "rounds": args.rounds, "warmup": args.warmup, "generate_iters": args.generate_iters,
                    "train_iters": args.train_iters, "max_new_tokens": args.max_new_tokens,
                    "cgtree_compiler": args.cgtree_compiler, "daemon_compile": args.daemon_compile,
                    "max_rel_err": MAX_REL_ERR, "smoke": args.smoke, "time_budget_s": args.time_budget,
@@ -1160,17 +1305,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     started = time.monotonic()
     try:
-        for index, case in enumerate(args.cases):
-            if ctx.over_budget():
+        for entry in (isolated_entries if args.isolate else in_process_entries)(args.cases, ctx):
+            if entry["note"] == BUDGET_NOTE and report["interrupted"] is None:
                 report["interrupted"] = f"time budget of {args.time_budget:g} s spent after {time.monotonic() - started:.0f} s"
-                for rest in args.cases[index:]:
-                    report["models"].append({"name": rest.name, "family": rest.family, "library": rest.library,
-                                             "status": "skipped", "note": "skipped: time budget", "paths": {}})
-                break
-            if args.isolate:
-                report["models"].append(run_model_isolated(case, ctx))
-            else:
-                report["models"].append(run_model(case, ctx, args.paths))
+            report["models"].append(entry)
             finish()
             # Rewritten after every model: a run killed from outside still leaves its rows.
             with contextlib.suppress(Exception):
@@ -1188,6 +1326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             stop_all_processes()
         report["daemon_starts"] = ctx.daemon_starts
+        report["child_starts"] = ctx.child_starts
         shutil.rmtree(workdir, ignore_errors=True)
     report["wall_s"] = round(time.monotonic() - started, 1)
     finish()

@@ -17,8 +17,8 @@
 #   startup (120)        benchmarks/startup.py --runs 2
 #   soak (420)           benchmarks/soak_fuzz.py --messages 100000 on a CUDA daemon
 #   models (540)         benchmarks/bench_models.py, the inference zoo, defaults (--time-budget: limit - 90;
-#                        about 70 s a model on the H200, so the 13 models take two calls: MODELS=a,b,c
-#                        runs only those)
+#                        about 45 s a model on the H200 with a child process per model; one child for
+#                        all should bring it near 25 s, unmeasured: MODELS=a,b,c runs only those)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
 #   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
 #   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; tiny, mlp24) on the

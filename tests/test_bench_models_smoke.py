@@ -88,6 +88,7 @@ def test_bench_models_cpu_smoke_run(tmp_path):
     report = json.loads(json_path.read_text())
     by_name = {m["name"]: m for m in report["models"]}
     assert [m["name"] for m in report["models"]] == models
+    assert report["child_starts"] == 1  # one child process ran every model
     for name in ("gpt2", "bert"):
         rows = by_name[name]["paths"]
         assert rows["reduce-overhead"]["status"] == "n/a" and rows["reduce-overhead"]["graphed"] is None
@@ -96,6 +97,7 @@ def test_bench_models_cpu_smoke_run(tmp_path):
             assert row["status"] == "ok", (name, path, row)
             assert row["max_rel_err"] <= report["config"]["max_rel_err"], (name, path, row)
             assert row["p50_us"] > 0 and row["timed_calls"] == report["config"]["iters"]
+            assert len(row["round_p50_us"]) == report["config"]["rounds"] == 1  # CPU default
             assert "graphed" in row
         assert rows["eager"]["graphed"] is None
         # cgtree: the verdict is the tree manager's counters over the timed calls.
@@ -141,3 +143,34 @@ def test_bench_models_child_crash_costs_one_path(tmp_path):
     assert rows["eager"]["status"] == "error" and "SIGSEGV" in rows["eager"]["note"], rows["eager"]
     assert "Fatal Python error" in rows["eager"]["details"]["crash"]
     assert rows["cgtree"]["status"] == "ok" and rows["cgtree"]["max_rel_err"] <= 1e-3, rows["cgtree"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_bench_models_crash_and_hang_cost_one_path_each(tmp_path):
+    # Two models, one child process for both unless a path kills or hangs it; paths timed side
+    # by side in two rounds. gpt2 dies in cgtree's first timed block (SIGSEGV): that path is the
+    # error, and the second child measures gpt2's eager again, then hangs opening bert's eager,
+    # is killed when it writes no progress for --model-timeout seconds, and a third child
+    # measures bert's remaining path.
+    json_path = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_models.py"), "--device", "cpu", "--smoke",
+         "--models", "gpt2,bert", "--paths", "eager,cgtree", "--rounds", "2", "--model-timeout", "20",
+         "--json", str(json_path), "--md", str(tmp_path / "bench.md")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BENCH_MODELS_CRASH_ON": "gpt2/cgtree@timing,bert/eager:hang"},
+    )
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-8000:]
+    report = json.loads(json_path.read_text())
+    assert [m["name"] for m in report["models"]] == ["gpt2", "bert"], proc.stderr[-8000:]
+    gpt2, bert = (m["paths"] for m in report["models"])
+    assert list(gpt2) == list(bert) == ["eager", "cgtree"], proc.stderr[-8000:]
+    assert gpt2["cgtree"]["status"] == "error" and "SIGSEGV" in gpt2["cgtree"]["note"], gpt2["cgtree"]
+    assert "Fatal Python error" in gpt2["cgtree"]["details"]["crash"]
+    assert bert["eager"]["status"] == "error", bert["eager"]
+    assert "timed out" in bert["eager"]["note"] and "--model-timeout" in bert["eager"]["note"], bert["eager"]
+    for row in (gpt2["eager"], bert["cgtree"]):
+        assert row["status"] == "ok" and row["max_rel_err"] <= 1e-3 and row["timed_calls"] == 3, row
+        assert len(row["round_p50_us"]) == 2, row  # 2 + 1 calls
+    assert report["child_starts"] == 3, proc.stderr[-8000:]
+    assert report["failed"] == ["gpt2/cgtree", "bert/eager"], proc.stderr[-8000:]
