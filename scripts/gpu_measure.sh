@@ -20,6 +20,8 @@
 #                        about 45 s a model on the H200 with a child process per model; one child for
 #                        all should bring it near 25 s, unmeasured: MODELS=a,b,c runs only those)
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
+#   stages (240)         benchmarks/submit_stages.py on each of STAGES_MODELS (default llama,mobilenet-v3-small-tv):
+#                        the daemon path's per-call time, stage by stage, both processes
 #   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
 #   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; tiny, mlp24) on the
 #                        tree in $BEFORE_TREE (default before/, ignored by git: carry it) and on this one,
@@ -129,6 +131,11 @@ for spec in "$@"; do
                     --json "$OUT_DIR/bench_models.json" ;;
         compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 2 \
                      --json "$OUT_DIR/bench_compile.json" ;;
+        stages) run_step "$step" "${limit:-240}" bash -c '
+                    IFS=, read -ra models <<<"${STAGES_MODELS:-llama,mobilenet-v3-small-tv}"
+                    for m in "${models[@]}"; do
+                        '"$PY"' benchmarks/submit_stages.py --model "$m" --iters 2000 --json "'"$OUT_DIR"'/stages_$m.json" || echo "stages: $m rc=$?"
+                    done' ;;
         tests) parallel=()
                $PY -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
                run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
