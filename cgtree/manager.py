@@ -123,8 +123,10 @@ class GraphedFunction:
         top_level: bool,
         written_input_idxs: Sequence[int] = (),
         exact_input_layout: bool = False,
+        static_inputs_fixed: bool = False,
     ) -> None:
         self.manager = manager
+        self.static_inputs_fixed = static_inputs_fixed
         self.written_input_idxs = frozenset(written_input_idxs)
         self.exact_input_layout = exact_input_layout
         self.fn = fn
@@ -198,6 +200,7 @@ class TreeManager:
         top_level: bool = True,
         written_input_idxs: Sequence[int] = (),
         exact_input_layout: bool = False,
+        static_inputs_fixed: bool = False,
     ) -> GraphedFunction:
         """Put ``fn`` (tensors -> tensor or tuple/list of tensors) under the tree's control.
 
@@ -216,6 +219,12 @@ class TreeManager:
         exact_input_layout: copied inputs' buffers keep their strides even where an input is
             expanded (stride 0), for code that checks the strides it was compiled for
             (inductor's); otherwise an expanded input's buffer is contiguous.
+        static_inputs_fixed: the caller promises that every call passes its static inputs at
+            the addresses they had when the function was first called, none of them an output
+            of a graph of this tree (a prepared plan's arguments, ``cgtree.daemon.plans``,
+            whose recording is keyed by those addresses): they are then checked once, when a
+            graph is recorded, instead of before every replay (60-100 ns an input; a plan's
+            recording has one per weight). Tree-managed inputs are still checked.
         ``example_inputs`` are only validated here; nothing runs until the first call.
         """
         self._check_open()
@@ -232,6 +241,7 @@ class TreeManager:
             top_level,
             written_input_idxs,
             exact_input_layout,
+            static_inputs_fixed,
         )
         self._functions.append(graphed)
         return graphed
@@ -365,7 +375,9 @@ class TreeManager:
 
     def _dispatch(self, variant: _Variant, inputs: Sequence[Any]) -> Any:
         # A backward's static inputs are its forward's saved outputs: tree-managed by design.
+        # Fixed static inputs are never path outputs (the caller's promise): nothing to move.
         if (variant.function.static_input_idxs and variant.function.kind is not FunctionKind.BACKWARD
+                and not variant.function.static_inputs_fixed
                 and self._current is not None and self._current.path_any_live()):
             self._relocate_kept_outputs(variant, inputs, self._state_positions(variant))
         state = self._path_state
@@ -700,8 +712,10 @@ class TreeManager:
         node.copied_idxs = copied
         node.in_place_idxs = frozenset(in_place)
         node.static_idxs = variant.function.static_input_idxs
+        # A function whose static inputs are fixed has only its tree-managed inputs checked.
+        checked = managed if variant.function.static_inputs_fixed else in_place
         node.in_place_inputs = InPlaceInputs(
-            (idx, inputs[idx].data_ptr()) for idx in sorted(in_place) if isinstance(inputs[idx], torch.Tensor)
+            (idx, inputs[idx].data_ptr()) for idx in sorted(checked) if isinstance(inputs[idx], torch.Tensor)
         )
         node.expected_dead = expected_dead
         node.replay_execution = Execution(ExecutionMode.REPLAYED, variant.function.name, node.graph_id)

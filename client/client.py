@@ -69,7 +69,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import zmq
@@ -93,7 +93,7 @@ from cgtree.client.inputs import (
     _same_inputs,
 )
 from cgtree.client.outputs import OutputBuffers
-from cgtree.client.plans import Plans, _timing
+from cgtree.client.plans import Observation, Plans, _timing
 from cgtree.client.registration import (
     GraphHandle,
     Registration,
@@ -266,12 +266,27 @@ class Client:
         ``self.last_execution`` then says what the daemon did: warmup, recorded, replayed or
         skipped (with the reason), and on which tree node.
         """
+        return self._submit(graph, inputs, device, None)
+
+    def submit_observing(self, graph: Any, inputs: Sequence[Any], observe: Callable[[], Any], *,
+                         device: Optional[str] = None) -> tuple[tuple, Any]:
+        """``submit``, and ``observe()`` run once while the daemon works on it: (outputs, what
+        ``observe`` returned). On a doorbell run it runs between the ring and the answer, off the
+        call's critical path; elsewhere once the reply is in. For a check of client state whose
+        answer says whether the outputs may be used (the compile backend's check that no weight
+        changed since it was uploaded): the caller discards the outputs and submits again when
+        they may not. ``observe`` must not touch this client."""
+        observation = Observation(observe)
+        outputs = self._submit(graph, inputs, device, observation)
+        return outputs, observation.result()
+
+    def _submit(self, graph: Any, inputs: Sequence[Any], device: Optional[str], observation: Optional[Observation]) -> tuple:
         inputs = _as_input_list(inputs)
         handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
         with self._lock:
             mutates = None if handle.mutated_inputs is None else bool(handle.mutated_inputs)
-            return self.session.with_recovery("submit", functools.partial(self._submit_once, handle, inputs), mutates_inputs=mutates,
-                                              what=handle)
+            return self.session.with_recovery("submit", functools.partial(self._submit_once, handle, inputs, observation),
+                                              mutates_inputs=mutates, what=handle)
 
     @property
     def last_execution(self) -> Optional[dict]:
@@ -303,13 +318,19 @@ class Client:
         self.plans.settle_report()
         self._last_timing = value
 
-    def _submit_once(self, handle: GraphHandle, inputs: list) -> tuple:
+    def _submit_once(self, handle: GraphHandle, inputs: list, observation: Optional[Observation]) -> tuple:
+        outputs = self._submit_attempt(handle, inputs, observation)
+        if observation is not None:
+            observation.run()  # where no doorbell run did already
+        return outputs
+
+    def _submit_attempt(self, handle: GraphHandle, inputs: list, observation: Optional[Observation]) -> tuple:
         # Encoded on every attempt: after a restart the session, its registrations and its
         # output buffers are new.
         started = time.perf_counter()
         hot = self.plans.hot.get((handle.device, handle.graph_id))
         if hot is not None and len(inputs) == len(hot[0]) and _same_inputs(hot[0], inputs):
-            outputs = self.plans.submit_planned(handle, hot[1], started)
+            outputs = self.plans.submit_planned(handle, hot[1], started, observation)
             if outputs is not None:
                 return outputs
             self.plans.forget(handle, hot[1])
@@ -317,7 +338,7 @@ class Client:
         packed = self.encoder.packed(handle.device, inputs)
         plan = self.plans.known.get((handle.device, handle.graph_id, packed)) if packed is not None else None
         if plan is not None:
-            outputs = self.plans.submit_planned(handle, plan, started)
+            outputs = self.plans.submit_planned(handle, plan, started, observation)
             if outputs is not None:
                 self.plans.hot[(handle.device, handle.graph_id)] = (_identity_marks(inputs), plan)
                 return outputs

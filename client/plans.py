@@ -13,6 +13,8 @@ Invariants:
 - A doorbell run returns its outputs only once the device wrote its done word.
 - The report of a plan run is kept raw (``run``) and turned into ``last_execution`` /
   ``last_timing`` only when they are read (``settle_report``).
+- A submit's ``Observation`` (``Client.submit_observing``) runs once per submit; a doorbell run
+  runs it between the ring and the answer, while the daemon and the device work.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cgtree.client.connection import _decode_reply_for
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
@@ -32,6 +34,35 @@ from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputMapping, _mark_stal
 from cgtree.client.registration import GraphHandle
 from cgtree.daemon.doorbell import REPLAYED
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
+
+
+class Observation:
+    """A check of client state run once while the daemon works on a submit; its answer is kept.
+    What it raises is kept too and raised by ``result``, after the submit: raised between a
+    ring and its answer, it would leave a request in flight on the page."""
+
+    __slots__ = ("_observe", "_ran", "_value", "_error")
+
+    def __init__(self, observe: Callable[[], Any]) -> None:
+        self._observe = observe
+        self._ran = False
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        if self._ran:
+            return
+        self._ran = True
+        try:
+            self._value = self._observe()
+        except Exception as exc:  # noqa: BLE001 - raised by result(), once the submit is over
+            self._error = exc
+
+    def result(self) -> Any:
+        self.run()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 @dataclass
@@ -93,7 +124,8 @@ class Plans:
         if hot is not None and hot[1] is plan:
             del self.hot[key]
 
-    def submit_planned(self, handle: GraphHandle, plan: "Plan", started: float) -> Optional[tuple]:
+    def submit_planned(self, handle: GraphHandle, plan: "Plan", started: float,
+                       observation: Optional[Observation] = None) -> Optional[tuple]:
         """The submit as a plan run on the lane; None when it must go the general way (no lane,
         the plan expired, the session is gone: the general path deals with each)."""
         self.client.connection.check_daemon_before_send("submit", started)
@@ -103,7 +135,7 @@ class Plans:
         if lane is None or mapping is None or self.client.session_id is None:
             return None
         if self.use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
-            return self.submit_rung(handle, plan, lane, mapping, started)
+            return self.submit_rung(handle, plan, lane, mapping, started, observation)
         self.client.encoder.settle(handle.device)
         request_id = next(self.client.connection.ids)
         message = [pack_plan_request(request_id, plan.plan_id)]
@@ -125,13 +157,16 @@ class Plans:
         return outputs
 
     def submit_rung(self, handle: GraphHandle, plan: "Plan", lane: ClientLane, mapping: "OutputMapping",
-                    started: float) -> Optional[tuple]:
+                    started: float, observation: Optional[Observation] = None) -> Optional[tuple]:
         """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
-        outputs are built while the device runs, then returned once it wrote its done word."""
+        observation runs and the outputs are built while the daemon and the device work, then
+        they are returned once the device wrote its done word."""
         doorbell = lane.doorbell
         self.client.encoder.settle(handle.device)
         seq = doorbell.ring(plan.plan_id)
         sent = time.perf_counter()
+        if observation is not None:
+            observation.run()
         try:
             status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(
                 seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)

@@ -1,6 +1,7 @@
 """The client's per-submit decisions: when to spin for a reply, and when a call's inputs are
 the very tensors of an earlier call (their packed descriptors are then reused)."""
 
+import pytest
 import torch
 
 from cgtree.client.inputs import _identity_marks, _same_inputs
@@ -85,3 +86,23 @@ def test_cpu_inputs_go_to_the_daemons_only_device_unless_a_device_is_named(monke
         assert named.default_device == "cuda:0"
     finally:
         named.close(timeout_s=0.1)
+
+
+def test_an_observation_runs_once_and_raises_what_it_raised_only_when_read():
+    """``Client.submit_observing``'s check runs between a doorbell's ring and its answer: an
+    exception there must wait for the submit to finish, and a retried submit must not run it twice."""
+    from cgtree.client.plans import Observation
+
+    calls = []
+    observation = Observation(lambda: calls.append(1) or len(calls))
+    observation.run()
+    observation.run()
+    assert observation.result() == 1 and calls == [1]
+
+    def broken():
+        raise ValueError("weights unreadable")
+
+    failing = Observation(broken)
+    failing.run()  # kept, not raised: a request is in flight
+    with pytest.raises(ValueError, match="weights unreadable"):
+        failing.result()

@@ -158,3 +158,61 @@ def test_a_graph_the_daemon_refuses_runs_here_counted_with_its_reason(client):
     stats = client.status()["compile_backend"]
     assert stats["graphs_in_client"] == 1
     assert "refused by cgtreed" in stats["in_client"][0]["reason"] and "cgtreetest" in stats["in_client"][0]["reason"]
+
+
+class Plain(torch.nn.Module):
+    """Writes none of its inputs: its weight check may run while the daemon works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x))
+
+
+def _count_calls(monkeypatch, client, name: str) -> list:
+    calls = []
+    original = getattr(client, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, name, counted)
+    return calls
+
+
+def test_a_graph_that_writes_no_input_checks_its_weights_during_the_submit_and_reruns_on_a_change(client, monkeypatch,
+                                                                                                   caplog):
+    caplog.set_level(logging.INFO, logger="cgtree.client.compile")
+    torch.manual_seed(0)
+    model, reference = Plain().eval(), Plain().eval()
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend=backend(client))
+    observed = _count_calls(monkeypatch, client, "submit_observing")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), reference(x))
+        assert observed, "a registered non-writing graph submits with the weight check as its observation"
+        before = len(observed)
+        for net in (model, reference):
+            net.proj.weight.mul_(-1)  # relu of the old weights' outputs would differ
+        torch.testing.assert_close(compiled(x), reference(x))
+        assert len(observed) == before + 1
+        torch.testing.assert_close(compiled(x), reference(x))
+    registrations = [r for r in caplog.records if "registered with cgtreed" in r.getMessage()]
+    assert len(registrations) == 2
+    assert client.last_execution["mode"] in ("warmup", "recorded", "replayed")
+
+
+def test_a_graph_that_writes_its_inputs_checks_its_weights_before_the_submit(client, monkeypatch):
+    model, reference = twins()
+    compiled = torch.compile(model, backend=backend(client))
+    observed = _count_calls(monkeypatch, client, "submit_observing")
+    x, pos = torch.randn(2, 8), torch.tensor([0])
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x, pos), reference(x, pos))
+    assert observed == [], "a cache written with stale weights would outlive the rerun"

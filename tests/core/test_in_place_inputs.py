@@ -115,3 +115,39 @@ def test_a_manager_with_many_static_inputs_replays_them_and_notices_one_that_mov
     torch.testing.assert_close(f(*moved, x), chain(*moved, x))
     assert mgr.last_execution.mode.value == "recorded"
     assert mgr.counters["rerecords"] == 1
+
+
+def test_fixed_static_inputs_are_checked_at_recording_only_and_tree_managed_ones_still_per_replay(make_manager, device):
+    """``static_inputs_fixed`` (a daemon plan's in-place recording): no per-replay check of the
+    twelve weights, yet the steady state replays and matches; an input that is a parent graph's
+    output (tree-managed) is still checked on every replay."""
+    mgr = make_manager()
+    weights = [torch.randn(4, 4, device=device) for _ in range(12)]
+
+    def chain(*args):
+        *ws, x = args
+        for w in ws:
+            x = torch.tanh(x @ w)
+        return x
+
+    def first(x):
+        return x * 2
+
+    parent = mgr.cudagraphify(first, name="first")
+    fixed = mgr.cudagraphify(chain, static_input_idxs=tuple(range(12)), name="chain", static_inputs_fixed=True,
+                             top_level=False)
+    x = torch.randn(2, 4, device=device)
+    for _ in range(4):
+        mgr.begin_invocation()
+        out = fixed(*weights, parent(x))
+    torch.testing.assert_close(out, chain(*weights, x * 2))
+    assert mgr.last_execution.mode.value == "replayed"
+    node = mgr._nodes[mgr.last_execution.node_id]
+    assert node.static_idxs == frozenset(range(12))
+    assert [position for position, _ in node.in_place_inputs.pairs] == [12], "only the parent's output is checked"
+
+    plain = mgr.cudagraphify(chain, static_input_idxs=tuple(range(12)), name="plain")
+    for _ in range(3):
+        plain(*weights, x)
+    plain_node = mgr._nodes[mgr.last_execution.node_id]
+    assert len(plain_node.in_place_inputs) == 12, "without the promise every weight is checked per replay"
