@@ -9,11 +9,15 @@
 #        scripts/gpu_before_after.sh before 2 benchmarks/bench_daemon.py --quick --sections latency
 #
 # Alternating (old, new, old, new) keeps a drift of the machine from looking like a change of
-# code. RUN_LIMIT (seconds, default 600) bounds each run. The tree this script lives in is "after"; it is installed again at the end.
+# code. RUN_LIMIT (seconds, default 600) bounds each run. "After" is $AFTER_TREE when set (an archived
+# revision, as "before" is: a refactor's own end, not the working tree that came later), else the
+# tree this script lives in; that tree is installed again at the end.
 set -u -o pipefail
 old=$(cd "$1" && pwd); rounds=$2; bench=$3; shift 3
-new=$(cd "$(dirname "$0")/.." && pwd)
-OUT_DIR=${OUT:-$new/results}
+home=$(cd "$(dirname "$0")/.." && pwd)
+new=$home
+[ -n "${AFTER_TREE:-}" ] && new=$(cd "$AFTER_TREE" && pwd)
+OUT_DIR=${OUT:-$home/results}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/cgtree-pycache}
@@ -30,4 +34,4 @@ for round in $(seq 1 "$rounds"); do
         echo "rc=$?"; tail -n "${TAIL_LINES:-12}" "$OUT_DIR/$label-$round.log"
     done
 done
-install "$new"
+install "$home"

@@ -22,10 +22,11 @@
 #   compile (240)        benchmarks/bench_compile.py: the GPT step
 #   stages (240)         benchmarks/submit_stages.py on each of STAGES_MODELS (default llama,mobilenet-v3-small-tv):
 #                        the daemon path's per-call time, stage by stage, both processes
+#   in-place-check (60)  benchmarks/in_place_check.py: the per-replay address check, C++ against the loop
 #   tests (400)          pytest -m gpu over the whole suite (TESTS_K=expr: only those matching -k expr)
-#   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; tiny, mlp24) on the
-#                        tree in $BEFORE_TREE (default before/, ignored by git: carry it) and on this one,
-#                        alternating, ROUNDS=1 by default. Make the tree with
+#   before-after (300)   scripts/gpu_before_after.sh: bench_daemon's latency section (quick; BA_MODELS, default
+#                        tiny,mlp24) on the tree in $BEFORE_TREE (default before/, ignored by git: carry it) and
+#                        on $AFTER_TREE (default this one), alternating, ROUNDS=1 by default. Make a tree with
 #                        `rm -rf before && mkdir before && git archive REV | tar -x -C before && echo REV >before/REVISION`
 # Each step's log is $OUT/<step>.log; a summary of exit codes and seconds ends the run. The lent
 # machines return at most 8 files, so everything is also packed into $OUT/measure.tar.gz and
@@ -136,6 +137,8 @@ for spec in "$@"; do
                     for m in "${models[@]}"; do
                         '"$PY"' benchmarks/submit_stages.py --model "$m" --iters 2000 --json "'"$OUT_DIR"'/stages_$m.json" || echo "stages: $m rc=$?"
                     done' ;;
+        in-place-check) run_step "$step" "${limit:-60}" $PY benchmarks/in_place_check.py --device cuda \
+                            --json "$OUT_DIR/in_place_check.json" ;;
         tests) parallel=()
                $PY -c "import xdist" 2>/dev/null && parallel=(-n 4 --dist loadfile)
                run_step "$step" "${limit:-400}" $PY -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" \
@@ -143,7 +146,7 @@ for spec in "$@"; do
         before-after) mkdir -p "$OUT_DIR/before_after"
                       run_step "$step" "${limit:-300}" env OUT="$OUT_DIR/before_after" RUN_LIMIT=140 \
                           bash scripts/gpu_before_after.sh "${BEFORE_TREE:-before}" "${ROUNDS:-1}" \
-                          benchmarks/bench_daemon.py --device cuda --quick --sections latency --models tiny,mlp24 ;;
+                          benchmarks/bench_daemon.py --device cuda --quick --sections latency --models "${BA_MODELS:-tiny,mlp24}" ;;
         *) echo "gpu_measure: unknown step $step" | tee -a "$OUT_DIR/summary.txt" ;;
     esac
 done
