@@ -522,6 +522,35 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_sp
         assert execution["mode"] == "replayed" and execution["function"].endswith("[plan]"), execution
 
 
+def test_weights_changed_during_a_compiled_doorbell_loop_are_used_from_the_next_call(wide_spin_daemon):
+    """The compile backend checks a non-writing graph's weights between the doorbell's ring and
+    its answer (``Client.submit_observing``): a weight changed in place between two calls is
+    found there, the stale run's outputs are dropped, and the call returns outputs of the new
+    weights (registered again), with the loop back on its doorbell afterwards."""
+    from cgtree.client import Client
+    from cgtree.client.compile_backend import backend
+
+    model = Deep().eval().cuda()
+    reference = Deep().eval().cuda()
+    reference.load_state_dict(model.state_dict())
+    with Client(wide_spin_daemon.endpoint, timeout_s=120) as client, torch.no_grad():
+        compiled = torch.compile(model, backend=backend(client))
+        x = torch.randn(64, 1024, device="cuda:0")
+        for _ in range(60):  # past the plan's in-place recording: the loop rings the doorbell
+            compiled(x)
+        rung = client.status(session_only=True)["sessions"][0]["doorbell_requests"]
+        for net in (model, reference):
+            net.layers[5].weight.mul_(-1.0)
+        (out,) = compiled(x)
+        torch.testing.assert_close(out, reference(x)[0], atol=1e-4, rtol=1e-4)
+        for _ in range(60):
+            (out,) = compiled(x)
+        torch.testing.assert_close(out, reference(x)[0], atol=1e-4, rtol=1e-4)
+        session = client.status(session_only=True)["sessions"][0]
+        assert session["doorbell_requests"] - rung >= 50, session  # a new plan is offered after the first calls
+        assert client.compile_stats.as_dict()["graphs_in_client"] == 0
+
+
 RINGING_GPU_CLIENT = """
 import json, sys, torch
 from cgtree.client import Client
