@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -32,7 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, TextIO
+from typing import TextIO
 
 __all__ = [
     "configure_logging",
@@ -76,15 +75,24 @@ _current_request: contextvars.ContextVar[RequestContext | None] = contextvars.Co
 )
 
 
-@contextlib.contextmanager
-def request_context(request_id: object, session: object | None = None) -> Iterator[RequestContext]:
-    """Within this block every log record carries ``request_id`` (and ``session`` if given)."""
-    context = RequestContext(str(request_id), None if session is None else str(session))
-    token = _current_request.set(context)
-    try:
-        yield context
-    finally:
-        _current_request.reset(token)
+class request_context:  # lower case: used as a function, ``with request_context(...)``
+    """Within this block every log record carries ``request_id`` (and ``session`` if given).
+
+    A class rather than a ``contextlib.contextmanager`` generator: it wraps every request the
+    daemon serves, a prepared submit's included, and the generator costs about three times as
+    much (1.6 against 0.5 us on this project's CPU machines)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, request_id: object, session: object | None = None) -> None:
+        self._context = RequestContext(str(request_id), None if session is None else str(session))
+
+    def __enter__(self) -> RequestContext:
+        self._token = _current_request.set(self._context)
+        return self._context
+
+    def __exit__(self, *exc: object) -> None:
+        _current_request.reset(self._token)
 
 
 def current_request() -> RequestContext | None:
