@@ -55,6 +55,23 @@ def _per_check_us(check: Callable[[], Any], iters: int, repeats: int) -> float:
     return statistics.median(timings)
 
 
+def _checks(checked: Any, inputs: tuple, batched: Optional[Callable]) -> dict[str, Optional[Callable]]:
+    """The three ways to check ``inputs`` against ``checked`` (an InPlaceInputs), as callables."""
+    pairs = checked.pairs
+
+    def loop() -> Optional[int]:
+        for position, pointer in pairs:
+            if inputs[position].data_ptr() != pointer:
+                return position
+        return None
+
+    def batched_check() -> bool:
+        return batched(list(inputs), checked._pointer_at, checked._positions)
+
+    return {"loop": loop, "batched": batched_check if batched else None,
+            "first_moved": lambda: checked.first_moved(inputs)}
+
+
 def measure(device: str, sizes: tuple = SIZES, iters: int = 2000, repeats: int = 5) -> list[dict]:
     from cgtree import in_place_inputs
     from cgtree.in_place_inputs import InPlaceInputs
@@ -63,23 +80,9 @@ def measure(device: str, sizes: tuple = SIZES, iters: int = 2000, repeats: int =
     rows = []
     for n in sizes:
         for kind in KINDS:
-            inputs = _inputs(n, kind, device)
+            inputs = tuple(_inputs(n, kind, device))
             checked = InPlaceInputs([(i, inputs[i].data_ptr()) for i in range(n)])
-            as_tuple = tuple(inputs)
-            pairs = checked.pairs
-
-            def loop() -> Optional[int]:
-                for position, pointer in pairs:
-                    if as_tuple[position].data_ptr() != pointer:
-                        return position
-                return None
-
-            methods: dict[str, Optional[Callable]] = {
-                "loop": loop,
-                "batched": (lambda: batched(list(as_tuple), checked._pointer_at, checked._positions)) if batched else None,
-                "first_moved": lambda: checked.first_moved(as_tuple),
-            }
-            for method, check in methods.items():
+            for method, check in _checks(checked, inputs, batched).items():
                 us = None if check is None else round(_per_check_us(check, iters, repeats), 3)
                 rows.append({"inputs": n, "kind": kind, "method": method, "us": us,
                              "ns_per_input": None if us is None else round(us * 1000 / n, 1)})

@@ -89,17 +89,19 @@ def test_first_moved_is_the_loops_answer(count, moved, batched):
     assert InPlaceInputs(pairs).first_moved(inputs, all_at_addresses=check) == reference_first_moved(pairs, inputs)
 
 
+def chain(*args):
+    """Twelve weights then an input: a function with many inputs read in place."""
+    *ws, x = args
+    for w in ws:
+        x = torch.tanh(x @ w)
+    return x
+
+
 def test_a_manager_with_many_static_inputs_replays_them_and_notices_one_that_moved(make_manager, device):
     """Twelve weights read in place (the batched check on CUDA builds, the loop on CPU): the
     steady state replays, and a weight that moved makes a new recording, not a stale replay."""
     mgr = make_manager()
     weights = [torch.randn(4, 4, device=device) for _ in range(12)]
-
-    def chain(*args):
-        *ws, x = args
-        for w in ws:
-            x = torch.tanh(x @ w)
-        return x
 
     f = mgr.cudagraphify(chain, static_input_idxs=tuple(range(12)), name="chain")
     x = torch.randn(2, 4, device=device)
@@ -123,12 +125,6 @@ def test_fixed_static_inputs_are_checked_at_recording_only_and_tree_managed_ones
     output (tree-managed) is still checked on every replay."""
     mgr = make_manager()
     weights = [torch.randn(4, 4, device=device) for _ in range(12)]
-
-    def chain(*args):
-        *ws, x = args
-        for w in ws:
-            x = torch.tanh(x @ w)
-        return x
 
     def first(x):
         return x * 2
