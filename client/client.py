@@ -319,14 +319,9 @@ class Client:
         self._last_timing = value
 
     def _submit_once(self, handle: GraphHandle, inputs: list, observation: Optional[Observation]) -> tuple:
-        outputs = self._submit_attempt(handle, inputs, observation)
-        if observation is not None:
-            observation.run()  # where no doorbell run did already
-        return outputs
-
-    def _submit_attempt(self, handle: GraphHandle, inputs: list, observation: Optional[Observation]) -> tuple:
-        # Encoded on every attempt: after a restart the session, its registrations and its
-        # output buffers are new.
+        # A doorbell run runs ``observation`` while the daemon works; elsewhere its ``result()``
+        # runs it once the submit is over. Encoded on every attempt: after a restart the
+        # session, its registrations and its output buffers are new.
         started = time.perf_counter()
         hot = self.plans.hot.get((handle.device, handle.graph_id))
         if hot is not None and len(inputs) == len(hot[0]) and _same_inputs(hot[0], inputs):

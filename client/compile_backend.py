@@ -27,8 +27,8 @@ Parameters reach the daemon as *weights uploaded once, by content hash*, not thr
   (only changed blobs travel). That comparison costs about 60 ns a weight (reading
   ``_version``), 20-40 us on a model with hundreds: for a graph that writes none of its inputs it
   runs while the daemon works on the submit (``Client.submit_observing``), and a change found
-  then discards the outputs and submits again on the new weights. An input that changes on every call is not a weight at all:
-  static inputs the graph's AOT metadata says are mutated (KV caches, running statistics),
+  then discards the outputs and submits again on the new weights. An input that changes on
+  every call is not a weight at all: static inputs the graph's AOT metadata says are mutated (KV caches, running statistics),
   and any weight seen changing twice, travel with each submit instead (by CUDA IPC on CUDA,
   read in place, no copy on the client side).
 
