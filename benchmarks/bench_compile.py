@@ -25,6 +25,9 @@ Paths:
   loop's steps ring the lane's doorbell page (``cgtree.daemon.doorbell``).
 - ``daemon-lane``: the same daemon, a client with ``doorbell=False``: plan runs as lane
   datagrams with the daemon's host synchronize (the previous session's path), side by side.
+- ``daemon-stream``: the same daemon, a client with ``stream_ordered_outputs=True`` (opt-in,
+  ``cgtree.client.stream_order``): each step returns at the daemon's answer and the caller's
+  stream waits for the done word, so the step's epilogue overlaps the device as in process.
 
 Fairness: every path has its own model instance (same seed, so same weights) whose
 ``forward`` has its own code object, so each path has its own dynamo cache entry and guard
@@ -70,7 +73,7 @@ from benchmarks.gpt import GPTConfig, GPTStep, build_gpt, step_inputs  # noqa: E
 from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
-PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon", "daemon-lane")
+PATHS = ("eager", "reduce-overhead", "cgtree", "cgtree-aten", "daemon", "daemon-lane", "daemon-stream")
 CUDA_ONLY_PATHS = frozenset({"reduce-overhead"})
 INDUCTOR_PATHS = frozenset({"reduce-overhead", "cgtree"})
 COLD_START_CALLS = 3
@@ -145,6 +148,7 @@ class Context:
         self.daemon: Any = None
         self.client: Any = None
         self.lane_client: Any = None
+        self.stream_client: Any = None
 
     def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return step_inputs(self.cfg, self.device, step, seed=self.args.seed)
@@ -163,7 +167,7 @@ class Context:
         return self.client
 
     def close(self) -> None:
-        for client in (self.lane_client, self.client):
+        for client in (self.lane_client, self.stream_client, self.client):
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
@@ -268,9 +272,10 @@ def _setup_cgtree(name: str, compiler: str):
     return setup
 
 
-def _setup_daemon(name: str, doorbell: bool) -> Callable[[Context], PreparedPath]:
-    """Through the daemon; ``doorbell`` False keeps plan runs on the lane's datagrams (a client
-    of its own on the same daemon), for the side-by-side figure."""
+def _setup_daemon(name: str, doorbell: bool, stream_ordered: bool = False) -> Callable[[Context], PreparedPath]:
+    """Through the daemon; ``doorbell`` False keeps plan runs on the lane's datagrams and
+    ``stream_ordered`` hands outputs back stream-ordered (each a client of its own on the same
+    daemon), for the side-by-side figures."""
 
     def setup(ctx: Context) -> PreparedPath:
         from cgtree.client import Client
@@ -280,13 +285,16 @@ def _setup_daemon(name: str, doorbell: bool) -> Callable[[Context], PreparedPath
         client = ctx.start_daemon()
         if not doorbell:
             client = ctx.lane_client = Client(ctx.daemon.endpoint, timeout_s=600, doorbell=False)
+        elif stream_ordered:
+            client = ctx.stream_client = Client(ctx.daemon.endpoint, timeout_s=600, stream_ordered_outputs=True)
         daemon_start_s = time.perf_counter() - started
         model = ctx.model(name)
         compiled = torch.compile(model, backend=backend(client), fullgraph=True)
 
         def describe() -> dict:
             return {"daemon_compile": ctx.daemon_compile, "daemon_start_s": round(daemon_start_s, 2),
-                    "doorbell": doorbell, "last_execution": client.last_execution}
+                    "doorbell": doorbell, "stream_order": client.stream_order.describe(),
+                    "last_execution": client.last_execution}
 
         return PreparedPath(name, model, compiled, _cold_start(compiled, ctx), describe=describe)
 
@@ -300,6 +308,7 @@ SETUPS: dict[str, Callable[[Context], PreparedPath]] = {
     "cgtree-aten": _setup_cgtree("cgtree-aten", "eager"),
     "daemon": _setup_daemon("daemon", doorbell=True),
     "daemon-lane": _setup_daemon("daemon-lane", doorbell=False),
+    "daemon-stream": _setup_daemon("daemon-stream", doorbell=True, stream_ordered=True),
 }
 
 
@@ -418,7 +427,7 @@ def _metric(result: Optional[PathResult], metric: str) -> Optional[float]:
 
 def ratios(results: dict[str, PathResult]) -> dict:
     table = {}
-    for mine in ("cgtree", "cgtree-aten", "daemon", "daemon-lane"):
+    for mine in ("cgtree", "cgtree-aten", "daemon", "daemon-lane", "daemon-stream"):
         for other in ("reduce-overhead", "eager"):
             a_res, b_res = results.get(mine), results.get(other)
             table[f"{mine}/{other}"] = {

@@ -103,6 +103,7 @@ from cgtree.client.registration import (
     _spec_key,
 )
 from cgtree.client.session import Session
+from cgtree.client.stream_order import StreamOrder
 from cgtree.daemon.runtime_dir import default_endpoint
 from cgtree.daemon.tensors import (
     tensor_from_cpu_desc,
@@ -138,11 +139,18 @@ class Client:
         (``cgtree.daemon.doorbell``; default ``$CGTREE_DOORBELL``, else on): no socket between
         the steps of a submit loop, the outputs returned once the device wrote its done word.
         The client spins while it waits (``spin_us``, then 50 us sleeps).
+    stream_ordered_outputs: opt-in (default ``$CGTREE_STREAM_ORDERED_OUTPUTS``, else off): a
+        doorbell run returns at the daemon's answer and the caller's current CUDA stream waits
+        for the done word instead (``cgtree.client.stream_order``): the caller's own work after
+        the call overlaps the device's, as in process. A daemon that dies before the device
+        finished then **aborts this process** (its stream would wait forever, or run on
+        unfinished outputs); with the default, that costs one retried call.
     """
 
     def __init__(self, endpoint: Optional[str] = None, *, session: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, lanes: bool = True, spin_us: Optional[int] = None,
-                 graph_cache: Any = None, doorbell: Optional[bool] = None, device: Optional[str] = None) -> None:
+                 graph_cache: Any = None, doorbell: Optional[bool] = None, device: Optional[str] = None,
+                 stream_ordered_outputs: Optional[bool] = None) -> None:
         self.endpoint = endpoint or os.environ.get("CGTREE_ENDPOINT") or default_endpoint()
         # Where graphs with CPU inputs run when no call names a device (see target_device).
         self.default_device = _device_name_only(device or os.environ.get("CGTREE_DEVICE") or None)
@@ -163,6 +171,9 @@ class Client:
         self.encoder = InputEncoder(self)
         self.connection = Connection(self, lanes)
         self.session = Session(self)
+        # Opt-in (cgtree.client.stream_order): doorbell outputs ordered on the caller's stream;
+        # a daemon that dies mid-run then aborts this process instead of costing one retry.
+        self.stream_order = StreamOrder(stream_ordered_outputs, self.connection.watch.path)
         self.plans = Plans(self, doorbell)
 
     # ------------------------------------------------------------------------ context manager
@@ -185,6 +196,7 @@ class Client:
         if self._closed:
             return
         with self._lock:
+            self.stream_order.close()  # every stream past its wait before pages and buffers go
             self.buffers.invalidate_all()
             if self.session_id is not None:
                 try:

@@ -16,10 +16,11 @@ Invariants: the client writes only ``REQUEST``; one request in flight (the ``Cli
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cgtree.daemon.doorbell import (
     ACK,
@@ -56,6 +57,9 @@ class ClientDoorbell:
         # Numbered from a random point in the upper half: a doorbell request's number is also its
         # request id on the lane and on ZeroMQ, where the client's own ids count up from 1.
         self._seq = SEQ_MASK // 2 + 1 + secrets.randbelow(SEQ_MASK // 4)
+        self._address: Optional[int] = None  # the mapping's address, once asked for
+        # Asked at close() whether the page must stay mapped for now (True: it takes it over).
+        self.keeper: Optional[Callable[["ClientDoorbell"], bool]] = None
 
     def awake(self) -> bool:
         """Whether the daemon looks at the page without a kick right now."""
@@ -74,6 +78,19 @@ class ClientDoorbell:
 
     def wait_done(self, device_index: int, seq: int, lane: Any, timeout_s: float, spin_s: float) -> None:
         self._wait(done_word(device_index), seq, lane, timeout_s, spin_s, kick=False)
+
+    def done(self, device_index: int, seq: int) -> bool:
+        """Whether the device wrote run ``seq``'s done word (a page already closed: False)."""
+        words = self._words
+        return words is not None and words[done_word(device_index)] & SEQ_MASK == seq
+
+    def page_address(self) -> int:
+        """Where the page is mapped in this process (for registering it with CUDA)."""
+        if self._address is None:
+            anchor = ctypes.c_char.from_buffer(self._page)
+            self._address = ctypes.addressof(anchor)
+            del anchor  # only the address is kept: the mapping outlives it until release()
+        return self._address
 
     def _wait(self, index: int, seq: int, lane: Any, timeout_s: float, spin_s: float, *, kick: bool) -> int:
         words = self._words
@@ -104,6 +121,16 @@ class ClientDoorbell:
                 raise DoorbellTimeout(f"no answer on the doorbell within {timeout_s:g} s")
 
     def close(self) -> None:
+        """Unmap the page, unless ``keeper`` (``cgtree.client.stream_order``) keeps it: a caller's
+        stream may still wait on one of its words, and unmapping it under that wait is a fault."""
+        if self._words is None:
+            return
+        if self.keeper is not None and self.keeper(self):
+            return
+        self.release()
+
+    def release(self) -> None:
+        """Unmap the page now (its last user is done with it)."""
         if self._words is not None:
             unmap_page(self._page, self._words)
             self._words = None

@@ -204,6 +204,7 @@ class InputEncoder:
         it must be written; this also finishes our reads of the outputs the submit overwrites. A
         client without a CUDA context sends CPU inputs and gets CPU outputs: nothing to wait for.
         The current stream's object is kept per stream (building one costs microseconds)."""
+        self.client.stream_order.settle()  # an earlier run's stream wait, before the daemon overwrites
         if not device.startswith("cuda") or not torch.cuda.is_initialized():
             return
         index = _torch_device(device).index

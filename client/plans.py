@@ -10,7 +10,9 @@ Invariants:
   inputs; ``hot`` by the inputs' identity, checked with ``_same_inputs``).
 - Whatever a plan run cannot do (no lane, the plan expired, the session is gone) returns None and
   the general submit path takes over; a plan the daemon would not run is forgotten.
-- A doorbell run returns its outputs only once the device wrote its done word.
+- A doorbell run returns its outputs only once the device wrote its done word, or, with
+  stream-ordered outputs (opt-in, ``cgtree.client.stream_order``), once the caller's current
+  stream waits for that word.
 - The report of a plan run is kept raw (``run``) and turned into ``last_execution`` /
   ``last_timing`` only when they are read (``settle_report``).
 - A submit's ``Observation`` (``Client.submit_observing``) runs once per submit; a doorbell run
@@ -19,11 +21,14 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+import torch
 
 from cgtree.client.connection import _decode_reply_for
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
@@ -175,12 +180,23 @@ class Plans:
                 raw = lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # sent before the ack
                 return self.general_outcome(handle, plan, raw, seq, [], (started, sent, answered))
             outputs = self.outputs_of(mapping, plan, generation)
-            doorbell.wait_done(device_index, seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
+            if not self.ordered_on_stream(handle, doorbell, lane, device_index, seq):
+                doorbell.wait_done(device_index, seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
         except (DoorbellTimeout, LaneTimeout, DoorbellHangup, LaneClosed) as exc:
             raise self.client.connection.lane.failed(exc, "submit", self.client.timeout_s, "doorbell") from None
         self.client.connection.last_reply_at = done = time.perf_counter()
         self.run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
+
+    def ordered_on_stream(self, handle: GraphHandle, doorbell: Any, lane: ClientLane, device_index: int,
+                          seq: int) -> bool:
+        """Whether the caller's stream now waits for run ``seq``'s done word instead of this thread
+        (``cgtree.client.stream_order``: opt-in, CUDA outputs in a process with a CUDA context)."""
+        stream_order = self.client.stream_order
+        if not stream_order.enabled or not handle.device.startswith("cuda") or not torch.cuda.is_initialized():
+            return False
+        return stream_order.wait_on_stream(doorbell, lane.sock, device_index, seq, _cuda_index(handle.device),
+                                           self.client.connection.watch.bound)
 
     def outputs_of(self, mapping: "OutputMapping", plan: "Plan", generation: int) -> tuple:
         """The plan's outputs in its buffer's slots, written by generation ``generation``."""
@@ -219,6 +235,16 @@ class Plans:
         self.client.connection.last_reply_at = done = time.perf_counter()
         self.client.last_timing = _timing(started, sent, answered, done)
         return outputs
+
+
+@functools.lru_cache(maxsize=64)
+def _named_index(device: str) -> Optional[int]:
+    return torch.device(device).index
+
+
+def _cuda_index(device: str) -> int:
+    index = _named_index(device)
+    return torch.cuda.current_device() if index is None else index
 
 
 def _timing(started: float, sent: float, answered: float, done: float) -> dict:

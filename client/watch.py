@@ -88,6 +88,14 @@ def gone_reason(bound: Optional[Bound], identity: Optional[tuple[int, int, int]]
     return None
 
 
+def observe_gone(path: str, bound: Optional[Bound]) -> Optional[str]:
+    """Look now (one ``stat``, one ``/proc`` read): why the daemon ``bound`` describes is no longer
+    at ``path``, or None. Touches no state, so any thread may call it."""
+    identity = file_identity(path)
+    process = read_process(bound.pid) if bound is not None and bound.pid is not None else None
+    return gone_reason(bound, identity, identity is not None, process)
+
+
 def read_process(pid: int) -> Optional[ProcessState]:
     """``/proc/<pid>/stat``; None when it cannot be read (no /proc, hidepid)."""
     try:
@@ -165,10 +173,8 @@ class DaemonWatch:
         if not fresh and now < self._next_check:
             return None
         self._next_check = now + CHECK_EVERY_S
-        identity = file_identity(self.path)
         bound = self.bound
-        process = read_process(bound.pid) if bound is not None and bound.pid is not None else None
-        reason = gone_reason(bound, identity, identity is not None, process)
+        reason = observe_gone(self.path, bound)
         if bound is not None:
             self._reason = reason  # a bound daemon that went away stays gone
         return reason

@@ -218,3 +218,21 @@ def test_a_ringing_cpu_daemon_answers_a_bad_plan_on_the_lane_and_keeps_serving(d
         out = client.submit(model, [x])[0]
         torch.testing.assert_close(out, model(x))
         assert client.status(session_only=True)["sessions"][0]["doorbell_requests"] == 1
+
+
+@x86
+def test_stream_ordered_outputs_leave_cpu_outputs_to_the_host_wait(daemon_factory):
+    """``Client(stream_ordered_outputs=True)`` orders only CUDA outputs on a CUDA stream: a
+    CPU daemon's doorbell runs still return finished outputs, waited for on the host."""
+    daemon = daemon_factory(DOORBELL_CONFIG)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(4, 8)
+    with Client(daemon.endpoint, timeout_s=30, stream_ordered_outputs=True) as client, torch.no_grad():
+        assert client.stream_order.enabled
+        for step in range(40):
+            x.normal_()
+            (out,) = client.submit(model, [x])
+            torch.testing.assert_close(out, model(x))
+        rung = client.status(session_only=True)["sessions"][0]["doorbell_requests"]
+        assert client.stream_order.runs == 0 and client.stream_order.unfinished() == 0, (rung, client.stream_order.describe())
