@@ -125,7 +125,10 @@ def test_a_daemon_killed_while_a_stream_waits_aborts_the_client_never_a_wrong_va
     while the caller's stream waits for a run it answered. The client must abort with a message
     naming the cause (or, should the dying daemon's device still finish the run, go on with
     right values); it must never hang or hand on wrong values."""
-    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), daemon_tools.GPU_TEST_CONFIG + "spin_us = 20000\n",
+    # The model's 256 MiB weights travel in one registration message.
+    config = daemon_tools.GPU_TEST_CONFIG.replace("max_message_bytes = 67108864", f"max_message_bytes = {1 << 30}")
+    assert config != daemon_tools.GPU_TEST_CONFIG
+    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), config + "spin_us = 20000\n",
                                         devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV).start()
     try:
         import subprocess
