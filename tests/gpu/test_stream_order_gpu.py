@@ -98,7 +98,7 @@ import json, sys, torch
 from cgtree.client import Client
 torch.manual_seed(0)
 # A few hundred milliseconds of GPU work a step: the daemon dies while the device runs it.
-model = torch.nn.Sequential(*[torch.nn.Linear(8192, 8192) for _ in range(8)]).eval().cuda()
+model = torch.nn.Sequential(*[torch.nn.Linear(8192, 8192) for _ in range(4)]).eval().cuda()
 x = torch.randn(8192, 8192, device="cuda")
 with torch.no_grad():
     expected = model(x)
@@ -108,7 +108,6 @@ with torch.no_grad():
     handle = client.register(model, [x])
     for _ in range(6):
         client.submit(handle, [x])
-    torch.cuda.synchronize()
     before = client.stream_order.runs
     (out,) = client.submit(handle, [x])
     print(json.dumps({"returned": True, "ordered": client.stream_order.runs - before,
@@ -128,7 +127,9 @@ def test_a_daemon_killed_while_a_stream_waits_aborts_the_client_never_a_wrong_va
     # The model's 256 MiB weights travel in one registration message.
     config = daemon_tools.GPU_TEST_CONFIG.replace("max_message_bytes = 67108864", f"max_message_bytes = {1 << 30}")
     assert config != daemon_tools.GPU_TEST_CONFIG
-    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), config + "spin_us = 20000\n",
+    # A step of ~130 ms: the daemon must still be spinning when the next one rings (a daemon
+    # asleep is reached over the lane, where outputs are always waited for on the host).
+    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), config + "spin_us = 1000000\n",
                                         devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV).start()
     try:
         import subprocess
