@@ -518,7 +518,9 @@ def prepare(path: str, case: real_models.ModelCase, ctx: Context, client_log: Op
             last = client.last_execution
             return {"daemon_compile": ctx.args.daemon_compile,
                     "last_execution_mode": None if last is None else last.get("mode"),
-                    "last_execution": last, "client_log": list(client_log.kept)}
+                    "last_execution": last, "client_log": list(client_log.kept),
+                    # runs handed back stream-ordered (CGTREE_STREAM_ORDERED_OUTPUTS=1): 0 with the default
+                    "stream_order": client.stream_order.describe()}
     else:
         snapshot, details = dict, dict
     return Prepared(built, _make_call(kind, built, fn, ctx.device), snapshot, details, close)

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from cgtree.client.watch import Bound, observe_gone
 from cgtree.daemon.doorbell import PAGE_BYTES, done_word
+from cgtree.daemon.stream_write import driver_function
 
 log = logging.getLogger("cgtree.client.stream_order")
 
@@ -97,13 +98,8 @@ def cuda_driver() -> Optional[Driver]:
     try:
         import torch
 
-        library = ctypes.CDLL("libcuda.so.1")
-        wait = getattr(library, "cuStreamWaitValue32_v2", None) or getattr(library, "cuStreamWaitValue32")
-        wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        wait.restype = ctypes.c_int
-        synchronize = library.cuStreamSynchronize
-        synchronize.argtypes = [ctypes.c_void_p]
-        synchronize.restype = ctypes.c_int
+        wait = driver_function("cuStreamWaitValue32", [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint])
+        synchronize = driver_function("cuStreamSynchronize", [ctypes.c_void_p])
         runtime = torch.cuda.cudart()
         _driver = Driver(wait, synchronize,
                          lambda address, size: int(runtime.cudaHostRegister(address, size, HOST_REGISTER_PORTABLE_MAPPED)),

@@ -31,16 +31,23 @@ _driver_looked_up = False
 _verified: dict[int, bool] = {}  # device index -> whether a checked write arrived (checked once per process)
 
 
+def driver_function(name: str, argtypes: list) -> Callable:
+    """The CUDA driver's ``name`` (its ``_v2`` where the library has one), returning a CUresult.
+    Raises OSError (no driver library) or AttributeError (no such symbol)."""
+    library = ctypes.CDLL("libcuda.so.1")
+    function = getattr(library, f"{name}_v2", None) or getattr(library, name)
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
 def _driver_write() -> Optional[Callable]:
     global _driver_function, _driver_looked_up
     if not _driver_looked_up:
         _driver_looked_up = True
         try:
-            library = ctypes.CDLL("libcuda.so.1")
-            function = getattr(library, "cuStreamWriteValue64_v2", None) or getattr(library, "cuStreamWriteValue64")
-            function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
-            function.restype = ctypes.c_int
-            _driver_function = function
+            _driver_function = driver_function("cuStreamWriteValue64",
+                                               [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint])
         except (OSError, AttributeError) as exc:
             log.info("no cuStreamWriteValue64 (%s): done words are written by a fill kernel", exc)
     return _driver_function

@@ -229,6 +229,25 @@ def cgtreed_gpu() -> Iterator[DaemonProcess]:
         daemon.kill()
 
 
+@pytest.fixture(scope="module")
+def wide_spin_daemon() -> Iterator[DaemonProcess]:
+    """A CUDA daemon whose spin window (20 ms) outlasts any gap between a tight loop's steps,
+    even with the rest of the GPU suite sharing the GPU and the cores (pytest-xdist): with the
+    default 500 us, a loop step stretched by another process's kernels finds the daemon asleep
+    and goes over the lane instead, which is correct but not what the doorbell test counts
+    (31 of 100 steps rung, once, in a parallel run on the H200, session 9)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    daemon = DaemonProcess(_short_tmpdir(), GPU_TEST_CONFIG + "spin_us = 20000\n",
+                           devices="cuda:0", extra_env=GPU_TEST_ENV)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.kill()
+
+
 def in_thread(fn):
     """Run ``fn`` in a thread (a call that waits on the daemon); ``.join(timeout_s)`` returns its
     result or raises its exception, and fails when it is still running."""

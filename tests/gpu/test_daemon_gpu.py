@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from gpu_models import Deep
 
 pytestmark = [
     pytest.mark.gpu,
@@ -456,38 +457,6 @@ def test_a_plan_loop_moves_to_an_in_place_recording_that_reads_and_writes_the_cl
         assert planned and planned[0]["replays"] >= 3, nodes
         # The report names what replayed: the plan's recording, node and function alike.
         assert execution["node_id"] == planned[0]["id"] and execution["function"] == planned[0]["function"], execution
-
-
-class Deep(torch.nn.Module):
-    """Enough GPU work a step (~1 ms) that reading the outputs before the device finished
-    would see the previous step's values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(16))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return (x,)
-
-
-@pytest.fixture(scope="module")
-def wide_spin_daemon(daemon_tools):
-    """A CUDA daemon whose spin window (20 ms) outlasts any gap between a tight loop's steps,
-    even with the rest of the GPU suite sharing the GPU and the cores (pytest-xdist): with the
-    default 500 us, a loop step stretched by another process's kernels finds the daemon asleep
-    and goes over the lane instead, which is correct but not what the doorbell test counts
-    (31 of 100 steps rung, once, in a parallel run on the H200, session 9)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), daemon_tools.GPU_TEST_CONFIG + "spin_us = 20000\n",
-                                        devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV)
-    try:
-        yield daemon.start()
-    finally:
-        daemon.kill()
 
 
 def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_spin_daemon):

@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from gpu_models import Deep
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,40 +18,13 @@ pytestmark = [
 ]
 
 
-class Deep(torch.nn.Module):
-    """About a millisecond of GPU work a step: outputs read before the device finished would
-    hold the previous step's values."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(5)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(16))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return (x,)
-
-
-@pytest.fixture(scope="module")
-def spinning_daemon(daemon_tools):
-    """A CUDA daemon whose 20 ms spin window outlasts any gap between a tight loop's steps (see
-    ``wide_spin_daemon`` in test_daemon_gpu.py)."""
-    daemon = daemon_tools.DaemonProcess(daemon_tools.short_tmpdir(), daemon_tools.GPU_TEST_CONFIG + "spin_us = 20000\n",
-                                        devices="cuda:0", extra_env=daemon_tools.GPU_TEST_ENV)
-    try:
-        yield daemon.start()
-    finally:
-        daemon.kill()
-
-
 @pytest.mark.parametrize("stream", ["default", "side"])
-def test_outputs_come_back_before_the_device_finished_and_read_right_on_the_callers_stream(spinning_daemon, stream):
+def test_outputs_come_back_before_the_device_finished_and_read_right_on_the_callers_stream(wide_spin_daemon, stream):
     from cgtree.client import Client
 
-    model = Deep().eval().cuda()
+    model = Deep(seed=5).eval().cuda()
     side = torch.cuda.Stream() if stream == "side" else torch.cuda.current_stream()
-    with Client(spinning_daemon.endpoint, timeout_s=60, stream_ordered_outputs=True) as client, \
+    with Client(wide_spin_daemon.endpoint, timeout_s=60, stream_ordered_outputs=True) as client, \
             torch.no_grad(), torch.cuda.stream(side):
         x = torch.randn(64, 1024, device="cuda:0")
         handle = client.register(model, [x])
@@ -73,12 +47,12 @@ def test_outputs_come_back_before_the_device_finished_and_read_right_on_the_call
         assert wrong == 0, f"{wrong} of {len(seen)} reads on the caller's stream saw unfinished outputs"
 
 
-def test_a_compiled_model_through_stream_ordered_outputs_equals_eager(spinning_daemon):
+def test_a_compiled_model_through_stream_ordered_outputs_equals_eager(wide_spin_daemon):
     from cgtree.client import Client
     from cgtree.client.compile_backend import backend
 
-    model = Deep().eval().cuda()
-    with Client(spinning_daemon.endpoint, timeout_s=120, stream_ordered_outputs=True) as client, torch.no_grad():
+    model = Deep(seed=5).eval().cuda()
+    with Client(wide_spin_daemon.endpoint, timeout_s=120, stream_ordered_outputs=True) as client, torch.no_grad():
         compiled = torch.compile(model, backend=backend(client))
         x = torch.randn(64, 1024, device="cuda:0")
         for _ in range(70):
