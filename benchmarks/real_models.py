@@ -17,6 +17,10 @@ Families:
 - ``hf-encoder``: ``AutoModel.from_config`` (bert, roberta) with ``attention_mask``; output
   ``.last_hidden_state``.
 - ``hf-vision``: HF ViT on ``pixel_values``; output ``.last_hidden_state``.
+- ``hf-breadth``: more transformers architectures, each unlike the ones above in how it
+  attends or normalizes: gemma2 (logit soft-capping, sliding-window layers), GPT-NeoX (parallel
+  residual, partial rotary), Falcon (multi-query attention), BLOOM (ALiBi), DeBERTa-v2
+  (disentangled relative attention), DistilBERT; called like their families above.
 - ``timm``, ``torchvision``: image classifiers on 64x64 images; output the logits tensor.
 - ``hf-generate``: HF llama; the benchmark calls ``module.generate(*inputs(step),
   **kwargs(step))`` (static cache, greedy, ``max_new_tokens`` in the kwargs, HF's own
@@ -45,7 +49,8 @@ __all__ = ["Built", "CASES", "ModelCase", "MODEL_SEED", "TRAIN_LR", "cases", "mi
 
 MODEL_SEED = 0
 TRAIN_LR = 1e-2
-FAMILIES = ("hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision", "hf-generate", "hf-train")
+FAMILIES = ("hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision", "hf-generate", "hf-train",
+            "hf-breadth")
 
 # Shapes: small, so that a case builds in about a second on a CPU and per-call overhead (what
 # graphs remove) is a visible part of a call on a GPU.
@@ -130,6 +135,20 @@ def _causal_lm_config(model_type: str) -> Any:
         return _hf_config("phi", num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                           max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
                           **common)
+    if model_type == "gemma2":
+        return _hf_config("gemma2", num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, max_position_embeddings=128, sliding_window=16,
+                          attention_dropout=0.0, **common)
+    if model_type == "gpt_neox":
+        return _hf_config("gpt_neox", num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                          num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+                          use_parallel_residual=True, attention_dropout=0.0, hidden_dropout=0.0, **common)
+    if model_type == "falcon":
+        return _hf_config("falcon", num_hidden_layers=2, hidden_size=128, num_attention_heads=4, multi_query=True,
+                          new_decoder_architecture=False, attention_dropout=0.0, hidden_dropout=0.0, **common)
+    if model_type == "bloom":
+        return _hf_config("bloom", n_layer=2, hidden_size=128, n_head=4, attention_dropout=0.0, hidden_dropout=0.0,
+                          **common)
     # llama-style: llama, mistral, qwen2
     return _hf_config(model_type, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -157,14 +176,23 @@ def _with_token_inputs(module: torch.nn.Module, device: torch.device, output: Ca
     )
 
 
+def _encoder_config(model_type: str) -> Any:
+    if model_type == "distilbert":
+        return _hf_config("distilbert", n_layers=2, dim=128, hidden_dim=256, n_heads=4, max_position_embeddings=128,
+                          vocab_size=LM_VOCAB, dropout=0.0, attention_dropout=0.0, pad_token_id=0)
+    return _hf_config(model_type, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, max_position_embeddings=128, vocab_size=LM_VOCAB,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+
+
 def _encoder(model_type: str) -> Callable[[torch.device], Built]:
     def build(device: torch.device) -> Built:
         from transformers import AutoModel
 
-        config = _hf_config(model_type, num_hidden_layers=2, hidden_size=128, intermediate_size=256,
-                            num_attention_heads=4, max_position_embeddings=128, vocab_size=LM_VOCAB,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-        module = _seeded(lambda: AutoModel.from_config(config, add_pooling_layer=False), device)
+        config = _encoder_config(model_type)
+        # Only BERT-style models have a pooler to leave out.
+        options = {"add_pooling_layer": False} if model_type in ("bert", "roberta") else {}
+        module = _seeded(lambda: AutoModel.from_config(config, **options), device)
         return _with_token_inputs(module, device, output=lambda out: out.last_hidden_state)
 
     return build
@@ -285,6 +313,12 @@ CASES: dict[str, ModelCase] = dict([
     _case("vit-tiny-timm", "timm", "timm", _timm("vit_tiny_patch16_224", img_size=IMAGE_SIZE)),
     _case("convnext-atto-timm", "timm", "timm", _timm("convnext_atto")),
     _case("mobilenet-v3-small-tv", "torchvision", "torchvision", _torchvision("mobilenet_v3_small")),
+    _case("gemma2", "hf-breadth", "transformers", _causal_lm("gemma2")),
+    _case("gpt-neox", "hf-breadth", "transformers", _causal_lm("gpt_neox")),
+    _case("falcon", "hf-breadth", "transformers", _causal_lm("falcon")),
+    _case("bloom", "hf-breadth", "transformers", _causal_lm("bloom")),
+    _case("deberta-v2", "hf-breadth", "transformers", _encoder("deberta-v2")),
+    _case("distilbert", "hf-breadth", "transformers", _encoder("distilbert")),
     _case("llama-generate", "hf-generate", "transformers", _hf_generate),
     _case("llama-generate-cache", "hf-generate", "transformers", _hf_generate_with_cache),
     _case("llama-train", "hf-train", "transformers", _hf_train),

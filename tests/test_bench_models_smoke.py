@@ -32,8 +32,8 @@ real_models = _load("real_models")
 
 
 def test_zoo_lists_cases_and_filters():
-    assert {"hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision", "hf-generate", "hf-train"} == {
-        case.family for case in real_models.CASES.values()}
+    assert {"hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision", "hf-generate", "hf-train",
+            "hf-breadth"} == {case.family for case in real_models.CASES.values()} == set(real_models.FAMILIES)
     assert all(name == case.name for name, case in real_models.CASES.items())
     assert sum(case.family == "hf-causal-lm" for case in real_models.CASES.values()) >= 4
     assert [c.name for c in real_models.cases(names=["bert", "gpt2"])] == ["gpt2", "bert"]

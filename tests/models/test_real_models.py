@@ -14,9 +14,11 @@ from model_helpers import case_or_skip, grew, in_process_counters, session_count
 
 pytest.importorskip("transformers")
 
-INFERENCE = [c.name for c in zoo.cases(families=["hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision"])]
+INFERENCE = [c.name for c in zoo.cases(families=["hf-causal-lm", "hf-encoder", "hf-vision", "timm", "torchvision",
+                                                   "hf-breadth"])]
 # Through the daemon: one or two per family (each costs a lowering and a registration).
-THROUGH_DAEMON = ["gpt2", "llama", "qwen2", "bert", "vit-hf", "resnet18-timm", "mobilenet-v3-small-tv"]
+THROUGH_DAEMON = ["gpt2", "llama", "qwen2", "bert", "vit-hf", "resnet18-timm", "mobilenet-v3-small-tv",
+                  "gemma2", "gpt-neox", "falcon", "bloom", "deberta-v2", "distilbert"]
 WARMUP_CALLS, CHECKED_CALLS = 2, 2
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
