@@ -43,6 +43,7 @@ from cgtree.liveness import (
     non_owning_storage,
     tensor_on,
 )
+from cgtree.relocation import RelocationHomes
 from cgtree.skips import SkipLog, SkipReason
 from cgtree.tree import OutputSpec, RecordedNode, TreeNode, WarmupNode
 from cgtree.types import Execution, ExecutionMode, FunctionId, FunctionKind, GraphId, PathState
@@ -184,6 +185,7 @@ class TreeManager:
         self._step_marked = False
         self._manual_steps = False
         self._pending_backward = False
+        self._relocation_homes = RelocationHomes()  # where kept outputs are moved (cgtree.relocation)
         self._closed = False
         log.info("tree manager on %s uses the %s backend", self.device, self.backend_name)
 
@@ -335,6 +337,7 @@ class TreeManager:
             node.children.clear()
         self._nodes.clear()
         self._roots.clear()
+        self._relocation_homes.clear()
         self._current = None
         self._path_state = PathState.NONE
         self.backend.close()
@@ -433,9 +436,9 @@ class TreeManager:
         compiled region). Pool memory is given up at the next generation, so each such tensor
         is moved onto a copy of its storage outside the pool (``Tensor.set_``: the caller's
         object keeps its identity) before the path can end. Checked on the general dispatch
-        while the path holds live outputs (the steady loop's fast path never gets here); the
-        caching allocator tends to hand a moved buffer the block its predecessor had, so a new
-        cache of the same size usually lands where the recording expects it."""
+        while the path holds live outputs (the steady loop's fast path never gets here). A new
+        cache of the same size goes where its dead predecessor at that input position was
+        (``cgtree.relocation``), so the recordings that read it in place replay."""
         if not positions:
             return
         path_outputs = self._path_storage_positions()
@@ -443,11 +446,10 @@ class TreeManager:
             value = inputs[idx] if idx < len(inputs) else None
             if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() not in path_outputs:
                 continue
-            with torch.no_grad():
-                value.set_(value.untyped_storage().clone(), value.storage_offset(), value.size(), value.stride())
+            reused = self._relocation_homes.move(idx, value)
             self.counters["relocated_outputs"] += 1
-            log.info("cgtree: input %d of %s is an output of an earlier graph kept as state: moved out of the pool",
-                     idx, variant.function.name)
+            log.info("cgtree: input %d of %s is an output of an earlier graph kept as state: moved out of the pool%s",
+                     idx, variant.function.name, " (into its predecessor's place)" if reused else "")
 
     def _fast_root_replay(self, variant: _Variant, node: RecordedNode, inputs: Sequence[Any]) -> Optional[bool]:
         """The steady state of inference loops, decided without the general dispatch: the

@@ -69,3 +69,34 @@ def test_writes_declared_by_the_caller_count_when_kernels_hide_them(device):
         assert mgr._state_positions(variant) == frozenset({1})
     finally:
         mgr.close()
+
+
+def test_a_new_kept_state_moves_into_its_dead_predecessors_place_and_the_recordings_replay(device):
+    """HF's generate makes a new cache per call, created by the compiled prefill (so a graph
+    output) and moved out of the pool at the first decode step. Recordings of the decode steps
+    read it in place by address: moved onto a fresh allocation, every one of them is recorded
+    again each generate. ``cgtree.relocation`` moves it into the home its dead predecessor had
+    at that input position. A blocker takes the freed allocation between generates, so the
+    allocator alone could not hand the same block back."""
+    mgr = TreeManager(device, policy=Policy(skip_warmup=False))
+    try:
+        create = mgr.cudagraphify(_create, name="create")
+        accumulate = mgr.cudagraphify(_accumulate, static_input_idxs=(0,), name="accumulate")
+        addresses, blockers, replays = [], [], []
+        for generate in range(5):
+            before = mgr.counters["replays"]
+            state = create(torch.ones(4, device=device))  # the new cache
+            for _ in range(3):  # decode steps writing it
+                out = accumulate(state, torch.ones(4, device=device))
+                del out
+            torch.testing.assert_close(state, torch.full((4,), 7.0, device=device))
+            addresses.append(state.data_ptr())
+            replays.append(mgr.counters["replays"] - before)
+            del state
+            blockers.append(torch.empty(4, device=device))  # may take the freed block, if any was freed
+        assert len(set(addresses[1:])) == 1, f"each generate's state landed elsewhere: {addresses}"
+        # From the third generate on (warmup, then recording), create and every decode step replay.
+        assert replays[2:] == [4, 4, 4], (replays, dict(mgr.counters))
+        assert mgr.counters["overwritten_outputs"] == 0 and mgr.counters["skipped_calls"] == 0
+    finally:
+        mgr.close()
