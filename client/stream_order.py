@@ -263,18 +263,10 @@ class StreamOrder:
     def keep(self, doorbell: Any) -> bool:
         """``ClientDoorbell.keeper``: its lane is closing. True when a stream may still wait on the
         page (the watcher releases it later); else it is unregistered here and False."""
-        with self._lock:
-            waiting = [wait for wait in self._pending if wait.doorbell is doorbell]
-        if any(not wait.done() for wait in waiting):
+        if not self._drop_passed_waits(doorbell):
             with self._lock:
                 self._kept.append(doorbell)
             return True
-        driver = self._driver
-        for wait in waiting:
-            if driver is not None:
-                driver.stream_synchronize(wait.stream)  # its wait passed: it reads the page no more
-        with self._lock:
-            self._pending = [wait for wait in self._pending if wait.doorbell is not doorbell]
         self._unregister(doorbell)
         return False
 
@@ -372,13 +364,21 @@ class StreamOrder:
                 self._release_if_passed(doorbell)
 
     def _release_if_passed(self, doorbell: Any) -> None:
+        if not self._drop_passed_waits(doorbell):
+            return
+        with self._lock:
+            self._kept = [kept for kept in self._kept if kept is not doorbell]
+        self._release(doorbell)
+
+    def _drop_passed_waits(self, doorbell: Any) -> bool:
+        """When every wait on ``doorbell``'s page has its done word: wait until their streams
+        passed them (they read the page no more), forget them, True. Else False, nothing done."""
         with self._lock:
             waits = [wait for wait in self._pending if wait.doorbell is doorbell]
         if any(not wait.done() for wait in waits):
-            return
+            return False
         for wait in waits:
             self._resolve(wait, skip_current_stream=False)  # the word is written: this waits for the stream only
         with self._lock:
             self._pending = [wait for wait in self._pending if wait.doorbell is not doorbell]
-            self._kept = [kept for kept in self._kept if kept is not doorbell]
-        self._release(doorbell)
+        return True
