@@ -125,7 +125,7 @@ for spec in "$@"; do
               run_step "$step" "$lim" $PY benchmarks/soak_fuzz.py --messages 100000 --device cuda \
                   --time-budget $((lim - 40)) --json "$OUT_DIR/soak_cuda.json" ;;
         models) lim=${limit:-540}
-                which=(--families hf-causal-lm,hf-encoder,hf-vision,timm,torchvision)
+                which=(--families hf-causal-lm,hf-encoder,hf-vision,hf-breadth,timm,torchvision)
                 [ -n "${MODELS:-}" ] && which=(--models "$MODELS")
                 run_step "$step" "$lim" $PY benchmarks/bench_models.py --device cuda "${which[@]}" \
                     --paths eager,reduce-overhead,cgtree,cgtreed --time-budget $((lim - 90)) \
