@@ -11,6 +11,11 @@ class ManagerClosedError(CgtreeError):
     """The tree manager was closed; its graphs and pool are gone."""
 
 
+class LaunchVetoed(CgtreeError):
+    """A call's launch gate (``TreeManager.launch_gate``) said no: nothing of the call ran and
+    the tree is as it was before it."""
+
+
 OVERWRITTEN_OUTPUT_MESSAGE = (
     "cgtree: accessing an output of graphed function '{function}' (graph node {node}) that has been "
     "overwritten by a subsequent run of the graph tree. An output stays valid only until the next "

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from cgtree import policy as rules
 from cgtree.backends.base import Backend
 from cgtree.config import Policy
-from cgtree.errors import ManagerClosedError, overwritten_message
+from cgtree.errors import LaunchVetoed, ManagerClosedError, overwritten_message
 from cgtree.in_place_inputs import InPlaceInputs
 from cgtree.inspection import Inspector, InspectionAbort, input_storage_index
 from cgtree.liveness import (
@@ -186,6 +186,10 @@ class TreeManager:
         self._manual_steps = False
         self._pending_backward = False
         self._relocation_homes = RelocationHomes()  # where kept outputs are moved (cgtree.relocation)
+        # Set by a caller for its next call only: called once, after the call's pure decisions and
+        # before anything runs, launches or changes the tree; raising LaunchVetoed there leaves
+        # the tree as it was (cgtreed's gated plan runs: the client's checks overlap the decisions).
+        self.launch_gate: Optional[Callable[[], None]] = None
         self._closed = False
         log.info("tree manager on %s uses the %s backend", self.device, self.backend_name)
 
@@ -354,22 +358,35 @@ class TreeManager:
     def _call(self, function: GraphedFunction, inputs: Sequence[Any]) -> Any:
         if self._closed:
             raise ManagerClosedError(f"tree manager on {self.device} is closed; cannot run {function.name}")
-        if function.top_level and not self._manual_steps:
+        gate, self.launch_gate = self.launch_gate, None  # this call's only
+        counted = function.top_level and not self._manual_steps
+        if counted:
             self._invocation += 1
         variant = function.variants.get(function.key(inputs))
         if variant is None:
             variant = self._new_variant(function, inputs)
         try:
+            if gate is not None and (variant.static_skip is not None or variant.cpu_inputs_to_move):
+                gate()
+                gate = None
             if variant.static_skip is not None:
                 return self._run_without_graphs(variant, inputs, variant.static_skip, variant.skip_origin)
             if variant.cpu_inputs_to_move:
                 inputs = self._move_cpu_inputs(inputs, variant.cpu_inputs_to_move)
             node = variant.hot_root
             if node is not None and node is self._current:
-                new_generation = self._fast_root_replay(variant, node, inputs)
+                new_generation = self._fast_root_replay(variant, node, inputs)  # decides, changes nothing
                 if new_generation is not None:
+                    if gate is not None:
+                        gate()
                     return self._replay(node, inputs, invalidate_path=new_generation)
+            if gate is not None:
+                gate()
             return self._dispatch(variant, inputs)
+        except LaunchVetoed:
+            if counted:
+                self._invocation -= 1  # the call never happened
+            raise
         finally:
             if function.kind is FunctionKind.FORWARD:
                 self._pending_backward = True

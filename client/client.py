@@ -90,10 +90,9 @@ from cgtree.client.inputs import (
     _device_of,
     _identity_marks,
     _normalize_device,
-    _same_inputs,
 )
 from cgtree.client.outputs import OutputBuffers
-from cgtree.client.plans import Observation, Plans, _timing
+from cgtree.client.plans import Observation, Plans, Veto, _timing
 from cgtree.client.registration import (
     GraphHandle,
     Registration,
@@ -292,12 +291,27 @@ class Client:
         outputs = self._submit(graph, inputs, device, observation)
         return outputs, observation.result()
 
-    def _submit(self, graph: Any, inputs: Sequence[Any], device: Optional[str], observation: Optional[Observation]) -> tuple:
+    def submit_vetoable(self, graph: Any, inputs: Sequence[Any], veto: Callable[[], Any], *,
+                        device: Optional[str] = None) -> tuple[Optional[tuple], Any]:
+        """``submit``, unless ``veto()`` says no: (outputs, its falsy answer), or (None, its truthy
+        answer) when nothing ran. ``veto`` runs once, before the run launches: on a gated doorbell
+        run (a loop over the same inputs) after the request is rung, while the daemon does its
+        work up to the launch, so its time is mostly hidden; elsewhere before anything is sent.
+        For a check whose failure must keep the run from happening at all (the compile
+        backend's weight check, for a graph that writes its inputs). An exception it raises
+        vetoes too, and is raised here. ``veto`` must not touch this client."""
+        check = Veto(veto)
+        outputs = self._submit(graph, inputs, device, None, check)
+        answer = check.result()
+        return (None, answer) if outputs is check else (outputs, answer)
+
+    def _submit(self, graph: Any, inputs: Sequence[Any], device: Optional[str], observation: Optional[Observation],
+                veto: Optional[Veto] = None) -> Any:
         inputs = _as_input_list(inputs)
         handle = graph if isinstance(graph, GraphHandle) else self.register(graph, inputs, device=device)
         with self._lock:
             mutates = None if handle.mutated_inputs is None else bool(handle.mutated_inputs)
-            return self.session.with_recovery("submit", functools.partial(self._submit_once, handle, inputs, observation),
+            return self.session.with_recovery("submit", functools.partial(self._submit_once, handle, inputs, observation, veto),
                                               mutates_inputs=mutates, what=handle)
 
     @property
@@ -330,17 +344,23 @@ class Client:
         self.plans.settle_report()
         self._last_timing = value
 
-    def _submit_once(self, handle: GraphHandle, inputs: list, observation: Optional[Observation]) -> tuple:
+    def _submit_once(self, handle: GraphHandle, inputs: list, observation: Optional[Observation],
+                     veto: Optional[Veto]) -> Any:
         # A doorbell run runs ``observation`` while the daemon works; elsewhere its ``result()``
-        # runs it once the submit is over. Encoded on every attempt: after a restart the
-        # session, its registrations and its output buffers are new.
+        # runs it once the submit is over. ``veto`` runs once, before the launch; when it says
+        # no, ``veto`` itself is returned and nothing was sent (or launched). Encoded on every
+        # attempt: after a restart the session, its registrations and its output buffers are new.
         started = time.perf_counter()
         hot = self.plans.hot.get((handle.device, handle.graph_id))
-        if hot is not None and len(inputs) == len(hot[0]) and _same_inputs(hot[0], inputs):
-            outputs = self.plans.submit_planned(handle, hot[1], started, observation)
-            if outputs is not None:
-                return outputs
-            self.plans.forget(handle, hot[1])
+        if hot is not None and len(inputs) == len(hot[0]):
+            # The hot plan's inputs are checked inside: after the ring when the run is gated.
+            outcome = self.plans.submit_planned(handle, hot[1], started, observation, identity=(hot[0], inputs), veto=veto)
+            if type(outcome) is tuple or outcome is veto:
+                return outcome
+            if outcome is None:
+                self.plans.forget(handle, hot[1])
+        if veto is not None and veto.vetoes():
+            return veto
         self.registration.ensure(handle)
         packed = self.encoder.packed(handle.device, inputs)
         plan = self.plans.known.get((handle.device, handle.graph_id, packed)) if packed is not None else None

@@ -27,7 +27,9 @@ Parameters reach the daemon as *weights uploaded once, by content hash*, not thr
   (only changed blobs travel). That comparison costs about 60 ns a weight (reading
   ``_version``), 20-40 us on a model with hundreds: for a graph that writes none of its inputs it
   runs while the daemon works on the submit (``Client.submit_observing``), and a change found
-  then discards the outputs and submits again on the new weights. An input that changes on
+  then discards the outputs and submits again on the new weights; for one that writes its inputs
+  it vetoes the run before it launches (``Client.submit_vetoable``: on a gated doorbell run it
+  runs while the daemon does its work up to the launch), then the graph is registered again. An input that changes on
   every call is not a weight at all: static inputs the graph's AOT metadata says are mutated (KV caches, running statistics),
   and any weight seen changing twice, travel with each submit instead (by CUDA IPC on CUDA,
   read in place, no copy on the client side).
@@ -253,10 +255,15 @@ class DaemonGraph:
             # The daemon ran on the weights it holds, which are stale: run again on new ones.
             del outputs
             registration = self._refresh(inputs, key, changed)
-        else:
-            changed = registration.changed_weights(inputs)
-            if changed:
-                registration = self._refresh(inputs, key, changed)
+        elif registration.weights:
+            # A graph that writes its inputs must not run on stale weights at all: the check
+            # vetoes the run, and runs after the ring where the run is gated (Client.submit_vetoable).
+            outputs, changed = self.client.submit_vetoable(
+                registration.handle, [inputs[i] for i in registration.user_positions],
+                functools.partial(registration.changed_weights, inputs))
+            if not changed:
+                return self._returned(inputs, outputs)
+            registration = self._refresh(inputs, key, changed)
         if registration is None:
             return self.local(*inputs)
         return self._returned(inputs, self.client.submit(registration.handle, [inputs[i] for i in registration.user_positions]))

@@ -10,8 +10,14 @@ so, and on every sleep, the lane is asked whether the daemon is gone (``peer_clo
 hung up, or the client's ``cgtree.client.watch`` says so): a daemon that died never writes the
 word, and one that is still exiting may not have closed its end yet.
 
-Invariants: the client writes only ``REQUEST``; one request in flight (the ``Client``'s lock);
-``seq`` never repeats the previous one and is never 0.
+Gated requests (``ring(..., gated=True)``, where the page's ``FEATURES`` say the daemon
+understands them): the daemon launches the run only once ``verdict(seq, True)`` is stored, so
+the caller checks after ringing what the run depends on; ``verdict(seq, False)`` vetoes it. The
+ack is then ``ABORTED`` when nothing ran (a veto, or a verdict later than the daemon waits).
+
+Invariants: the client writes only ``REQUEST`` and ``VERDICT``; one request in flight (the
+``Client``'s lock); ``seq`` never repeats the previous one and is never 0; a gated request gets
+exactly one verdict, before its ack is waited for.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ from typing import Any, Callable, Optional
 from cgtree.daemon.doorbell import (
     ACK,
     AWAKE,
+    FEATURE_GATE,
+    FEATURES,
+    MAX_GATED_PLAN_ID,
     REQUEST,
     SEQ_MASK,
+    VERDICT,
     done_word,
     map_page,
     next_seq,
     pack_request,
+    pack_verdict,
     unmap_page,
     unpack_reply,
 )
@@ -65,11 +76,21 @@ class ClientDoorbell:
         """Whether the daemon looks at the page without a kick right now."""
         return self._words[AWAKE] == 1
 
-    def ring(self, plan_id: int) -> int:
-        """Store the request for ``plan_id``; its sequence number."""
+    def gates(self, plan_id: int) -> bool:
+        """Whether a request for ``plan_id`` may be gated: the daemon understands gates, and the
+        plan id fits a gated request."""
+        return bool(self._words[FEATURES] & FEATURE_GATE) and 0 < plan_id <= MAX_GATED_PLAN_ID
+
+    def ring(self, plan_id: int, gated: bool = False) -> int:
+        """Store the request for ``plan_id``; its sequence number. A gated one launches only
+        after ``verdict(seq, True)``."""
         self._seq = seq = next_seq(self._seq)
-        self._words[REQUEST] = pack_request(seq, plan_id)
+        self._words[REQUEST] = pack_request(seq, plan_id, gated)
         return seq
+
+    def verdict(self, seq: int, launch: bool) -> None:
+        """Gated request ``seq`` may launch (``launch``), or must not."""
+        self._words[VERDICT] = pack_verdict(seq, launch)
 
     def wait_ack(self, seq: int, lane: Any, timeout_s: float, spin_s: float) -> tuple[int, tuple]:
         """(status, (generation, node id, daemon_us, device index)) of request ``seq``."""

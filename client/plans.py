@@ -17,11 +17,19 @@ Invariants:
   ``last_timing`` only when they are read (``settle_report``).
 - A submit's ``Observation`` (``Client.submit_observing``) runs once per submit; a doorbell run
   runs it between the ring and the answer, while the daemon and the device work.
+- A hot plan's doorbell run is *gated* where the daemon's page allows it
+  (``cgtree.daemon.doorbell``): the client rings first, then checks that the inputs are the
+  plan's, runs the submit's ``Veto`` (``Client.submit_vetoable``) and synchronizes its stream,
+  and only then tells the daemon to launch; the daemon has meanwhile done everything up to the
+  launch. A run the client vetoed, or whose verdict came too late, did not happen at all.
+  Elsewhere the same checks run before anything is sent.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
+import logging
 import os
 import time
 import weakref
@@ -33,12 +41,14 @@ import torch
 from cgtree.client.connection import _decode_reply_for
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
 from cgtree.client.errors import ClientError, DaemonError
-from cgtree.client.inputs import PACKED_INPUTS_KEPT
+from cgtree.client.inputs import PACKED_INPUTS_KEPT, _same_inputs
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
 from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputMapping, _mark_stale, _output_slot
 from cgtree.client.registration import GraphHandle
-from cgtree.daemon.doorbell import REPLAYED
+from cgtree.daemon.doorbell import ABORTED, ON_LANE, REPLAYED
 from cgtree.daemon.plans import pack_plan_request, parse_plan_reply
+
+log = logging.getLogger("cgtree.client")
 
 
 class Observation:
@@ -70,6 +80,33 @@ class Observation:
         return self._value
 
 
+class Veto(Observation):
+    """A check of client state that decides whether a submit may run at all (the compile
+    backend's check that no weight changed since upload, for a graph that writes its inputs: a
+    run on stale weights would leave its writes behind). Run once per submit: on a gated doorbell
+    run between the ring and the launch, elsewhere before anything is sent. A truthy answer
+    vetoes the run, and so does an exception (raised by ``result`` once the submit is over)."""
+
+    __slots__ = ()
+
+    def vetoes(self) -> bool:
+        self.run()
+        return self._error is not None or bool(self._value)
+
+
+class Miss(enum.Enum):
+    """A hot plan run that did not run, and the general path should (the plan stands)."""
+
+    INPUTS_DIFFER = "the inputs are not the ones the plan was found by"
+    GATE_LATE = "the daemon gave up waiting for the verdict"
+
+
+# Gated runs the daemon gave up on (their verdict came after GATE_WAIT_MAX_S) before this
+# client stops gating: each costs a general submit, so a client that is regularly that slow
+# between ring and verdict is better off checking before it rings.
+MAX_LATE_GATES = 16
+
+
 @dataclass
 class Plan:
     """A prepared submit the daemon offered (``cgtree.daemon.plans``), and its outputs' layout."""
@@ -96,6 +133,8 @@ class Plans:
         self.hot: dict[tuple[str, str], tuple[list, Plan]] = {}
         self.use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
             else bool(doorbell)
+        self.use_gates = True
+        self.gates_late = 0
 
     def settle_report(self) -> None:
         run, self.run = self.run, None
@@ -130,16 +169,29 @@ class Plans:
             del self.hot[key]
 
     def submit_planned(self, handle: GraphHandle, plan: "Plan", started: float,
-                       observation: Optional[Observation] = None) -> Optional[tuple]:
-        """The submit as a plan run on the lane; None when it must go the general way (no lane,
-        the plan expired, the session is gone: the general path deals with each)."""
+                       observation: Optional[Observation] = None, *, identity: Optional[tuple] = None,
+                       veto: Optional[Veto] = None) -> Any:
+        """The submit as a plan run on the lane: its outputs (a tuple), or why not. None: it must
+        go the general way and the plan is gone (no lane, the plan expired, the session is gone:
+        the general path deals with each). A ``Miss``: the general way, the plan stands.
+        ``veto`` itself: it vetoed, nothing ran. ``identity`` (marks, inputs): the hot plan's
+        inputs to check; they and ``veto`` are checked after the ring on a gated doorbell run,
+        before anything is sent otherwise."""
         self.client.connection.check_daemon_before_send("submit", started)
         lane = (self.client.connection.lane.attached if self.client.connection.lane.attached is not None
                 else self.client.connection.lane.for_request("submit", [b""]))
         mapping = self.client.buffers.mappings.get(plan.buffer_id)
         if lane is None or mapping is None or self.client.session_id is None:
             return None
-        if self.use_doorbell and lane.doorbell is not None and lane.doorbell.awake() and fits_request(plan.plan_id):
+        doorbell = lane.doorbell
+        rings = self.use_doorbell and doorbell is not None and doorbell.awake() and fits_request(plan.plan_id)
+        if rings and self.use_gates and (identity is not None or veto is not None) and doorbell.gates(plan.plan_id):
+            return self.submit_rung(handle, plan, lane, mapping, started, observation, identity, veto)
+        if identity is not None and not _same_inputs(*identity):
+            return Miss.INPUTS_DIFFER
+        if veto is not None and veto.vetoes():
+            return veto
+        if rings:
             return self.submit_rung(handle, plan, lane, mapping, started, observation)
         self.client.encoder.settle(handle.device)
         request_id = next(self.client.connection.ids)
@@ -162,20 +214,39 @@ class Plans:
         return outputs
 
     def submit_rung(self, handle: GraphHandle, plan: "Plan", lane: ClientLane, mapping: "OutputMapping",
-                    started: float, observation: Optional[Observation] = None) -> Optional[tuple]:
+                    started: float, observation: Optional[Observation] = None, identity: Optional[tuple] = None,
+                    veto: Optional[Veto] = None) -> Any:
         """The plan run through the lane's doorbell page (``cgtree.daemon.doorbell``): the
         observation runs and the outputs are built while the daemon and the device work, then
-        they are returned once the device wrote its done word."""
+        they are returned once the device wrote its done word. With ``identity`` or ``veto`` the
+        request is gated: rung first, launched once they passed (``submit_planned`` says what
+        it returns)."""
         doorbell = lane.doorbell
-        self.client.encoder.settle(handle.device)
-        seq = doorbell.ring(plan.plan_id)
-        sent = time.perf_counter()
-        if observation is not None:
+        gated = identity is not None or veto is not None
+        if gated:
+            seq = doorbell.ring(plan.plan_id, gated=True)
+            sent = time.perf_counter()
+            miss, failure = self._judge(handle, doorbell, seq, identity, veto)
+        else:
+            self.client.encoder.settle(handle.device)
+            seq = doorbell.ring(plan.plan_id)
+            sent = time.perf_counter()
+            miss = failure = None
+        if observation is not None and miss is None:
             observation.run()
         try:
             status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(
                 seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
             answered = time.perf_counter()
+            if status == ABORTED or miss is not None:
+                if status == ON_LANE:
+                    lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # refused before the gate
+                elif status == REPLAYED:
+                    self.client.connection.lane.close()
+                    raise ClientError(f"the daemon launched gated request {seq}, which this client did not let it")
+                if failure is not None:
+                    raise failure
+                return miss if miss is not None else self._gave_up_waiting()
             if status != REPLAYED:
                 raw = lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # sent before the ack
                 return self.general_outcome(handle, plan, raw, seq, [], (started, sent, answered))
@@ -187,6 +258,36 @@ class Plans:
         self.client.connection.last_reply_at = done = time.perf_counter()
         self.run = (plan, node_id, daemon_us, started, sent, answered, done)
         return outputs
+
+    def _judge(self, handle: GraphHandle, doorbell: Any, seq: int, identity: Optional[tuple],
+               veto: Optional[Veto]) -> tuple[Any, Optional[BaseException]]:
+        """A gated request's checks, then its verdict: (miss, failure), both None to launch.
+        Before the launch the inputs must be written (the stream synchronized): the daemon reads
+        them as it launches. What fails here vetoes, and is raised once the ack is in: the
+        request must be answered before the next one rings."""
+        miss: Any = None
+        failure: Optional[BaseException] = None
+        try:
+            if identity is not None and not _same_inputs(*identity):
+                miss = Miss.INPUTS_DIFFER
+            elif veto is not None and veto.vetoes():
+                miss = veto
+            else:
+                self.client.encoder.settle(handle.device)
+        except BaseException as exc:  # noqa: BLE001 - raised by submit_rung after the ack
+            miss, failure = Miss.INPUTS_DIFFER, exc
+        doorbell.verdict(seq, miss is None)
+        return miss, failure
+
+    def _gave_up_waiting(self) -> Miss:
+        """The daemon did not get this client's verdict in time: the general way this once, and
+        no more gates for a client that is often that slow."""
+        self.gates_late += 1
+        if self.gates_late >= MAX_LATE_GATES and self.use_gates:
+            self.use_gates = False
+            log.warning("cgtree: %d gated doorbell runs reached the daemon's launch before this client's checks "
+                        "were done; checking before ringing from now on", self.gates_late)
+        return Miss.GATE_LATE
 
     def ordered_on_stream(self, handle: GraphHandle, doorbell: Any, lane: ClientLane, device_index: int,
                           seq: int) -> bool:

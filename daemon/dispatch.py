@@ -101,11 +101,12 @@ class Dispatcher:
             return self._dispatch(identity, session, request, peer_uid)
 
     def answer_plan(self, session: Any, frame: Any, *, plan: Optional[tuple[int, int]] = None,
-                    settle: Optional[Callable] = None) -> Any:
+                    settle: Optional[Callable] = None, gate: Any = None) -> Any:
         """A prepared submit (``cgtree.daemon.plans``) on ``session``'s lane -> the reply's frames;
-        for a doorbell's (``plan`` = (seq, plan id), ``settle``) a ``PlanReplayed`` when it
-        replayed. The hot path of a submit loop: no per-request context object; errors are
-        answered as ``_guarded`` answers them."""
+        for a doorbell's (``plan`` = (seq, plan id), ``settle``, a gated request's ``gate``) a
+        ``PlanReplayed`` when it replayed, a ``PlanVetoed`` when its gate refused the launch.
+        The hot path of a submit loop: no per-request context object; errors are answered as
+        ``_guarded`` answers them."""
         daemon = self.daemon
         daemon.counters["requests"] += 1
         request_id, plan_id = parse_plan_request(frame) if plan is None else plan
@@ -115,7 +116,7 @@ class Dispatcher:
             self._plan_services = PlanServices(daemon.devices, daemon.watchdog.keepalive, daemon.metrics)
         with request_context(request_id, session.label):
             try:
-                outcome = run_plan(self._plan_services, session, request_id, plan_id, settle=settle,
+                outcome = run_plan(self._plan_services, session, request_id, plan_id, settle=settle, gate=gate,
                                    finish_general=partial(self._general_plan_reply, request_id, plan_id, session))
             except Exception as exc:  # noqa: BLE001 - every failure becomes its error reply
                 return [self._error_reply(request_id, "submit (plan)", exc)]

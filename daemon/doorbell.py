@@ -16,11 +16,16 @@ kernel), overlapped with the GPU work it follows.
 Layout (u64 words, little endian; each writer owns its own 64-byte lines):
 
 - word 0 ``REQUEST`` (client): ``plan id << 32 | seq``, one aligned store. ``seq`` is the
-  request's number (1..2**32-1, never 0), also its request id on the lane.
+  request's number (1..2**32-1, never 0), also its request id on the lane. Bit 63 set: a
+  *gated* request (plan ids below 2**31), launched only once word 1 says so.
+- word 1 ``VERDICT`` (client, gated requests): ``verdict << 32 | seq``, ``LAUNCH`` or ``VETO``,
+  stored once the client finished the checks the run depends on.
 - words 8-11 (daemon): ``generation``, ``node id + 1`` (0: none), the daemon's time in ns,
   the device index whose done word to wait on; then word 12 ``ACK``: ``status << 32 | seq``,
   stored last.
 - word 16 ``AWAKE`` (daemon): 1 while its loop looks at this page without being told.
+- word 20 ``FEATURES`` (daemon, written before the page is handed over): bit 0, gated requests
+  are understood (a page of an older daemon reads 0: the client does not gate).
 - word ``24 + 8 k`` ``DONE[k]`` (device k's stream on CUDA, the daemon on CPU): the ``seq`` of
   the last run on device k whose outputs are ready.
 
@@ -33,6 +38,19 @@ Protocol (one request in flight per lane: the client holds its lock):
 3. ``ACK`` ``REPLAYED``: the outputs are in the plan's slots once ``DONE[device] == seq``.
    ``ACK`` ``ON_LANE``: the full reply (a recording, a skip, an error) is on the lane, with
    ``seq`` as its request id, sent before the ack was stored.
+   ``ACK`` ``ABORTED`` (gated requests only): nothing ran; the client vetoed the launch, or its
+   verdict did not come within ``GATE_WAIT_MAX_S`` of the daemon reaching the launch.
+
+Gated requests: why and how. A submit of a graph that writes its inputs (a decoder step writing
+its KV caches) must not launch before the client checked that the inputs are the plan's and no
+weight changed since upload (``cgtree.client.compile_backend``); those checks cost ~20 us of
+Python on the GPT step, and the daemon's own work before the launch (wake, dispatch, the tree's
+decisions) about as much. A gated request overlaps them: the client rings first and checks
+after; the daemon does everything up to the launch (``TreeManager.launch_gate``: pure decisions,
+nothing run or changed), then reads ``VERDICT``, spinning at most ``GATE_WAIT_MAX_S`` for it. A
+veto, or no verdict in time, leaves the tree as it was and is acked ``ABORTED``; a verdict stored
+after that is never read (the daemon reads ``VERDICT`` only for the request it is gating). So
+one slow client costs the loop at most ``GATE_WAIT_MAX_S``, and never makes it run unchecked.
 
 Invariants:
 - Only x86-64 (total store order): a reader that sees a word sees every store its writer made
@@ -52,19 +70,23 @@ import logging
 import mmap
 import os
 import platform
+import time
 from typing import Any, Optional
 
 import torch
 
 from cgtree.daemon.stream_write import StreamWriter
+from cgtree.errors import LaunchVetoed
 
 log = logging.getLogger("cgtree.daemon.doorbell")
 
 PAGE_BYTES = 4096
 REQUEST = 0
+VERDICT = 1
 REPLY = 8  # generation, node id + 1, daemon ns, device index
 ACK = 12
 AWAKE = 16
+FEATURES = 20
 DONE = 24
 DONE_STRIDE = 8  # one 64-byte line per device
 MAX_DEVICES = (PAGE_BYTES // 8 - DONE) // DONE_STRIDE
@@ -72,6 +94,18 @@ SEQ_MASK = 0xFFFFFFFF
 
 REPLAYED = 1
 ON_LANE = 2
+ABORTED = 3
+
+GATED = 1 << 63  # in REQUEST
+MAX_GATED_PLAN_ID = (1 << 31) - 1
+LAUNCH = 1  # VERDICT values
+VETO = 2
+FEATURE_GATE = 1
+# How long the daemon, having reached a gated run's launch, waits for the client's verdict. The
+# client's checks take ~20 us on the H200 host for the GPT step and start before the daemon's
+# ~30 us of decisions: a verdict usually waits for the daemon, not the other way round. The bound
+# is what one slow (or dead) client may cost everyone else on the loop, per gated request.
+GATE_WAIT_MAX_S = 200e-6
 
 KICK_MAGIC = b"\xc1PK1"  # a lane datagram: "look at my doorbell" (no reply)
 HANDSHAKE_OFFER = b"doorbell"  # second frame of the lane handshake's "ok" when a memfd comes with it
@@ -96,8 +130,12 @@ def doorbell_policy(mode: str, *, serves_cuda: bool, spins: bool, machine: Optio
     return True, "CUDA daemon that spins"
 
 
-def pack_request(seq: int, plan_id: int) -> int:
-    return (plan_id << 32) | seq
+def pack_request(seq: int, plan_id: int, gated: bool = False) -> int:
+    return (GATED if gated else 0) | (plan_id << 32) | seq
+
+
+def pack_verdict(seq: int, launch: bool) -> int:
+    return ((LAUNCH if launch else VETO) << 32) | seq
 
 
 def pack_ack(status: int, seq: int) -> int:
@@ -141,6 +179,7 @@ class Doorbell:
         except BaseException:
             os.close(self.fd)
             raise
+        self._words[FEATURES] = FEATURE_GATE
         self._served = 0  # the last seq taken (a fresh page's REQUEST is 0: nothing rung)
         self._flags: dict[int, torch.Tensor] = {}  # device index -> the CUDA view of its DONE word
         self._writers: dict[int, Optional[StreamWriter]] = {}  # device index -> its memop writer (None: fill_)
@@ -183,14 +222,34 @@ class Doorbell:
             os.close(self.fd)
             self.fd = None
 
-    def take(self) -> Optional[tuple[int, int]]:
-        """The request rung since the last one taken, as (seq, plan id); None when none."""
+    def take(self) -> Optional[tuple[int, int, bool]]:
+        """The request rung since the last one taken, as (seq, plan id, gated); None when none."""
         word = self._words[REQUEST]
         seq = word & SEQ_MASK
         if seq == self._served or seq == 0:
             return None
         self._served = seq
-        return seq, word >> 32
+        return seq, (word >> 32) & ~(GATED >> 32), bool(word & GATED)
+
+    def await_verdict(self, seq: int, within_s: float) -> Optional[bool]:
+        """Gated request ``seq``'s verdict: True (launch), False (veto), None (none within
+        ``within_s``: the caller does not launch, and no later verdict is read)."""
+        words = self._words
+        wanted = seq & SEQ_MASK
+        word = words[VERDICT]
+        if word & SEQ_MASK != wanted:
+            deadline = time.perf_counter() + within_s
+            while True:
+                for _ in range(64):
+                    word = words[VERDICT]
+                    if word & SEQ_MASK == wanted:
+                        break
+                else:
+                    if time.perf_counter() < deadline:
+                        continue
+                    return None
+                break
+        return word >> 32 == LAUNCH
 
     def rung(self) -> bool:
         seq = self._words[REQUEST] & SEQ_MASK
@@ -238,6 +297,34 @@ class Doorbell:
             unmap_page(self._page, self._words)
             self._words = None
         self.handed_over()
+
+
+class LaunchGate:
+    """A gated request's gate, handed to the tree manager (``TreeManager.launch_gate``) for the
+    plan run: called where the run would launch, it passes once the client's verdict says launch,
+    and raises ``LaunchVetoed`` on a veto or when none came in time (``refusal`` says which).
+    Passing is once per request: a second call (the general run after an in-place recording
+    refused the outputs) goes through at once; a refused gate stays refused."""
+
+    __slots__ = ("_doorbell", "seq", "passed", "refusal")
+
+    def __init__(self, doorbell: Doorbell, seq: int) -> None:
+        self._doorbell, self.seq = doorbell, seq
+        self.passed = False
+        self.refusal: Optional[str] = None  # "vetoed" or "late"
+
+    def __call__(self) -> None:
+        if self.passed:
+            return
+        if self.refusal is None:
+            verdict = self._doorbell.await_verdict(self.seq, GATE_WAIT_MAX_S)
+            if verdict:
+                self.passed = True
+                return
+            self.refusal = "late" if verdict is None else "vetoed"
+        raise LaunchVetoed(f"gated request {self.seq}: " + (
+            "the client vetoed the launch" if self.refusal == "vetoed"
+            else f"no verdict within {GATE_WAIT_MAX_S * 1e6:.0f} us of the launch"))
 
 
 def _check_host_mapping(flag: torch.Tensor, words: memoryview, word: int) -> bool:

@@ -56,6 +56,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from cgtree.daemon.protocol import ProtocolError
+from cgtree.errors import LaunchVetoed
 
 PLAN_REQUEST_MAGIC = b"\xc1PQ1"
 PLAN_REPLY_MAGIC = b"\xc1PR1"
@@ -187,13 +188,33 @@ class PlanReplayed:
     device_index: int
 
 
+@dataclass(frozen=True)
+class PlanVetoed:
+    """A gated plan run that did not launch (``cgtree.daemon.doorbell.LaunchGate``): nothing ran."""
+
+    refusal: str  # "vetoed" (by the client) or "late" (no verdict in time)
+
+
 def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int, *, finish_general: Callable,
-             settle: Optional[Callable[[Any], None]] = None) -> Any:
+             settle: Optional[Callable[[Any], None]] = None, gate: Any = None) -> Any:
     """Run a plan: ``PlanReplayed`` when it replayed into the same slots, else the frames of the
     general submit reply (``finish_general(state, runtime, graph_id, outputs, received)``).
 
     ``settle(runtime)`` makes a replayed run's outputs readable by the client: by default a host
-    synchronize before the answer; a doorbell enqueues its done-write instead."""
+    synchronize before the answer; a doorbell enqueues its done-write instead. ``gate`` (a gated
+    doorbell request's ``LaunchGate``) is called by the tree manager where the run would launch;
+    when it refuses, nothing ran and the answer is ``PlanVetoed``."""
+    if gate is None:
+        return _run_plan(services, session, plan_id, finish_general, settle, None)
+    try:
+        return _run_plan(services, session, plan_id, finish_general, settle, gate)
+    except LaunchVetoed:
+        session.counters["gate_" + (gate.refusal or "vetoed")] += 1
+        return PlanVetoed(gate.refusal or "vetoed")
+
+
+def _run_plan(services: PlanServices, session: Any, plan_id: int, finish_general: Callable,
+              settle: Optional[Callable[[Any], None]], gate: Any) -> Any:
     received = time.perf_counter()
     state, plan = find_plan(session, plan_id)
     runtime = services.devices[state.device]
@@ -210,7 +231,7 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     if plan.direct is not None:
         services.keepalive()
         try:
-            plan.direct(*plan.direct_args)
+            _gated_call(state.manager, gate, plan.direct, plan.direct_args)
         except DirectPlanMismatch:
             plan.direct, plan.direct_refused = None, True  # and this call the general way, below
         else:
@@ -228,7 +249,7 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
             # the slots onto themselves: two calls per recording, not worth a path of their own.
             return finish_general(state, runtime, plan.graph_id, list(plan.buffer.views()), received)
     services.keepalive()
-    outputs = plan.fn(*plan.weights, *plan.inputs)
+    outputs = _gated_call(state.manager, gate, plan.fn, (*plan.weights, *plan.inputs))
     services.keepalive()
     execution = state.manager.last_execution
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
@@ -240,6 +261,18 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     plan.buffer.copy_in(flat)
     del flat  # the tree must see replay outputs dead: nothing of the pool is kept here
     return _replayed(services, session, runtime, plan, execution, received, settle)
+
+
+def _gated_call(manager: Any, gate: Any, fn: Callable, args: tuple) -> Any:
+    """``fn(*args)``, its manager call passing ``gate`` first (a gate already passed lets it
+    through at once); the gate never outlives the call, whether or not the call reached it."""
+    if gate is None:
+        return fn(*args)
+    manager.launch_gate = gate
+    try:
+        return fn(*args)
+    finally:
+        manager.launch_gate = None
 
 
 def _replayed(services: PlanServices, session: Any, runtime: Any, plan: SubmitPlan, execution: Any, received: float,

@@ -32,7 +32,8 @@ Reply::
                                   "sessions": [int]}]}],
      "sessions": [{"id", "name", "uid": int | None, "pid", "state": "live" | "parked", "idle_s", "submits",
                    "lane": bool, "lane_requests": int,
-                   "doorbell": bool, "doorbell_requests": int, "graphs": [{"device", "graph"}],
+                   "doorbell": bool, "doorbell_requests": int,
+                   "gated": {"requests": int, "vetoed": int, "late": int}, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
                                "live_blocks": int, "pool_bytes": int, "counters": {...},
                                "output_buffers": int, "output_buffer_bytes": int,
@@ -143,6 +144,10 @@ def session_status(session, now: float) -> dict:
         "lane_requests": session.counters["lane_requests"],
         "doorbell": session.doorbell_open,  # its lane has a doorbell page (cgtree.daemon.doorbell)
         "doorbell_requests": session.counters["doorbell_requests"],  # plan runs rung on its doorbell page
+        # Of those, gated ones (cgtree.daemon.doorbell): launched only on the client's verdict;
+        # vetoed by it, or not launched because the verdict came too late.
+        "gated": {"requests": session.counters["gated_requests"], "vetoed": session.counters["gate_vetoed"],
+                  "late": session.counters["gate_late"]},
         "graphs": [{"device": device, "graph": graph_id} for (device, graph_id) in sorted(session.graphs)],
         "devices": devices,
     }

@@ -15,6 +15,8 @@ Invariants:
 - After answering a replay at its launch the loop keeps spinning until the run is done, at most
   ``DONE_SPIN_MAX_S`` (``Waiter.awaiting_done``).
 - A request rung on a lane whose session ended gets ``no_session`` and the lane is closed.
+- A gated request launches only once its client said so (``LaunchGate``); one it did not is
+  acked ``ABORTED``, and nothing of it ran.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import time
 from functools import partial
 from typing import Any, Optional
 
-from cgtree.daemon.doorbell import ON_LANE, REPLAYED, Doorbell, doorbell_policy
+from cgtree.daemon.doorbell import ABORTED, ON_LANE, REPLAYED, Doorbell, LaunchGate, doorbell_policy
 from cgtree.daemon.lane import LaneConnection
-from cgtree.daemon.plans import PlanReplayed
+from cgtree.daemon.plans import PlanReplayed, PlanVetoed
 from cgtree.daemon.protocol import encode_error
 from cgtree.daemon.waiting import DONE_SPIN_MAX_S
 
@@ -66,15 +68,21 @@ class DoorbellTransport:
         taken = doorbell.take()
         if taken is None:
             return
-        seq, plan_id = taken
+        seq, plan_id, gated = taken
         session = connection.session
         session.counters["doorbell_requests"] += 1
         if session.state != "live" or session.identity is None:
             self.answer_on_lane_instead(connection, seq, [encode_error(seq, "no_session", "the session of this lane has ended")])
             daemon.lanes.close(connection)
             return
-        outcome = daemon.dispatcher.answer_plan(session, None, plan=(seq, plan_id), settle=partial(doorbell.signal_done, seq=seq))
-        if isinstance(outcome, PlanReplayed):
+        gate = LaunchGate(doorbell, seq) if gated else None
+        if gated:
+            session.counters["gated_requests"] += 1
+        outcome = daemon.dispatcher.answer_plan(session, None, plan=(seq, plan_id), gate=gate,
+                                                settle=partial(doorbell.signal_done, seq=seq))
+        if isinstance(outcome, PlanVetoed):
+            doorbell.answer(seq, ABORTED)  # nothing ran; the client submits the general way
+        elif isinstance(outcome, PlanReplayed):
             daemon.waiting.awaiting_done = daemon.waiting.spins()
             daemon.waiting.awaiting_done_until = time.perf_counter() + DONE_SPIN_MAX_S
             doorbell.answer(seq, REPLAYED, generation=outcome.generation, node_id=outcome.node_id,

@@ -22,16 +22,22 @@ from cgtree.client.doorbell import ClientDoorbell, DoorbellHangup, DoorbellTimeo
 from cgtree.client.lane import ClientLane
 from cgtree.config import ConfigError, DaemonConfig
 from cgtree.daemon.doorbell import (
+    ABORTED,
+    FEATURES,
+    GATE_WAIT_MAX_S,
+    MAX_GATED_PLAN_ID,
     ON_LANE,
     REPLAYED,
     SEQ_MASK,
     Doorbell,
+    LaunchGate,
     doorbell_policy,
     done_word,
     next_seq,
 )
 from cgtree.daemon.lane import LaneHub
 from cgtree.daemon.protocol import ProtocolError, decode_reply
+from cgtree.errors import LaunchVetoed
 
 CPU = types.SimpleNamespace(is_cuda=False, device=torch.device("cpu"))
 x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="doorbells are x86-64 only")
@@ -93,7 +99,7 @@ def test_a_request_rung_on_one_mapping_is_taken_once_and_answered_on_the_other(p
     assert daemon_end.take() is None and not daemon_end.rung()
     seq = client_end.ring(7)
     assert daemon_end.rung()
-    assert daemon_end.take() == (seq, 7)
+    assert daemon_end.take() == (seq, 7, False)
     assert daemon_end.take() is None and not daemon_end.rung()  # a request runs once
     daemon_end.signal_done(CPU, seq)  # the CPU backend's run is over when it returns
     assert daemon_end.settled()
@@ -105,11 +111,55 @@ def test_a_request_rung_on_one_mapping_is_taken_once_and_answered_on_the_other(p
     assert lane.kicks == 0
     # The next request has a new number; an answer to the old one is not taken for it.
     second = client_end.ring(7)
-    assert second != seq and daemon_end.take() == (second, 7)
+    assert second != seq and daemon_end.take() == (second, 7, False)
     with pytest.raises(DoorbellTimeout):
         client_end.wait_ack(second, lane, timeout_s=0.05, spin_s=0.0)
     daemon_end.answer(second, ON_LANE)
     assert client_end.wait_ack(second, lane, timeout_s=1.0, spin_s=0.0)[0] == ON_LANE
+
+
+@x86
+def test_a_gated_request_launches_only_on_its_own_verdict(page):
+    daemon_end, client_end = page
+    assert client_end.gates(7) and not client_end.gates(MAX_GATED_PLAN_ID + 1)  # that id would not fit
+    seq = client_end.ring(7, gated=True)
+    assert daemon_end.take() == (seq, 7, True)
+    gate = LaunchGate(daemon_end, seq)
+    # No verdict yet: the daemon waits at most GATE_WAIT_MAX_S, then does not launch, for good.
+    started = time.perf_counter()
+    with pytest.raises(LaunchVetoed, match="no verdict"):
+        gate()
+    assert time.perf_counter() - started >= GATE_WAIT_MAX_S and gate.refusal == "late" and not gate.passed
+    client_end.verdict(seq, True)  # too late: a refused gate stays refused
+    with pytest.raises(LaunchVetoed):
+        gate()
+    # The next request: a launch verdict of the previous one does not count for it.
+    second = client_end.ring(7, gated=True)
+    assert daemon_end.take() == (second, 7, True)
+    gate = LaunchGate(daemon_end, second)
+    threading.Timer(0.00005, client_end.verdict, (second, True)).start()
+    verdict = daemon_end.await_verdict(second, 5.0)
+    assert verdict is True
+    gate()
+    assert gate.passed
+    gate()  # passed once: every later call goes through at once
+    # A veto.
+    third = client_end.ring(9, gated=True)
+    assert daemon_end.take() == (third, 9, True)
+    client_end.verdict(third, False)
+    gate = LaunchGate(daemon_end, third)
+    with pytest.raises(LaunchVetoed, match="vetoed"):
+        gate()
+    assert gate.refusal == "vetoed"
+    daemon_end.answer(third, ABORTED)
+    assert client_end.wait_ack(third, FakeLane(), timeout_s=1.0, spin_s=0.0)[0] == ABORTED
+
+
+def test_a_page_without_the_gate_feature_is_never_gated(page):
+    """An older daemon's page reads 0 in FEATURES: its client rings ungated requests only."""
+    daemon_end, client_end = page
+    daemon_end.words[FEATURES] = 0
+    assert not client_end.gates(7)
 
 
 @x86
@@ -170,7 +220,7 @@ def test_the_lane_handshake_hands_the_page_to_the_sessions_client(tmp_path):
         hub.set_awake(False)
         assert not lane.doorbell.awake()
         seq = lane.doorbell.ring(42)
-        assert connection.doorbell.take() == (seq, 42)  # one page, two processes' views
+        assert connection.doorbell.take() == (seq, 42, False)  # one page, two processes' views
         hub.close(connection)
         assert not hub.ringing and not session.doorbell_open
         deadline = time.monotonic() + 5

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cgtree.client import Client
+from cgtree.daemon.doorbell import VERDICT, Doorbell, LaunchGate, pack_verdict
 from cgtree.daemon.lane import LANE_MAGIC, LANE_MAX_BYTES, receive_datagram, send_frames, split_datagram
 from cgtree.daemon.metrics import NullMetrics
 from cgtree.daemon.plans import (
@@ -30,6 +31,7 @@ from cgtree.daemon.plans import (
     parse_plan_reply,
     parse_plan_request,
     PlanReplayed,
+    PlanVetoed,
     run_plan,
     writing_into,
 )
@@ -223,3 +225,41 @@ def test_no_in_place_recording_for_a_plan_whose_general_runs_do_not_replay(monke
     modes = [run_plan(services, session, i, plan.plan_id, finish_general=finish_general)[0] for i in range(5)]
     assert modes == ["skipped"] * 5 and plan.direct is None and not state.plans.direct
     torch.testing.assert_close(buffer.views()[0], torch.relu(x @ weight))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["general", "in-place"])
+def test_a_gated_plan_run_launches_only_on_the_clients_verdict(monkeypatch, in_place):
+    """A gated doorbell request's plan run (``LaunchGate`` over a real page): vetoed, or with
+    no verdict in time, nothing ran (the buffer and the tree as they were, ``PlanVetoed``);
+    with a launch verdict it replays as an ungated run would, on both kinds of plan run."""
+    monkeypatch.setattr("cgtree.daemon.plans.DIRECT_AFTER_RUNS", 0 if in_place else 10**6)
+    manager, state, session, services, plan, weight, x = _plan_setup()
+    page = Doorbell([])
+    try:
+        def finish_general(state_, runtime, graph_id, outputs, received):
+            state_.output_buffers[graph_id].copy_in(outputs)
+            return [manager.last_execution.mode.value]
+
+        for _ in range(6):  # to the steady state: the in-place recording's warmup and recording first
+            replayed = isinstance(run_plan(services, session, 0, plan.plan_id, finish_general=finish_general), PlanReplayed)
+        assert replayed
+        assert (plan.direct is not None) == in_place
+        for seq, verdict in enumerate([None, False, True, False, True], start=1):
+            x.copy_(torch.randn(4, 8))
+            before = (plan.buffer.views()[0].clone(), plan.buffer.generation, dict(manager.counters))
+            if verdict is not None:
+                page.words[VERDICT] = pack_verdict(seq, verdict)
+            result = run_plan(services, session, seq, plan.plan_id, finish_general=finish_general,
+                              gate=LaunchGate(page, seq))
+            if verdict:
+                assert isinstance(result, PlanReplayed)
+                torch.testing.assert_close(plan.buffer.views()[0], torch.relu(x @ weight))
+                assert manager.counters["replays"] == before[2]["replays"] + 1
+            else:
+                assert result == PlanVetoed("late" if verdict is None else "vetoed")
+                torch.testing.assert_close(plan.buffer.views()[0], before[0])
+                assert plan.buffer.generation == before[1] and manager.counters == before[2]
+            assert manager.launch_gate is None
+        assert session.counters["gate_late"] == 1 and session.counters["gate_vetoed"] == 2
+    finally:
+        page.close()
