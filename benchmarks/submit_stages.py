@@ -8,9 +8,12 @@ between consecutive stages over the loop. Both processes read ``time.perf_counte
 
 - By default the client rings the lane's doorbell page (``cgtree.daemon.doorbell``), as a
   default ``Client`` does: stages call, graph_call (the compile backend), submit, plan_run,
-  rung | daemon_woke, rung_taken, plan_dispatch, run_plan, tree_call, replay_start,
-  replay_launched, signal_start, signalled, run_plan_done, answered | acked, outputs_built,
-  done_seen, plan_run_done, submit_done, graph_done, call_done, caller_synced.
+  rung, verdict | daemon_woke, rung_taken, plan_dispatch, run_plan, tree_call, gate_wait,
+  gate_passed, replay_start, replay_launched, signal_start, signalled, run_plan_done, answered |
+  acked, outputs_built, done_seen, plan_run_done, submit_done, graph_done, call_done,
+  caller_synced. A gated run (the default for a hot plan, ``cgtree.daemon.doorbell``) rings
+  before the client's checks, whose end is ``verdict``; the daemon's ``gate_wait`` ->
+  ``gate_passed`` is how long it waited for it. Gaps are between stages in time order.
 - ``--lane``: ``Client(doorbell=False)``: plan runs as lane datagrams, with the daemon's host
   synchronize (request_sent, read_start/read_done, sync_start/synchronized, send_start/
   send_done, reply_received instead of the page's stages).
@@ -55,9 +58,9 @@ _now = time.perf_counter_ns
 
 # Stages in the order a plan run passes them: client, daemon, client again (a run stamps the
 # ones of its transport: the page's or the lane's).
-CLIENT_BEFORE = ("call", "graph_call", "submit", "plan_run", "request_sent", "rung")
+CLIENT_BEFORE = ("call", "graph_call", "submit", "plan_run", "request_sent", "rung", "verdict")
 DAEMON_ORDER = ("daemon_woke", "read_start", "read_done", "rung_taken", "plan_dispatch", "run_plan", "tree_call",
-                "replay_start", "replay_launched", "sync_start", "synchronized", "signal_start", "signalled",
+                "gate_wait", "gate_passed", "replay_start", "replay_launched", "sync_start", "synchronized", "signal_start", "signalled",
                 "run_plan_done", "answered", "send_start", "send_done")
 CLIENT_AFTER = ("reply_received", "acked", "outputs_built", "done_seen", "plan_run_done", "submit_done", "graph_done",
                 "call_done", "caller_synced")
@@ -108,6 +111,7 @@ DAEMON_STAMPS = (
     ("cgtree.daemon.dispatch:run_plan", "run_plan", "run_plan_done"),  # as the dispatch module calls it
     ("cgtree.daemon.doorbell:Doorbell.signal_done", "signal_start", "signalled"),
     ("cgtree.daemon.doorbell:Doorbell.answer", None, "answered"),
+    ("cgtree.daemon.doorbell:LaunchGate.__call__", "gate_wait", "gate_passed"),
     ("cgtree.daemon.lane:LaneHub.send", "send_start", "send_done"),
 )
 # A lane plan run synchronizes right after launching its replay. (Not stamped with a doorbell:
@@ -118,10 +122,13 @@ CLIENT_STAMPS = (
     ("cgtree.client.client:Client.submit", "submit", "submit_done"),
     # The compile backend submits a graph that writes no input with its weight check as the observation.
     ("cgtree.client.client:Client.submit_observing", "submit", "submit_done"),
+    # ... and one that writes its inputs with the weight check as its veto (run after the ring when gated).
+    ("cgtree.client.client:Client.submit_vetoable", "submit", "submit_done"),
     ("cgtree.client.plans:Plans.submit_planned", "plan_run", "plan_run_done"),
     ("cgtree.client.plans:Plans.outputs_of", None, "outputs_built"),
     ("cgtree.client.lane:ClientLane.request", "request_sent", "reply_received"),
     ("cgtree.client.doorbell:ClientDoorbell.ring", None, "rung"),
+    ("cgtree.client.doorbell:ClientDoorbell.verdict", None, "verdict"),
     ("cgtree.client.doorbell:ClientDoorbell.wait_ack", None, "acked"),
     ("cgtree.client.doorbell:ClientDoorbell.wait_done", None, "done_seen"),
 )
@@ -191,7 +198,9 @@ def stage_table(client: list[dict], daemon: list[dict]) -> list[dict]:
     gaps: dict[str, list[float]] = {}
     for c, d in pairs:
         merged = {**c, **d}
-        present = [s for s in ORDER if s in merged]
+        # In time order: a gated run (cgtree.daemon.doorbell) interleaves the client's checks
+        # with the daemon's work, so the listed order is not always the order things happened.
+        present = sorted((s for s in ORDER if s in merged), key=lambda s: merged[s])
         for a, b in zip(present, present[1:]):
             gaps.setdefault(f"{a} -> {b}", []).append((merged[b] - merged[a]) / 1e3)
         first = "call" if "call" in merged else "submit"

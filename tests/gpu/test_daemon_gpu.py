@@ -520,6 +520,57 @@ def test_weights_changed_during_a_compiled_doorbell_loop_are_used_from_the_next_
         assert client.compile_stats.as_dict()["graphs_in_client"] == 0
 
 
+class Accumulating(torch.nn.Module):
+    """A step that adds into its cache: run twice, the cache shows it (a stale run that launched
+    anyway would not pass for a correct one, as an idempotent KV write might)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(64, 64)
+        self.register_buffer("cache", torch.zeros(8, 64))
+
+    def forward(self, x):
+        self.cache.add_(torch.tanh(self.proj(x)))
+        return self.cache * 2
+
+
+def test_a_writing_graphs_doorbell_loop_is_gated_and_a_changed_weight_vetoes_the_stale_run(wide_spin_daemon):
+    """A compiled step that writes its cache runs its hot plan as gated doorbell requests (the
+    weight check between the ring and the launch, ``Client.submit_vetoable``). A weight changed
+    in place vetoes the run before it launches: the cache is written once, with the new weight,
+    and the loop goes on gated."""
+    from cgtree.client import Client
+    from cgtree.client.compile_backend import backend
+
+    model = Accumulating().eval().cuda()
+    reference = Accumulating().eval().cuda()
+    reference.load_state_dict(model.state_dict())
+    with Client(wide_spin_daemon.endpoint, timeout_s=120) as client, torch.no_grad():
+        compiled = torch.compile(model, backend=backend(client))
+        x = torch.randn(8, 64, device="cuda:0") * 0.1
+        for _ in range(60):  # past the plan's in-place recording: the loop rings the doorbell
+            compiled(x)
+            reference(x)
+        torch.testing.assert_close(model.cache, reference.cache)
+        before = client.status(session_only=True)["sessions"][0]["gated"]
+        for net in (model, reference):
+            net.proj.weight.mul_(-1.0)
+        out = compiled(x)
+        torch.testing.assert_close(out, reference(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.cache, reference.cache, atol=1e-4, rtol=1e-4)  # written once
+        for _ in range(60):
+            out = compiled(x)
+            reference(x)
+        torch.testing.assert_close(out, reference.cache * 2, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.cache, reference.cache, atol=1e-4, rtol=1e-4)
+        after = client.status(session_only=True)["sessions"][0]["gated"]
+        assert after["requests"] - before["requests"] >= 50, (before, after)
+        # The stale run was vetoed at its gate (or, on a loaded host, its verdict came late: not launched either).
+        assert after["vetoed"] - before["vetoed"] == 1 or after["late"] > before["late"], (before, after)
+        assert client.compile_stats.as_dict()["graphs_in_client"] == 0
+
+
 RINGING_GPU_CLIENT = """
 import json, sys, torch
 from cgtree.client import Client
