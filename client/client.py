@@ -355,7 +355,7 @@ class Client:
         if hot is not None and len(inputs) == len(hot[0]):
             # The hot plan's inputs are checked inside: after the ring when the run is gated.
             outcome = self.plans.submit_planned(handle, hot[1], started, observation, identity=(hot[0], inputs), veto=veto)
-            if type(outcome) is tuple or outcome is veto:
+            if type(outcome) is tuple or (veto is not None and outcome is veto):
                 return outcome
             if outcome is None:
                 self.plans.forget(handle, hot[1])

@@ -167,3 +167,32 @@ def test_a_settle_that_fails_vetoes_and_is_raised_after_the_answer(gated):
     with pytest.raises(RuntimeError, match="the stream is broken"):
         _submit(gated, Veto(lambda: []))
     assert "launched" not in events and page.take() is None
+
+
+@pytest.mark.parametrize("miss", [None, Miss.INPUTS_DIFFER, Miss.GATE_LATE], ids=["plan-gone", "other-inputs", "late"])
+def test_a_hot_plan_run_that_did_not_run_leaves_the_submit_to_the_general_path(cgtreed, monkeypatch, miss):
+    """``Client._submit_once`` over a hot plan's outcomes (plans need CUDA output buffers, so
+    the hot entry and its outcome are put in place here): every miss submits the general way and
+    returns its outputs; only a gone plan is forgotten. A veto comes back as the answer, unsent."""
+    from cgtree.client import Client
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8).eval()
+    x = torch.randn(4, 8)
+    with Client(cgtreed.endpoint, timeout_s=30) as client, torch.no_grad():
+        handle = client.register(model, [x])
+        client.submit(handle, [x])
+        key = (handle.device, handle.graph_id)
+        plan = Plan(plan_id=5, buffer_id=1, slots=[], function="g", packed=b"", overwritten="")
+        client.plans.hot[key] = (_identity_marks([x]), plan)
+        offered = []
+        monkeypatch.setattr(client.plans, "submit_planned",
+                            lambda *args, **kwargs: offered.append(kwargs) or (kwargs["veto"] if kwargs["veto"] else miss))
+        (out,) = client.submit(handle, [x])
+        torch.testing.assert_close(out, model(x))
+        assert offered[0]["identity"][1] == [x] and offered[0]["veto"] is None
+        assert (key in client.plans.hot) is (miss is not None)
+        client.plans.hot[key] = (_identity_marks([x]), plan)
+        submits = client.status(session_only=True)["sessions"][0]["submits"]
+        assert client.submit_vetoable(handle, [x], lambda: ["weight 0"]) == (None, ["weight 0"])
+        assert client.status(session_only=True)["sessions"][0]["submits"] == submits  # nothing was sent
