@@ -236,19 +236,13 @@ class Doorbell:
         ``within_s``: the caller does not launch, and no later verdict is read)."""
         words = self._words
         wanted = seq & SEQ_MASK
-        word = words[VERDICT]
-        if word & SEQ_MASK != wanted:
-            deadline = time.perf_counter() + within_s
-            while True:
-                for _ in range(64):
-                    word = words[VERDICT]
-                    if word & SEQ_MASK == wanted:
-                        break
-                else:
-                    if time.perf_counter() < deadline:
-                        continue
-                    return None
-                break
+        deadline = None
+        while (word := words[VERDICT]) & SEQ_MASK != wanted:
+            now = time.perf_counter()
+            if deadline is None:
+                deadline = now + within_s
+            elif now >= deadline:
+                return None
         return word >> 32 == LAUNCH
 
     def rung(self) -> bool:

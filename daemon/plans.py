@@ -204,11 +204,9 @@ def run_plan(services: PlanServices, session: Any, request_id: int, plan_id: int
     synchronize before the answer; a doorbell enqueues its done-write instead. ``gate`` (a gated
     doorbell request's ``LaunchGate``) is called by the tree manager where the run would launch;
     when it refuses, nothing ran and the answer is ``PlanVetoed``."""
-    if gate is None:
-        return _run_plan(services, session, plan_id, finish_general, settle, None)
     try:
         return _run_plan(services, session, plan_id, finish_general, settle, gate)
-    except LaunchVetoed:
+    except LaunchVetoed:  # only a gate raises it
         session.counters["gate_" + (gate.refusal or "vetoed")] += 1
         return PlanVetoed(gate.refusal or "vetoed")
 
