@@ -300,6 +300,24 @@ def daemon_snapshot(client: Any, log: ClientLog) -> dict:
     return snap
 
 
+def daemon_kernels(client: Any) -> list[dict]:
+    """What each graph of this client's session runs in cgtreed: ``inductor`` or ``aten`` (the
+    decoded ATen code: chosen by ``daemon.compile``, or a graph inductor could not compile, which
+    stays graphed and correct but runs unfused kernels: only this tells it apart)."""
+    status = client.status(session_only=True)
+    own = {session.get("id") for session in status.get("sessions") or []}
+    return [{"graph": graph.get("short_name") or graph.get("graph"), "kernels": graph.get("kernels"),
+             "note": graph.get("kernels_note") or ""}
+            for device in status.get("devices") or [] for graph in device.get("registered") or []
+            if own & set(graph.get("sessions") or [])]
+
+
+def uncompiled_graphs(kernels: list[dict]) -> list[dict]:
+    """The graphs that run ATen code although the daemon compiles (its ``daemon.compile`` not
+    "eager")."""
+    return [k for k in kernels if k["kernels"] == "aten" and not k["note"].startswith("daemon.compile")]
+
+
 def delta(after: dict, before: dict) -> dict:
     """Numeric counters: how much each grew from ``before`` to ``after`` (zeros kept)."""
     return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -518,7 +536,7 @@ def prepare(path: str, case: real_models.ModelCase, ctx: Context, client_log: Op
             last = client.last_execution
             return {"daemon_compile": ctx.args.daemon_compile,
                     "last_execution_mode": None if last is None else last.get("mode"),
-                    "last_execution": last, "client_log": list(client_log.kept),
+                    "last_execution": last, "client_log": list(client_log.kept), "kernels": daemon_kernels(client),
                     # runs handed back stream-ordered (CGTREE_STREAM_ORDERED_OUTPUTS=1): 0 with the default
                     "stream_order": client.stream_order.describe()}
     else:
@@ -1076,6 +1094,12 @@ def not_graphed_where_reduce_overhead_is(models: list[dict]) -> list[str]:
     return missed
 
 
+def aten_code_in_daemon(models: list[dict]) -> list[str]:
+    """``model/graph: why`` for each cgtreed graph that runs ATen code although the daemon compiles."""
+    return [f"{m['name']}/{graph['graph']}: {graph['note']}" for m in models
+            for graph in uncompiled_graphs(((m["paths"].get("cgtreed") or {}).get("details") or {}).get("kernels") or [])]
+
+
 def failed_rows(models: list[dict]) -> list[str]:
     failed = []
     for m in models:
@@ -1152,6 +1176,8 @@ def render_markdown(report: dict) -> str:
                     path != "eager" and row["graphed_note"] and (row["graphed"] is None or "but" in row["graphed_note"])):
                 notes.append(f"- {m['name']} / {path}: " + "; ".join(
                     x for x in (row["note"], row["graphed_note"]) if x))
+            for graph in uncompiled_graphs((row.get("details") or {}).get("kernels") or []):
+                notes.append(f"- {m['name']} / {path}: graph {graph['graph']} runs ATen code, not inductor's ({graph['note']})")
         lines.append("| " + " | ".join(cells) + " |")
     summary = report["summary"]
     lines += ["", "| path | graphed | geomean speed-up over eager (models) |", "|---|---:|---:|"]
@@ -1165,7 +1191,7 @@ def render_markdown(report: dict) -> str:
             value = "-" if ratio["geomean"] is None else f"{ratio['geomean']:.2f}x ({ratio['models']})"
             lines.append(f"| {key} | {value} |")
     if notes or shared_notes:
-        lines += ["", "Not graphed, failed, skipped or n/a, and why:", "", *shared_notes, *notes]
+        lines += ["", "Not graphed, not compiled, failed, skipped or n/a, and why:", "", *shared_notes, *notes]
     if report.get("interrupted"):
         lines += ["", f"Stopped early: {report['interrupted']}."]
     lines.append("")
@@ -1303,6 +1329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["summary"] = summarize(report["models"], args.paths)
         report["failed"] = failed_rows(report["models"])
         report["not_graphed_where_reduce_overhead_is"] = not_graphed_where_reduce_overhead_is(report["models"])
+        report["aten_code_in_daemon"] = aten_code_in_daemon(report["models"])
         report["ok"] = not report["failed"]
 
     started = time.monotonic()

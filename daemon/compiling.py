@@ -25,6 +25,11 @@ Invariants:
   whose graph writes a CPU input runs instead (those writes land in a copy the daemon sends
   back; the tree must see them op by op, and compiled kernels would hide them).
 - Nothing here executes the graph; compiling traces it with fake tensors.
+- Inductor compiles a copy whose views may copy (``views_as_reshapes``): the lowering chose
+  ``view`` for the strides eager gives, and inductor's decompositions may give an intermediate
+  other strides (its ``cat`` of an empty cache and a transposed key is a clone that keeps the
+  transposition), where that ``view`` is refused and the whole graph fell back to ATen code (HF
+  bloom, every call). A ``reshape`` is that same view wherever the view is possible.
 - Artifacts hold pickled code (inductor's cache format): they are written by the daemon's own
   worker only, into a directory of the daemon user's, mode 0700, and never read from a
   directory another user can write (``artifact_dir`` refuses it).
@@ -149,11 +154,60 @@ def compile_artifact(decoded: Any, device: torch.device, path: Path, examples: O
 
     started = time.perf_counter()
     examples = example_inputs(decoded, device) if examples is None else examples
-    artifact = standalone_compile(decoded.module, examples, dynamic_shapes="from_example_inputs", options=INDUCTOR_OPTIONS)
+    artifact = standalone_compile(views_as_reshapes(decoded.module), examples, dynamic_shapes="from_example_inputs", options=INDUCTOR_OPTIONS)
     partial = path.with_name(path.name + f".{os.getpid()}.partial")
     artifact.save(path=str(partial), format="binary")
     os.replace(partial, path)
     return time.perf_counter() - started
+
+
+# Ops that check, at trace time, that their input's strides allow the view (the lowering saw
+# eager's strides; inductor's trace may see others).
+_STRICT_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def views_as_reshapes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``module`` whose strict views are ``aten.reshape``: the same view wherever the
+    strides allow it (then nothing changes), a copy where inductor's layout of the input does not
+    (where the view would refuse to compile). Inductor does the same to its own graphs after
+    tracing (its post-grad ``view_to_reshape``); this graph is traced again first, so it is done
+    before. A view of memory an in-place op writes (``copy_`` into an input, through any chain
+    of views) stays a view: a copy would part it from that write (then the compile fails as
+    before and the ATen code runs)."""
+    copied = copy.deepcopy(module)
+    written = {_view_root(node) for node in _written_nodes(copied.graph)}
+    for node in copied.graph.nodes:
+        if node.op == "call_function" and node.target in _STRICT_VIEWS and _view_root(node) not in written:
+            node.target = torch.ops.aten.reshape.default
+    copied.recompile()
+    return copied
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+            and bool(node.args) and isinstance(node.args[0], torch.fx.Node))
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor whose memory ``node`` is a view of (``node`` itself when it is no view)."""
+    while _is_view(node):
+        node = node.args[0]
+    return node
+
+
+def _written_nodes(graph: torch.fx.Graph) -> list:
+    """Nodes an in-place op writes into (``copy_``'s destination, an ``out=``)."""
+    written = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not schema.is_mutable:
+            continue
+        bound = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
+        written += [bound[a.name] for a in schema.arguments
+                    if a.alias_info is not None and a.alias_info.is_write and isinstance(bound.get(a.name), torch.fx.Node)]
+    return written
 
 
 def load_artifact(path: Path) -> Callable:

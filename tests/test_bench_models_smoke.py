@@ -119,6 +119,13 @@ def test_bench_models_cpu_smoke_run(tmp_path):
             else:
                 assert daemon["graphed"] == (daemon["counters_timed"]["replays"] >= daemon["timed_calls"]
                                              and daemon["counters_timed"]["skipped_calls"] == 0), daemon
+            # What the daemon runs per graph of this session: the CPU daemon's default is ATen code.
+            kernels = daemon["details"]["kernels"]
+            assert kernels and all(k["kernels"] == "aten" and k["note"].startswith("daemon.compile") for k in kernels)
+    if "cgtreed" in paths:
+        graphs = [{k["graph"] for k in by_name[name]["paths"]["cgtreed"]["details"]["kernels"]} for name in ("gpt2", "bert")]
+        assert not graphs[0] & graphs[1]  # one daemon for both models: each row lists its own session's graphs
+        assert report["aten_code_in_daemon"] == []
     if "resnet18-timm" in by_name:
         assert by_name["resnet18-timm"]["status"] == "skipped"
         assert by_name["resnet18-timm"]["note"] == "skipped: timm is not installed"
@@ -174,3 +181,28 @@ def test_bench_models_crash_and_hang_cost_one_path_each(tmp_path):
         assert len(row["round_p50_us"]) == 2, row  # 2 + 1 calls
     assert report["child_starts"] == 3, proc.stderr[-8000:]
     assert report["failed"] == ["gpt2/cgtree", "bert/eager"], proc.stderr[-8000:]
+
+
+bench_models = _load("bench_models")
+
+
+def test_a_daemon_graph_that_was_not_compiled_is_reported_beside_its_graphed_row():
+    """Graphed and correct, yet ATen code where inductor was meant to run (a compile that failed):
+    the counters cannot tell, so the report says it (HF bloom ran so for a session unnoticed)."""
+    kernels = [{"graph": "g1", "kernels": "aten", "note": "compile failed: ValueError: Cannot view a tensor"},
+               {"graph": "g2", "kernels": "inductor", "note": "compiled in the daemon"},
+               {"graph": "g3", "kernels": "aten", "note": "daemon.compile eager"}]
+    assert [k["graph"] for k in bench_models.uncompiled_graphs(kernels)] == ["g1"]
+    row = bench_models.PathRow(p50_us=300.0, graphed=True, graphed_note="replays +3 over 3 calls, no skips",
+                               max_rel_err=0.0, details={"kernels": kernels}).to_json()
+    eager = bench_models.PathRow(p50_us=900.0, max_rel_err=0.0).to_json()
+    models = [{"name": "bloom", "family": "hf-breadth", "status": "ok", "note": "",
+               "paths": {"eager": eager, "cgtreed": row}}]
+    assert bench_models.aten_code_in_daemon(models) == ["bloom/g1: compile failed: ValueError: Cannot view a tensor"]
+    report = {"environment": {"torch": "x", "torch_cuda": None, "python": "3", "device": "cuda:0"},
+              "config": {"paths": ["eager", "cgtreed"], "iters": 3, "generate_iters": 1, "train_iters": 1,
+                         "warmup": 1, "max_rel_err": 1e-3},
+              "models": models, "summary": bench_models.summarize(models, ["eager", "cgtreed"])}
+    markdown = bench_models.render_markdown(report)
+    assert "- bloom / cgtreed: graph g1 runs ATen code, not inductor's (compile failed: ValueError" in markdown
+    assert "g2" not in markdown and "g3" not in markdown
