@@ -75,12 +75,15 @@ every path's steady state.
 
 Timing rounds (a forward model; generate and train paths run one after the other): every path
 is first built, compiled, checked (``CHECK_STEPS``) and warmed up, one after the other, and
-kept alive; then ``--rounds`` rounds (3 on CUDA, 1 on the CPU and in smoke mode) each time
+kept alive; then ``--rounds`` rounds (20 on CUDA, 1 on the CPU and in smoke mode) each time
 every path for its share of ``--iters`` calls, in turn, the order rotated by one path a round
 so that no path is always first; then each path's late check, counters and verdicts. So the
 ratios between paths compare samples taken in alternation, not one path's block after the
 other's with compiles in between (measured on the H200 that way, cgtree/reduce-overhead swung
-by +-30% from run to run on near-identical graphs). Each block starts with ``REWARM_CALLS``
+by +-30% from run to run on near-identical graphs). Rounds are short (10 calls a path at the
+default 200) because the lent H200 hosts slow down for seconds at a time: with 3 rounds of ~67
+calls one disturbed block moved a model's cgtreed/reduce-overhead ratio from 1.0 to 1.9
+(docs/PERFORMANCE.md section 18), where short blocks spread a disturbance over every path. Each block starts with ``REWARM_CALLS``
 untimed calls (the first call after another path ran pays for the switch: caches, a cgtreed
 lane that stopped spinning). Counters for "graphed" are summed over the path's own timed blocks
 (snapshots around each), its life counters over its own phases only (PyTorch's tree counters
@@ -171,6 +174,7 @@ LATE_CHECK_STEP = 100  # after timing
 TIMED_STEP = 50  # the inputs of the timed calls
 COLD_START_CALLS = 3
 REWARM_CALLS = 3  # untimed calls before each timed block of paths timed side by side
+DEFAULT_CUDA_ROUNDS = 20  # short blocks: a host that stalls for seconds hits every path alike
 GENERATE_REPLAY_SLACK = 3  # a generate call may have up to this many decode steps not replayed
 SMOKE_MODELS = ("gpt2", "bert", "resnet18-timm", "mobilenet-v3-small-tv")
 CLIENT_LOGGER = "cgtree.client.compile"
@@ -1233,7 +1237,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated (default {','.join(PATHS)}; eager always runs)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per model and path (default 200; cpu 5; smoke 3)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="timing rounds of a forward model's paths, side by side (default 3; cpu and smoke 1)")
+                        help="timing rounds of a forward model's paths, side by side (default 20; cpu and smoke 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before them (default 64; cpu 5; smoke 2)")
     parser.add_argument("--generate-iters", type=int, default=None, help="timed generate calls (default 5; smoke 1)")
     parser.add_argument("--train-iters", type=int, default=None, help="timed training steps (default 20; smoke 2)")
@@ -1272,7 +1276,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # 64 on CUDA: a cgtreed steady loop gets its plan's own recording after 50 runs
     # (daemon/plans.py DIRECT_AFTER_RUNS); the timed calls should see the steady state of every path.
     args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else (5 if not cuda else 64))
-    args.rounds = args.rounds or (1 if small else 3)
+    args.rounds = args.rounds or (1 if small else DEFAULT_CUDA_ROUNDS)
     args.model_timeout = args.model_timeout or (240.0 if not cuda else 480.0)
     args.generate_iters = args.generate_iters or (1 if small else 5)
     args.train_iters = args.train_iters or (2 if small else 20)

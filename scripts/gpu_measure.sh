@@ -19,7 +19,8 @@
 #   models (540)         benchmarks/bench_models.py, the inference zoo, defaults (--time-budget: limit - 90;
 #                        about 45 s a model on the H200 with a child process per model; one child for
 #                        all should bring it near 25 s, unmeasured: MODELS=a,b,c runs only those)
-#   compile (240)        benchmarks/bench_compile.py: the GPT step
+#   compile (240)        benchmarks/bench_compile.py: the GPT step, 20 rounds of 100 steps a path (short
+#                        blocks side by side: the lent hosts stall for seconds, PERFORMANCE.md section 18)
 #   stages (240)         benchmarks/submit_stages.py on each of STAGES_MODELS (default llama,mobilenet-v3-small-tv):
 #                        the daemon path's per-call time, stage by stage, both processes
 #   in-place-check (60)  benchmarks/in_place_check.py: the per-replay address check, C++ against the loop
@@ -130,7 +131,7 @@ for spec in "$@"; do
                 run_step "$step" "$lim" $PY benchmarks/bench_models.py --device cuda "${which[@]}" \
                     --paths eager,reduce-overhead,cgtree,cgtreed --time-budget $((lim - 90)) \
                     --json "$OUT_DIR/bench_models.json" ;;
-        compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 2 \
+        compile) run_step "$step" "${limit:-240}" $PY benchmarks/bench_compile.py --device cuda --rounds 20 --iters 100 \
                      --json "$OUT_DIR/bench_compile.json" ;;
         stages) run_step "$step" "${limit:-240}" bash -c '
                     IFS=, read -ra models <<<"${STAGES_MODELS:-llama,mobilenet-v3-small-tv}"
