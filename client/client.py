@@ -215,8 +215,11 @@ class Client:
     def status(self, session_only: bool = False) -> dict:
         """The daemon's state: devices, weights, sessions, trees (see docs/PROTOCOL.md); with
         ``"compile_backend"`` (``cgtree.client.compile_backend.CompileStats``) once a
-        ``cgtree.client.backend(client)`` compiled graphs: which ran here instead, and why."""
+        ``cgtree.client.backend(client)`` compiled graphs: which ran here instead, and why; and
+        ``"client_gates"``: this client's gated doorbell runs (``cgtree.client.gate_backoff``:
+        whether it gates now, late verdicts, backoffs)."""
         state = self.session.with_recovery("status", lambda: self.connection.call("status", {"session_only": bool(session_only)})[0])
+        state = {**state, "client_gates": self.plans.gates.describe()}
         stats = getattr(self, "compile_stats", None)
         if stats is not None:  # what cgtree.client.backend(self) kept in this process, and why
             state = {**state, "compile_backend": stats.as_dict()}

@@ -41,6 +41,7 @@ import torch
 from cgtree.client.connection import _decode_reply_for
 from cgtree.client.doorbell import DoorbellHangup, DoorbellTimeout, fits_request
 from cgtree.client.errors import ClientError, DaemonError
+from cgtree.client.gate_backoff import GateBackoff
 from cgtree.client.inputs import PACKED_INPUTS_KEPT, _same_inputs
 from cgtree.client.lane import MOVED, ClientLane, LaneClosed, LaneTimeout
 from cgtree.client.outputs import OVERWRITTEN_MESSAGE, OutputMapping, _mark_stale, _output_slot
@@ -101,12 +102,6 @@ class Miss(enum.Enum):
     GATE_LATE = "the daemon gave up waiting for the verdict"
 
 
-# Gated runs the daemon gave up on (their verdict came after GATE_WAIT_MAX_S) before this
-# client stops gating: each costs a general submit, so a client that is regularly that slow
-# between ring and verdict is better off checking before it rings.
-MAX_LATE_GATES = 16
-
-
 @dataclass
 class Plan:
     """A prepared submit the daemon offered (``cgtree.daemon.plans``), and its outputs' layout."""
@@ -133,8 +128,8 @@ class Plans:
         self.hot: dict[tuple[str, str], tuple[list, Plan]] = {}
         self.use_doorbell = (os.environ.get("CGTREE_DOORBELL", "1") not in ("0", "off", "false")) if doorbell is None \
             else bool(doorbell)
-        self.use_gates = True
-        self.gates_late = 0
+        # When gated runs are late too often, check before ringing for a while (a pure policy).
+        self.gates = GateBackoff()
 
     def settle_report(self) -> None:
         run, self.run = self.run, None
@@ -185,7 +180,7 @@ class Plans:
             return None
         doorbell = lane.doorbell
         rings = self.use_doorbell and doorbell is not None and doorbell.awake() and fits_request(plan.plan_id)
-        if rings and self.use_gates and (identity is not None or veto is not None) and doorbell.gates(plan.plan_id):
+        if rings and (identity is not None or veto is not None) and doorbell.gates(plan.plan_id) and self.gates.allows():
             return self.submit_rung(handle, plan, lane, mapping, started, observation, identity, veto)
         if identity is not None and not _same_inputs(*identity):
             return Miss.INPUTS_DIFFER
@@ -238,6 +233,8 @@ class Plans:
             status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(
                 seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
             answered = time.perf_counter()
+            if gated:
+                self._gate_outcome(late=status == ABORTED and miss is None)
             if status == ABORTED or miss is not None:
                 if status == ON_LANE:
                     lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # refused before the gate
@@ -246,7 +243,7 @@ class Plans:
                     raise ClientError(f"the daemon launched gated request {seq}, which this client did not let it")
                 if failure is not None:
                     raise failure
-                return miss if miss is not None else self._gave_up_waiting()
+                return miss if miss is not None else Miss.GATE_LATE  # the daemon gave up waiting: the general way
             if status != REPLAYED:
                 raw = lane.receive(self.client.timeout_s, self.client.connection.lane.spin_now)  # sent before the ack
                 return self.general_outcome(handle, plan, raw, seq, [], (started, sent, answered))
@@ -279,15 +276,12 @@ class Plans:
         doorbell.verdict(seq, miss is None)
         return miss, failure
 
-    def _gave_up_waiting(self) -> Miss:
-        """The daemon did not get this client's verdict in time: the general way this once, and
-        no more gates for a client that is often that slow."""
-        self.gates_late += 1
-        if self.gates_late >= MAX_LATE_GATES and self.use_gates:
-            self.use_gates = False
-            log.warning("cgtree: %d gated doorbell runs reached the daemon's launch before this client's checks "
-                        "were done; checking before ringing from now on", self.gates_late)
-        return Miss.GATE_LATE
+    def _gate_outcome(self, late: bool) -> None:
+        """Tell the backoff policy how a gated run went; say so when it stops gating."""
+        if self.gates.record(late):
+            log.warning("cgtree: %d of the last %d gated doorbell runs reached the daemon's launch before this "
+                        "client's checks were done; checking before ringing for the next %d hot runs",
+                        self.gates.late_limit, self.gates.recent.maxlen, self.gates.retry_after)
 
     def ordered_on_stream(self, handle: GraphHandle, doorbell: Any, lane: ClientLane, device_index: int,
                           seq: int) -> bool:

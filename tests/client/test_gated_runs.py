@@ -145,16 +145,30 @@ def test_a_check_that_raises_vetoes_and_is_raised_once_the_request_is_answered(g
     assert page.take() is None  # answered: nothing left on the page for the next request
 
 
-def test_a_verdict_later_than_the_daemon_waits_means_the_general_way_and_a_slow_client_stops_gating(gated, monkeypatch):
+def test_a_verdict_later_than_the_daemon_waits_means_the_general_way_and_a_slow_client_backs_off(gated, monkeypatch):
+    from cgtree.client.gate_backoff import GateBackoff
+
     plans, events = gated[0], gated[6]
-    monkeypatch.setattr("cgtree.client.plans.MAX_LATE_GATES", 2)
+    plans.gates = GateBackoff(window=4, late_limit=2, retry_after=1)
     monkeypatch.setattr("cgtree.daemon.doorbell.GATE_WAIT_MAX_S", 0.001)
     slow = threading.Event()
 
     for attempt in range(2):
         outcome, daemon = _submit(gated, Veto(lambda: slow.wait(0.2) and []))
         assert outcome is Miss.GATE_LATE and "launched" not in events
-        assert plans.use_gates is (attempt == 0)
+        assert plans.gates.gating is (attempt == 0)
+    # Backing off: the next hot run (through submit_planned) checks before it rings, ungated.
+    plan, handle, mapping, lane, page, inputs = gated[1], gated[2], gated[3], gated[4], gated[5], gated[7]
+    plans.client.connection.check_daemon_before_send = lambda *args: None
+    plans.client.connection.lane.attached = lane
+    plans.client.buffers = types.SimpleNamespace(mappings={plan.buffer_id: mapping})
+    events.clear()
+    daemon = FakeDaemon(page, events)
+    outcome = plans.submit_planned(handle, plan, 0.0, identity=(_identity_marks(inputs), inputs),
+                                   veto=Veto(lambda: events.append("checked") or []))
+    daemon.join(5)
+    assert outcome == () and events == ["checked", "settled", ("taken", False), "launched"]
+    assert plans.gates.gating and plans.gates.describe()["late"] == 2 and plans.gates.backoffs == 1  # gates again
 
 
 def test_a_settle_that_fails_vetoes_and_is_raised_after_the_answer(gated):
