@@ -70,6 +70,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.gpt import GPTConfig, GPTStep, build_gpt, step_inputs  # noqa: E402
+from benchmarks.revision import source_revision  # noqa: E402
 from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
@@ -460,11 +461,7 @@ def environment(device: torch.device) -> dict:
            "device": str(device), "gpu": None}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(Exception):
-        import subprocess
-
-        env["cgtree_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    env["cgtree_commit"] = source_revision()
     return env
 
 

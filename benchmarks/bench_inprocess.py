@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +74,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.models import BenchModel, build_model, model_names  # noqa: E402
+from benchmarks.revision import source_revision  # noqa: E402
 from benchmarks.report import fmt as _fmt, fmt_ratio as _fmt_ratio, exit_status, reset_torch_graph_state, write_reports  # noqa: E402
 from benchmarks.timing import async_mean, summarize_ns, sync_samples_ns, timed_calls_ms  # noqa: E402
 
@@ -458,7 +458,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "device": str(device),
         "gpu": None,
-        "cgtree_commit": _git_commit(),
+        "cgtree_commit": source_revision(),
     }
     with contextlib.suppress(Exception):
         import cgtree
@@ -471,22 +471,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         env["allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return env
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 

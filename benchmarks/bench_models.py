@@ -163,6 +163,7 @@ import torch  # noqa: E402
 from benchmarks import model_children, real_models  # noqa: E402
 from benchmarks.model_children import BUDGET_NOTE  # noqa: E402
 from benchmarks.bench_compile import relative_error  # noqa: E402
+from benchmarks.revision import source_revision  # noqa: E402
 from benchmarks.report import fmt as _fmt, write_reports  # noqa: E402
 from benchmarks.timing import summarize_ns, sync_samples_ns  # noqa: E402
 
@@ -1204,7 +1205,6 @@ def render_markdown(report: dict) -> str:
 
 def environment(device: torch.device) -> dict:
     import platform
-    import subprocess
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
@@ -1214,9 +1214,7 @@ def environment(device: torch.device) -> dict:
             from importlib.metadata import version
 
             env[name] = version(name)
-    with contextlib.suppress(Exception):
-        env["cgtree_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    env["cgtree_commit"] = source_revision()
     return env
 
 
