@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import operator
 import os
 import stat
 import time
@@ -184,15 +185,24 @@ def views_as_reshapes(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _is_view(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+    """Whether ``node`` shares its first argument's memory (``_unsafe_view`` does too, though its
+    schema does not say so)."""
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and (node.target.is_view or node.target in _STRICT_VIEWS)
             and bool(node.args) and isinstance(node.args[0], torch.fx.Node))
 
 
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:
-    """The tensor whose memory ``node`` is a view of (``node`` itself when it is no view)."""
-    while _is_view(node):
-        node = node.args[0]
-    return node
+    """The tensor whose memory ``node`` is a view of (``node`` itself when it is no view); an
+    item of a view op's list (``split``, ``unbind``) is a view of that op's input."""
+    while True:
+        if _is_view(node):
+            node = node.args[0]
+        elif (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+              and _is_view(node.args[0])):
+            node = node.args[0].args[0]
+        else:
+            return node
 
 
 def _written_nodes(graph: torch.fx.Graph) -> list:

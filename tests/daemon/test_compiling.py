@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import types
 
 import pytest
@@ -178,25 +179,31 @@ def test_a_view_inductor_lays_out_differently_still_compiles_and_matches_aten(tm
 
 
 def test_only_views_no_in_place_write_reaches_become_reshapes():
-    """A view of memory that ``copy_`` writes (directly, or through another view of the same
-    tensor) keeps its aliasing; every other strict view may copy."""
+    """A view of memory that ``copy_`` writes (directly, through another view of the same
+    tensor, or through an item of ``split``) keeps its aliasing; every other strict view may copy."""
     from cgtree.daemon.compiling import views_as_reshapes
 
     aten = torch.ops.aten
     graph = torch.fx.Graph()
-    cache, new, other = graph.placeholder("cache"), graph.placeholder("new"), graph.placeholder("other")
+    cache, new, halved, other = (graph.placeholder(name) for name in ("cache", "new", "halved", "other"))
     window = graph.call_function(aten.view.default, (cache, [4, 4]))
     reader = graph.call_function(aten.view.default, (cache, [16]))  # no write through it, but its memory is written
     graph.call_function(aten.copy_.default, (window, new))
+    halves = graph.call_function(aten.split.Tensor, (halved, 8))
+    first_half = graph.call_function(operator.getitem, (halves, 0))
+    graph.call_function(aten.copy_.default, (first_half, graph.call_function(aten.slice.Tensor, (reader, 0, 0, 8))))
+    halved_reader = graph.call_function(aten._unsafe_view.default, (halved, [4, 4]))
     free = graph.call_function(aten._unsafe_view.default, (other, [16]))
-    graph.output((reader, free))
+    graph.output((reader, halved_reader, free))
     module = torch.fx.GraphModule(torch.nn.Module(), graph)
 
     rewritten = views_as_reshapes(module)
     targets = {node.name: node.target for node in rewritten.graph.nodes}
     assert targets[window.name] is aten.view.default and targets[reader.name] is aten.view.default
+    assert targets[halved_reader.name] is aten._unsafe_view.default
     assert targets[free.name] is aten.reshape.default
     assert free.target is aten._unsafe_view.default  # the module given is not changed
-    cache_value = torch.zeros(16)
-    read, _ = rewritten(cache_value, torch.ones(4, 4), torch.arange(16.0).reshape(4, 4))
+    cache_value, halved_value = torch.zeros(16), torch.zeros(16)
+    read, halved_read, _ = rewritten(cache_value, torch.ones(4, 4), halved_value, torch.arange(16.0).reshape(4, 4))
     assert read.data_ptr() == cache_value.data_ptr() and bool((read == 1).all())
+    assert halved_read.data_ptr() == halved_value.data_ptr() and halved_value[:8].eq(1).all() and halved_value[8:].eq(0).all()
