@@ -83,9 +83,9 @@ other's with compiles in between (measured on the H200 that way, cgtree/reduce-o
 by +-30% from run to run on near-identical graphs). Rounds are short (10 calls a path at the
 default 200) because the lent H200 hosts slow down for seconds at a time: with 3 rounds of ~67
 calls one disturbed block moved a model's cgtreed/reduce-overhead ratio from 1.0 to 1.9
-(docs/PERFORMANCE.md section 18), where short blocks spread a disturbance over every path. Each block starts with ``REWARM_CALLS``
-untimed calls (the first call after another path ran pays for the switch: caches, a cgtreed
-lane that stopped spinning). Counters for "graphed" are summed over the path's own timed blocks
+(docs/PERFORMANCE.md section 18), where short blocks spread a disturbance over every path.
+Each block starts with ``REWARM_CALLS`` untimed calls (the first call after another path ran
+pays for the switch: caches, a cgtreed lane that stopped spinning). Counters for "graphed" are summed over the path's own timed blocks
 (snapshots around each), its life counters over its own phases only (PyTorch's tree counters
 and cgtree's managers are process-wide, and the other paths run in between). A path that fails
 while being prepared is an error row; the others go on. Rounds after the first are dropped once
