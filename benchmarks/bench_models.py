@@ -300,6 +300,20 @@ def daemon_snapshot(client: Any, log: ClientLog) -> dict:
             tree["counters"] = device.get("counters") or tree.get("counters") or {}
             trees.append(tree)
     snap = tree_snapshot(trees)
+    # How the session's submits travelled (summed over its sessions, one per client): the
+    # timed counters then say whether the timed calls ran as doorbell plan runs (the fast
+    # path), lane datagrams or ZeroMQ requests, and how many gated runs were late.
+    for session in status.get("sessions") or []:
+        gated = session.get("gated") or {}
+        for key, value in (("session_submits", session.get("submits")),
+                           ("session_requests", session.get("requests")),
+                           ("session_lane_requests", session.get("lane_requests")),
+                           ("session_doorbell_requests", session.get("doorbell_requests")),
+                           ("session_gated_requests", gated.get("requests")),
+                           ("session_gate_vetoed", gated.get("vetoed")),
+                           ("session_gate_late", gated.get("late"))):
+            if isinstance(value, int):
+                snap[key] = snap.get(key, 0) + value
     snap["graphs_in_client"] = len(log.kept)
     snap["graphs_registered"] = log.registered
     return snap

@@ -119,6 +119,11 @@ def test_bench_models_cpu_smoke_run(tmp_path):
             else:
                 assert daemon["graphed"] == (daemon["counters_timed"]["replays"] >= daemon["timed_calls"]
                                              and daemon["counters_timed"]["skipped_calls"] == 0), daemon
+                # How the timed calls travelled: each was a submit of this row's own session.
+                timed = daemon["counters_timed"]
+                assert timed["session_submits"] >= daemon["timed_calls"], timed
+                assert timed["session_requests"] >= timed["session_submits"], timed
+                assert {"session_lane_requests", "session_doorbell_requests", "session_gate_late"} <= set(timed)
             # What the daemon runs per graph of this session: the CPU daemon's default is ATen code.
             kernels = daemon["details"]["kernels"]
             assert kernels and all(k["kernels"] == "aten" and k["note"].startswith("daemon.compile") for k in kernels)

@@ -31,7 +31,7 @@ Reply::
                                   "kernels": "aten" | "inductor" | "compiling", "kernels_note": str,
                                   "sessions": [int]}]}],
      "sessions": [{"id", "name", "uid": int | None, "pid", "state": "live" | "parked", "idle_s", "submits",
-                   "lane": bool, "lane_requests": int,
+                   "requests": int, "lane": bool, "lane_requests": int,
                    "doorbell": bool, "doorbell_requests": int,
                    "gated": {"requests": int, "vetoed": int, "late": int}, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
@@ -140,6 +140,7 @@ def session_status(session, now: float) -> dict:
         "state": session.state,
         "idle_s": round(now - session.last_seen, 3),
         "submits": session.counters["submits"],
+        "requests": session.counters["requests"],  # every request it made, whatever its transport
         "lane": session.lane_open,  # requests travel on its submit lane (else ZeroMQ only)
         "lane_requests": session.counters["lane_requests"],
         "doorbell": session.doorbell_open,  # its lane has a doorbell page (cgtree.daemon.doorbell)
