@@ -85,8 +85,11 @@ default 200) because the lent H200 hosts slow down for seconds at a time: with 3
 calls one disturbed block moved a model's cgtreed/reduce-overhead ratio from 1.0 to 1.9
 (docs/PERFORMANCE.md section 18), where short blocks spread a disturbance over every path.
 Each block starts with ``REWARM_CALLS`` untimed calls (the first call after another path ran
-pays for the switch: caches, a cgtreed lane that stopped spinning). Counters for "graphed" are summed over the path's own timed blocks
-(snapshots around each), its life counters over its own phases only (PyTorch's tree counters
+pays for the switch: caches, a cgtreed loop that stopped spinning). Counters for "graphed" are
+summed over the path's own timed blocks (snapshots around each, the block's untimed first calls
+included, and counted in the calls a verdict asks replays for: a snapshot between them and the
+timed calls would be a ``status`` request to cgtreed, after which its loop may fall asleep
+again, a cost only that path would pay), its life counters over its own phases only (PyTorch's tree counters
 and cgtree's managers are process-wide, and the other paths run in between). A path that fails
 while being prepared is an error row; the others go on. Rounds after the first are dropped once
 the time budget is spent. Several CUDA graph pools are alive at once this way (PyTorch's,
@@ -309,6 +312,7 @@ def daemon_snapshot(client: Any, log: ClientLog) -> dict:
                            ("session_requests", session.get("requests")),
                            ("session_lane_requests", session.get("lane_requests")),
                            ("session_doorbell_requests", session.get("doorbell_requests")),
+                           ("session_doorbell_kicks", session.get("doorbell_kicks")),
                            ("session_gated_requests", gated.get("requests")),
                            ("session_gate_vetoed", gated.get("vetoed")),
                            ("session_gate_late", gated.get("late"))):
@@ -359,6 +363,7 @@ class PathRow:
     counters_timed: dict = field(default_factory=dict)
     counters_life: dict = field(default_factory=dict)
     timed_calls: int = 0
+    counted_calls: int = 0  # calls inside counters_timed: the timed ones and each block's rewarm calls
     round_p50_us: Optional[list] = None  # each timing round's p50 (forward models: --rounds)
     details: dict = field(default_factory=dict)
 
@@ -658,6 +663,7 @@ class PathRun:
     last: dict = field(default_factory=dict)  # the last snapshot (absolute values: skip reasons, graphs in client)
     wall_s: float = 0.0
     timed_args: tuple = ((), {})
+    counted_calls: int = 0  # calls inside the timed blocks' counters: timed ones and their rewarm calls
 
     @property
     def alive(self) -> bool:
@@ -753,17 +759,21 @@ def _untimed_calls(run: PathRun, calls: int, ctx: Context) -> None:
 
 
 def time_block(run: PathRun, calls: int, rewarm: int, ctx: Context) -> None:
-    """``calls`` timed calls (sync p50 samples) after ``rewarm`` untimed ones (outside the
-    counters: the path's state after other paths ran); this block's p50 is kept."""
+    """``calls`` timed calls (sync p50 samples) after ``rewarm`` untimed ones (the path's state
+    after other paths ran; inside the block's counters); this block's p50 is kept."""
     run.stage = "timing"
     call, (step_args, step_kwargs) = run.prepared.call, run.timed_args
 
     def once() -> None:
         call(step_args, step_kwargs)  # output dropped at once
 
+    def block() -> list[int]:
+        _untimed_calls(run, rewarm, ctx)
+        return sync_samples_ns(once, calls, 0, ctx.sync)
+
     try:
-        run.measure(lambda: _untimed_calls(run, rewarm, ctx))
-        samples = run.measure(lambda: sync_samples_ns(once, calls, 0, ctx.sync), timed=True)
+        samples = run.measure(block, timed=True)  # one snapshot pair: nothing between rewarm and timing
+        run.counted_calls += rewarm + calls
         run.samples += samples
         run.row.round_p50_us = (run.row.round_p50_us or []) + [summarize_ns(samples).to_dict()["p50_us"]]
     except Exception as exc:
@@ -813,6 +823,7 @@ def close_path(run: PathRun, case: real_models.ModelCase, ctx: Context, refs: di
             row.sync = summarize_ns(run.samples).to_dict()
             row.p50_us = row.sync["p50_us"]
             row.timed_calls = len(run.samples)
+            row.counted_calls = run.counted_calls or row.timed_calls
             row.max_rel_err = run.worst
             row.counters_timed, row.counters_life = dict(run.timed), dict(run.life)
             for absolute in ("skip_reasons", "graphs_in_client"):
@@ -821,7 +832,7 @@ def close_path(run: PathRun, case: real_models.ModelCase, ctx: Context, refs: di
             if run.path != "eager":
                 messages = tuple(run.client_log.kept) if run.client_log is not None else ()
                 row.graphed, row.graphed_note = graphed_verdict(run.path, case, row.counters_timed, row.counters_life,
-                                                                row.timed_calls, ctx, messages)
+                                                                row.counted_calls, ctx, messages)
             with contextlib.suppress(Exception):
                 row.details = run.prepared.details()
             limit = 0.0 if kind == "generate" else MAX_REL_ERR

@@ -1,8 +1,9 @@
 """The client's end of a lane's doorbell page (layout and protocol: ``cgtree.daemon.doorbell``).
 
-``ring`` stores a plan run's request; ``wait_ack`` spins until the daemon answered it (kicking a
-daemon that fell asleep meanwhile); ``wait_done`` spins until the device wrote the run's done
-word, i.e. its outputs are ready.
+``ring`` stores a plan run's request; ``rouse`` kicks a daemon that sleeps at that moment, so
+that its wake-up overlaps what the caller does next; ``wait_ack`` spins until the daemon
+answered it (kicking a daemon that fell asleep meanwhile); ``wait_done`` spins until the device
+wrote the run's done word, i.e. its outputs are ready.
 
 Waiting: without sleeping for ``spin_s`` (a GPU step of a few hundred microseconds is answered
 within it, and a sleeping thread costs a wake-up), then in 50 us sleeps. Every millisecond or
@@ -88,13 +89,25 @@ class ClientDoorbell:
         self._words[REQUEST] = pack_request(seq, plan_id, gated)
         return seq
 
+    def rouse(self, lane: Any) -> bool:
+        """Right after ``ring``: kick the daemon if its loop sleeps (``AWAKE`` 0), so that it wakes
+        up while the caller checks and builds; True when it kicked. One kick is enough: the
+        datagram is sent after the request's store, and the daemon looks at the page when it
+        reads it. A daemon that fell asleep after this look is kicked by ``wait_ack``."""
+        if self._words[AWAKE] == 1:
+            return False
+        lane.kick()
+        return True
+
     def verdict(self, seq: int, launch: bool) -> None:
         """Gated request ``seq`` may launch (``launch``), or must not."""
         self._words[VERDICT] = pack_verdict(seq, launch)
 
-    def wait_ack(self, seq: int, lane: Any, timeout_s: float, spin_s: float) -> tuple[int, tuple]:
-        """(status, (generation, node id, daemon_us, device index)) of request ``seq``."""
-        ack = self._wait(ACK, seq, lane, timeout_s, spin_s, kick=True)
+    def wait_ack(self, seq: int, lane: Any, timeout_s: float, spin_s: float, *,
+                 kicked: bool = False) -> tuple[int, tuple]:
+        """(status, (generation, node id, daemon_us, device index)) of request ``seq``;
+        ``kicked``: ``rouse`` kicked the daemon for it already."""
+        ack = self._wait(ACK, seq, lane, timeout_s, spin_s, kick=not kicked)
         return ack >> 32, unpack_reply(self._words)
 
     def wait_done(self, device_index: int, seq: int, lane: Any, timeout_s: float, spin_s: float) -> None:

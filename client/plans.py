@@ -179,7 +179,10 @@ class Plans:
         if lane is None or mapping is None or self.client.session_id is None:
             return None
         doorbell = lane.doorbell
-        rings = self.use_doorbell and doorbell is not None and doorbell.awake() and fits_request(plan.plan_id)
+        # A sleeping daemon is rung too, and kicked (``ClientDoorbell.rouse``): its wake-up costs
+        # what a lane request's would, and the run still answers at its launch, with no host
+        # synchronize in the daemon and the outputs built while the device works.
+        rings = self.use_doorbell and doorbell is not None and fits_request(plan.plan_id)
         if rings and (identity is not None or veto is not None) and doorbell.gates(plan.plan_id) and self.gates.allows():
             return self.submit_rung(handle, plan, lane, mapping, started, observation, identity, veto)
         if identity is not None and not _same_inputs(*identity):
@@ -218,20 +221,22 @@ class Plans:
         it returns)."""
         doorbell = lane.doorbell
         gated = identity is not None or veto is not None
-        if gated:
-            seq = doorbell.ring(plan.plan_id, gated=True)
-            sent = time.perf_counter()
-            miss, failure = self._judge(handle, doorbell, seq, identity, veto)
-        else:
-            self.client.encoder.settle(handle.device)
-            seq = doorbell.ring(plan.plan_id)
-            sent = time.perf_counter()
-            miss = failure = None
-        if observation is not None and miss is None:
-            observation.run()
         try:
+            if gated:
+                seq = doorbell.ring(plan.plan_id, gated=True)
+                kicked = doorbell.rouse(lane)
+                sent = time.perf_counter()
+                miss, failure = self._judge(handle, doorbell, seq, identity, veto)
+            else:
+                self.client.encoder.settle(handle.device)
+                seq = doorbell.ring(plan.plan_id)
+                kicked = doorbell.rouse(lane)
+                sent = time.perf_counter()
+                miss = failure = None
+            if observation is not None and miss is None:
+                observation.run()
             status, (generation, node_id, daemon_us, device_index) = doorbell.wait_ack(
-                seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now)
+                seq, lane, self.client.timeout_s, self.client.connection.lane.spin_now, kicked=kicked)
             answered = time.perf_counter()
             if gated:
                 self._gate_outcome(late=status == ABORTED and miss is None)

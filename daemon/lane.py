@@ -46,7 +46,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from cgtree.daemon.doorbell import HANDSHAKE_OFFER
+from cgtree.daemon.doorbell import HANDSHAKE_OFFER, is_kick
 from cgtree.daemon.tenancy import may_use, peer_credentials
 
 log = logging.getLogger("cgtree.daemon.lane")
@@ -270,7 +270,8 @@ class LaneHub:
                 if connection.session is None:
                     break  # refused: closed
                 continue
-            connection.session.counters["lane_requests"] += 1
+            # A kick is not a request: it asks the loop to look at the lane's doorbell page.
+            connection.session.counters["doorbell_kicks" if is_kick(frames) else "lane_requests"] += 1
             events.append(LaneEvent(connection, frames=frames))
         return events
 

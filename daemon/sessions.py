@@ -177,7 +177,7 @@ class Session:
         self.devices: dict[str, SessionDevice] = {}
         self.graphs: dict[tuple[str, str], Any] = {}  # (device, graph id) -> GraphEntry (a reference held)
         self.staged_weights: dict[str, dict[str, Any]] = {}  # device -> weight hash -> tensor (uploads in progress)
-        self.counters = {"requests": 0, "submits": 0, "errors": 0, "lane_requests": 0, "doorbell_requests": 0,
+        self.counters = {"requests": 0, "submits": 0, "errors": 0, "lane_requests": 0, "doorbell_requests": 0, "doorbell_kicks": 0,
                          "gated_requests": 0, "gate_vetoed": 0, "gate_late": 0}
         # Binds a submit lane to this session (cgtree.daemon.lane); a new one on adoption, so
         # the dead client's token is worthless.

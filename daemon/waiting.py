@@ -143,7 +143,7 @@ class Waiter:
 
     def _sleep(self, timeout_s: float) -> dict:
         """Block in poll until something is ready. Doorbell pages say the daemon is asleep while
-        it is (their clients send on the lane then), and are looked at once more after saying
+        it is (their clients kick it over the lane then), and are looked at once more after saying
         so: a request stored just before is still seen (``cgtree.daemon.doorbell``)."""
         hub = self.daemon.lanes
         if hub is None or not hub.ringing:

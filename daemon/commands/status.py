@@ -32,7 +32,7 @@ Reply::
                                   "sessions": [int]}]}],
      "sessions": [{"id", "name", "uid": int | None, "pid", "state": "live" | "parked", "idle_s", "submits",
                    "requests": int, "lane": bool, "lane_requests": int,
-                   "doorbell": bool, "doorbell_requests": int,
+                   "doorbell": bool, "doorbell_requests": int, "doorbell_kicks": int,
                    "gated": {"requests": int, "vetoed": int, "late": int}, "graphs": [{"device", "graph"}],
                    "devices": {<device>: {"backend", "root_children": [int],
                                "live_blocks": int, "pool_bytes": int, "counters": {...},
@@ -145,6 +145,7 @@ def session_status(session, now: float) -> dict:
         "lane_requests": session.counters["lane_requests"],
         "doorbell": session.doorbell_open,  # its lane has a doorbell page (cgtree.daemon.doorbell)
         "doorbell_requests": session.counters["doorbell_requests"],  # plan runs rung on its doorbell page
+        "doorbell_kicks": session.counters["doorbell_kicks"],  # kick datagrams: requests rung while its loop slept
         # Of those, gated ones (cgtree.daemon.doorbell): launched only on the client's verdict;
         # vetoed by it, or not launched because the verdict came too late.
         "gated": {"requests": session.counters["gated_requests"], "vetoed": session.counters["gate_vetoed"],

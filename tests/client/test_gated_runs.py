@@ -52,11 +52,14 @@ class FakeDaemon(threading.Thread):
 
 
 class Lane:
-    def __init__(self, doorbell: ClientDoorbell) -> None:
+    def __init__(self, doorbell: ClientDoorbell, events: list = None) -> None:
         self.doorbell = doorbell
+        self.events = events if events is not None else []
+        self.woken = threading.Event()
 
     def kick(self) -> None:
-        pass
+        self.events.append("kicked")
+        self.woken.set()
 
     def peer_closed(self) -> bool:
         return False
@@ -82,7 +85,7 @@ def gated(monkeypatch):
     handle = types.SimpleNamespace(device="cpu")
     mapping = types.SimpleNamespace(handed_out=[], generation=0)
     inputs = [torch.zeros(3), torch.ones(2)]
-    yield plans, plan, handle, mapping, Lane(doorbell), page, events, inputs
+    yield plans, plan, handle, mapping, Lane(doorbell, events), page, events, inputs
     doorbell.release()
     page.close()
 
@@ -210,3 +213,29 @@ def test_a_hot_plan_run_that_did_not_run_leaves_the_submit_to_the_general_path(c
         submits = client.status(session_only=True)["sessions"][0]["submits"]
         assert client.submit_vetoable(handle, [x], lambda: ["weight 0"]) == (None, ["weight 0"])
         assert client.status(session_only=True)["sessions"][0]["submits"] == submits  # nothing was sent
+
+
+def test_a_sleeping_daemon_is_rung_and_kicked_at_once_not_sent_the_plan_on_the_lane(gated):
+    """A client that calls less often than the daemon spins finds its loop asleep. The hot run
+    still goes through the page: rung, then one kick before the checks (the daemon's wake-up
+    overlaps them), never a plan request on the lane (this client has no lane exchange to
+    send one with), and it launches once the checks passed."""
+    plans, plan, handle, mapping, lane, page, events, inputs = gated
+    page.set_awake(False)
+    plans.client.connection.check_daemon_before_send = lambda *args: None
+    plans.client.connection.lane.attached = lane
+    plans.client.buffers = types.SimpleNamespace(mappings={plan.buffer_id: mapping})
+
+    class SleepingDaemon(FakeDaemon):
+        def run(self) -> None:
+            assert lane.woken.wait(5), "never kicked"
+            page.set_awake(True)
+            super().run()
+
+    daemon = SleepingDaemon(page, events)
+    outcome = plans.submit_planned(handle, plan, 0.0, identity=(_identity_marks(inputs), inputs),
+                                   veto=Veto(lambda: events.append("checked") or []))
+    daemon.join(5)
+    assert outcome == ()
+    assert events.count("kicked") == 1 and events.index("kicked") < events.index("checked") < events.index("launched")
+    assert events[-1] == "launched" and ("taken", True) in events

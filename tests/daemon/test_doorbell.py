@@ -33,6 +33,7 @@ from cgtree.daemon.doorbell import (
     LaunchGate,
     doorbell_policy,
     done_word,
+    is_kick,
     next_seq,
 )
 from cgtree.daemon.lane import LaneHub
@@ -193,7 +194,7 @@ def test_a_dead_daemon_is_seen_through_the_lane_not_waited_out(page):
 @x86
 def test_the_lane_handshake_hands_the_page_to_the_sessions_client(tmp_path):
     session = types.SimpleNamespace(state="live", label="s1", lane_open=False, doorbell_open=False, owner=os.getuid(),
-                                    counters={"lane_requests": 0},
+                                    counters={"lane_requests": 0, "doorbell_kicks": 0},
                                     client=types.SimpleNamespace(pid=os.getpid(), create_time=None))
     token = os.urandom(16)
     hub = LaneHub(str(tmp_path / "lane"), find_session=lambda t: session if t == token else None,
@@ -220,7 +221,13 @@ def test_the_lane_handshake_hands_the_page_to_the_sessions_client(tmp_path):
         hub.set_awake(False)
         assert not lane.doorbell.awake()
         seq = lane.doorbell.ring(42)
+        assert lane.doorbell.rouse(lane)  # asleep: kicked at once
         assert connection.doorbell.take() == (seq, 42, False)  # one page, two processes' views
+        (event,) = hub.read(connection, 4)
+        assert is_kick(event.frames)
+        assert session.counters == {"lane_requests": 0, "doorbell_kicks": 1}  # a kick is not a request
+        hub.set_awake(True)
+        assert not lane.doorbell.rouse(lane) and hub.read(connection, 4) == []  # awake: no kick
         hub.close(connection)
         assert not hub.ringing and not session.doorbell_open
         deadline = time.monotonic() + 5
@@ -286,3 +293,4 @@ def test_stream_ordered_outputs_leave_cpu_outputs_to_the_host_wait(daemon_factor
             torch.testing.assert_close(out, model(x))
         rung = client.status(session_only=True)["sessions"][0]["doorbell_requests"]
         assert client.stream_order.runs == 0 and client.stream_order.unfinished() == 0, (rung, client.stream_order.describe())
+

@@ -491,6 +491,36 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_sp
         assert execution["mode"] == "replayed" and execution["function"].endswith("[plan]"), execution
 
 
+def test_a_plan_loop_slower_than_the_daemon_spins_rings_and_kicks_every_call(gpu_daemon):
+    """A client calling less often than ``daemon.spin_us`` (500 us) finds the daemon's loop
+    asleep every time. Its hot plan runs still go through the doorbell page, one kick each
+    (``ClientDoorbell.rouse``), never as plan requests on the lane; and each returns its own
+    call's finished outputs."""
+    from cgtree.client import Client
+
+    model = Deep().eval().cuda()
+    with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
+        x = torch.randn(64, 1024, device="cuda:0")
+        handle = client.register(model, [x])
+        for _ in range(60):  # past the plan's in-place recording
+            x.normal_()
+            client.submit(handle, [x])
+        before = client.status(session_only=True)["sessions"][0]
+        calls, wrong = 20, 0
+        for _ in range(calls):
+            x.normal_()
+            given = x.clone()
+            time.sleep(0.005)  # ten times the spin window: the loop sleeps when the call comes
+            (out,) = client.submit(handle, [x])
+            wrong += not torch.allclose(out.clone(), model(given)[0], atol=1e-4, rtol=1e-4)
+        after = client.status(session_only=True)["sessions"][0]
+        assert wrong == 0, f"{wrong} of {calls} calls returned unfinished or other outputs"
+        assert after["doorbell_requests"] - before["doorbell_requests"] == calls, (before, after)
+        assert after["doorbell_kicks"] - before["doorbell_kicks"] == calls, (before, after)
+        assert after["lane_requests"] - before["lane_requests"] <= 1, (before, after)  # the status call itself
+        assert client.last_execution["function"].endswith("[plan]"), client.last_execution
+
+
 def test_weights_changed_during_a_compiled_doorbell_loop_are_used_from_the_next_call(wide_spin_daemon):
     """The compile backend checks a non-writing graph's weights between the doorbell's ring and
     its answer (``Client.submit_observing``): a weight changed in place between two calls is
