@@ -257,3 +257,40 @@ def test_client_submit_of_an_hf_module_replays(daemon_client):
             torch.testing.assert_close(daemon_client.submit(module, [ids, mask])[0], module(ids, mask), **TOLERANCE)
             modes.append(daemon_client.last_execution["mode"])
     assert modes[2:] == ["replayed", "replayed"]
+
+
+def _tiny_mixtral(dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, max_position_embeddings=128, vocab_size=512,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval().to(dtype)
+
+
+def test_a_bfloat16_mixture_of_experts_lm_goes_through_cgtreed_and_replays(daemon_client):
+    """A mixture-of-experts LM (transformers' Mixtral: top-2 routing over 4 experts, grouped
+    matmuls) in bfloat16, as such models are run: under torch.compile its experts are aten's
+    grouped matmul, so the graph goes to the daemon and every call after warmup replays there.
+    (In float32 transformers calls its own custom op, ``transformers::grouped_mm_fallback``, a
+    host-synchronizing loop over experts that the daemon refuses by namespace: that graph stays
+    in the client, as its log says.)"""
+    from cgtree.client import backend
+
+    module = _tiny_mixtral(torch.bfloat16)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    compiled = torch.compile(module, backend=backend(daemon_client))
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(ids, attention_mask=mask)
+        before = session_counters(daemon_client)
+        for _ in range(2):
+            got = compiled(ids, attention_mask=mask).logits
+        after = session_counters(daemon_client)
+        expected = module(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert daemon_client.status()["compile_backend"]["graphs_in_client"] == 0
+    assert grew(after, before, "replays") >= 2 and grew(after, before, "skipped_calls") == 0, after
