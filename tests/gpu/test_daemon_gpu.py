@@ -459,6 +459,17 @@ def test_a_plan_loop_moves_to_an_in_place_recording_that_reads_and_writes_the_cl
         assert execution["node_id"] == planned[0]["id"] and execution["function"] == planned[0]["function"], execution
 
 
+def _hot_plan_loop(client, model):
+    """An input and its graph's handle, submitted past the plan's in-place recording: the next
+    submits of ``x`` are hot plan runs."""
+    x = torch.randn(64, 1024, device="cuda:0")
+    handle = client.register(model, [x])
+    for _ in range(60):
+        x.normal_()
+        client.submit(handle, [x])
+    return x, handle
+
+
 def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_spin_daemon):
     """cgtree.daemon.doorbell: on a CUDA daemon a tight plan loop goes through the lane's
     doorbell page; the daemon answers at launch, so every returned output must still be the
@@ -468,11 +479,7 @@ def test_a_tight_plan_loop_rings_the_doorbell_and_reads_finished_outputs(wide_sp
 
     model = Deep().eval().cuda()
     with Client(wide_spin_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
-        x = torch.randn(64, 1024, device="cuda:0")
-        handle = client.register(model, [x])
-        for _ in range(60):  # past the plan's in-place recording
-            x.normal_()
-            client.submit(handle, [x])
+        x, handle = _hot_plan_loop(client, model)
         rung = client.status(session_only=True)["sessions"][0]["doorbell_requests"]
         inputs, seen = [], []
         for _ in range(100):  # back to back: the daemon is still spinning when each comes
@@ -500,11 +507,7 @@ def test_a_plan_loop_slower_than_the_daemon_spins_rings_and_kicks_every_call(gpu
 
     model = Deep().eval().cuda()
     with Client(gpu_daemon.endpoint, timeout_s=60) as client, torch.no_grad():
-        x = torch.randn(64, 1024, device="cuda:0")
-        handle = client.register(model, [x])
-        for _ in range(60):  # past the plan's in-place recording
-            x.normal_()
-            client.submit(handle, [x])
+        x, handle = _hot_plan_loop(client, model)
         before = client.status(session_only=True)["sessions"][0]
         calls, wrong = 20, 0
         for _ in range(calls):
