@@ -663,7 +663,6 @@ class PathRun:
     last: dict = field(default_factory=dict)  # the last snapshot (absolute values: skip reasons, graphs in client)
     wall_s: float = 0.0
     timed_args: tuple = ((), {})
-    counted_calls: int = 0  # calls inside the timed blocks' counters: timed ones and their rewarm calls
 
     @property
     def alive(self) -> bool:
@@ -773,7 +772,7 @@ def time_block(run: PathRun, calls: int, rewarm: int, ctx: Context) -> None:
 
     try:
         samples = run.measure(block, timed=True)  # one snapshot pair: nothing between rewarm and timing
-        run.counted_calls += rewarm + calls
+        run.row.counted_calls += rewarm + calls
         run.samples += samples
         run.row.round_p50_us = (run.row.round_p50_us or []) + [summarize_ns(samples).to_dict()["p50_us"]]
     except Exception as exc:
@@ -823,7 +822,7 @@ def close_path(run: PathRun, case: real_models.ModelCase, ctx: Context, refs: di
             row.sync = summarize_ns(run.samples).to_dict()
             row.p50_us = row.sync["p50_us"]
             row.timed_calls = len(run.samples)
-            row.counted_calls = run.counted_calls or row.timed_calls
+            row.counted_calls = row.counted_calls or row.timed_calls  # training: no blocks, the steps themselves
             row.max_rel_err = run.worst
             row.counters_timed, row.counters_life = dict(run.timed), dict(run.life)
             for absolute in ("skip_reasons", "graphs_in_client"):
